@@ -1,0 +1,241 @@
+"""Batched image predictor: `SAM2ImagePredictor` semantics, all people of an image in one call.
+
+Pre/post-processing follow the official predictor: the image is resized to S x S (not aspect
+preserving) with torchvision's antialiased bilinear resize and ImageNet-normalised; point
+coordinates are scaled from the original width/height; masks are upsampled bilinearly to the
+original size and thresholded at 0; low-res logits are clamped to [-32, 32].
+
+The heavy lifting is two jitted pure functions over (graphdef, state) — `encode_images` and
+`decode_prompts` — that the evaluator and the trainer call too. The number of people N and of
+prompt slots K are padded to buckets, so a new count rarely compiles anew; padded prompt slots
+(label -1) are masked out of attention, so padding never changes a person's result.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple, Optional, Tuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from p2s_jax.images import to_rgb_uint8
+from p2s_jax.resize import bilinear_matrix, resize_image_numpy
+from p2s_jax.sam2 import ImageFeatures, SAM2Image
+
+IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
+IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
+LOW_RES_CLAMP = 32.0
+VALID_LABELS = (-1, 0, 1, 2, 3)
+
+
+class Prediction(NamedTuple):
+    masks: np.ndarray  # (N, M, H, W) bool
+    iou: np.ndarray  # (N, M) float32
+    low_res_logits: np.ndarray  # (N, M, S/4, S/4) float32, clamped to [-32, 32]
+    object_score: np.ndarray  # (N,) float32 logits
+
+
+# ----------------------------------------------------------------------------- host-side steps
+
+def preprocess_image(image: np.ndarray, image_size: int) -> np.ndarray:
+    """(H, W, 3) uint8 RGB -> (S, S, 3) float32: /255, antialiased bilinear resize, ImageNet norm."""
+    pixels = image.astype(np.float32) / np.float32(255)
+    pixels = resize_image_numpy(pixels, (image_size, image_size), "bilinear_aa")
+    return (pixels - IMAGENET_MEAN) / IMAGENET_STD
+
+
+def to_model_coords(coords: np.ndarray, orig_hw: Tuple[int, int], image_size: int) -> np.ndarray:
+    """(..., 2) pixels (x, y) of the original image -> model-input pixels, as `transform_coords`."""
+    h, w = orig_hw
+    coords = np.array(coords, np.float32, copy=True)
+    coords[..., 0] = coords[..., 0] / np.float32(w)
+    coords[..., 1] = coords[..., 1] / np.float32(h)
+    return coords * np.float32(image_size)
+
+
+def bucket(n: int, minimum: int = 1) -> int:
+    """The next power of two >= max(n, minimum)."""
+    n = max(n, minimum)
+    return 1 << (n - 1).bit_length()
+
+
+@functools.lru_cache(maxsize=32)
+def upsample_matrices(orig_hw: Tuple[int, int], low_res: int, multiple: int = 64):
+    """torch bilinear (align_corners=False) matrices low_res -> orig_hw, zero rows padding the
+    output up to a multiple of `multiple` so that image sizes share compilations."""
+    mats = []
+    for size in orig_hw:
+        padded = -(-size // multiple) * multiple
+        mat = np.zeros((padded, low_res), np.float32)
+        mat[:size] = bilinear_matrix(size, low_res)
+        mats.append(jnp.asarray(mat))
+    return tuple(mats)
+
+
+# ----------------------------------------------------------------------------- jitted core
+
+@functools.partial(jax.jit, static_argnums=0)
+def encode_images(graphdef, state, pixels: jax.Array) -> ImageFeatures:
+    """(B, S, S, 3) normalised -> ImageFeatures with a leading B."""
+    return nnx.merge(graphdef, state).encode_image(pixels)
+
+
+@jax.jit
+def upsample_masks(logits: jax.Array, upsample_y: jax.Array, upsample_x: jax.Array) -> jax.Array:
+    """(..., h, w) unclamped logits -> (..., Hp, Wp) bool masks, through the torch-bilinear
+    matrices upsample_y (Hp, h) and upsample_x (Wp, w), thresholded at 0."""
+    rows = jnp.einsum("yh,...hw->...yw", upsample_y, logits)
+    return jnp.einsum("xw,...yw->...yx", upsample_x, rows) > 0
+
+
+@functools.partial(jax.jit, static_argnums=0,
+                   static_argnames=("multimask_output", "dynamic_stability", "object_score_gate"))
+def decode_prompts(graphdef, state, features: ImageFeatures, coords, labels, mask_input=None,
+                   has_mask_input=None, upsample_y=None, upsample_x=None, *,
+                   multimask_output: bool = False, dynamic_stability: Optional[bool] = None,
+                   object_score_gate: bool = False):
+    """One image's features, N prompt sets -> (`Decoded`, masks or None).
+
+    The low-res logits are not clamped (the official predictor upsamples unclamped logits and
+    clamps only the low-res output: callers clamp with `LOW_RES_CLAMP`). With the upsampling
+    matrices (Hp, h), (Wp, w), masks (N, M, Hp, Wp) bool are computed in the same program; without
+    them, call `upsample_masks` separately (one compilation per image-size bucket instead of one
+    of the whole decoder).
+    """
+    model = nnx.merge(graphdef, state)
+    out = model.decode(features, coords, labels, mask_input, has_mask_input,
+                       multimask_output=multimask_output, dynamic_stability=dynamic_stability,
+                       object_score_gate=object_score_gate)
+    masks = None
+    if upsample_y is not None:
+        masks = upsample_masks(out.low_res_logits, upsample_y, upsample_x)
+    return out, masks
+
+
+# ----------------------------------------------------------------------------- input checks
+
+def check_prompts(coords, labels, orig_hw, name: str = "point") -> Tuple[np.ndarray, np.ndarray]:
+    """Validates (N, K, 2) coords and (N, K) labels; single instances (K, 2) / (K,) get N = 1."""
+    coords = np.asarray(coords, np.float64)
+    labels = np.asarray(labels)
+    if coords.ndim == 2 and labels.ndim == 1:
+        coords, labels = coords[None], labels[None]
+    if coords.ndim != 3 or coords.shape[-1] != 2 or labels.shape != coords.shape[:2]:
+        raise ValueError(f"{name}_coords must be (N, K, 2) and {name}_labels (N, K); got "
+                         f"{coords.shape} and {labels.shape}")
+    if not np.issubdtype(labels.dtype, np.integer):
+        raise ValueError(f"{name}_labels must be integers, got dtype {labels.dtype}")
+    bad_label = ~np.isin(labels, VALID_LABELS)
+    if bad_label.any():
+        n, k = np.argwhere(bad_label)[0]
+        raise ValueError(f"{name}_labels[{n}, {k}] = {labels[n, k]}; labels are 1 (positive), "
+                         f"0 (negative), 2 / 3 (box corners) or -1 (padding)")
+    used = labels != -1
+    finite = np.isfinite(coords).all(-1)
+    if (used & ~finite).any():
+        n, k = np.argwhere(used & ~finite)[0]
+        raise ValueError(f"{name}_coords[{n}, {k}] = {coords[n, k].tolist()} is not finite")
+    h, w = orig_hw
+    inside = (coords[..., 0] >= 0) & (coords[..., 0] <= w) & (coords[..., 1] >= 0) & (coords[..., 1] <= h)
+    if (used & ~inside).any():
+        n, k = np.argwhere(used & ~inside)[0]
+        raise ValueError(f"{name}_coords[{n}, {k}] = {coords[n, k].tolist()} lies outside the "
+                         f"{w}x{h} (width x height) image")
+    return np.where(used[..., None], coords, 0).astype(np.float32), labels.astype(np.int32)
+
+
+# ----------------------------------------------------------------------------- predictor
+
+class Predictor:
+    """`set_image` once, then `predict` any number of people in one compiled call."""
+
+    def __init__(self, model: SAM2Image):
+        self.config = model.config
+        self.graphdef, self.state = nnx.split(model)
+        self._features: Optional[ImageFeatures] = None
+        self._orig_hw: Optional[Tuple[int, int]] = None
+
+    @classmethod
+    def from_checkpoint(cls, path, model: Optional[str] = None, image_size: Optional[int] = None,
+                        dtype=jnp.float32) -> "Predictor":
+        """An official `.pt` checkpoint (SAM 2.1 or SAM-pose2seg) or a converted folder."""
+        from weights_conversion import load_model
+
+        return cls(load_model(path, model, image_size, dtype))
+
+    @property
+    def image_size(self) -> int:
+        return self.config.image_size
+
+    def set_image(self, image: np.ndarray) -> None:
+        """H x W x 3 uint8 RGB (grayscale and RGBA are converted; anything else raises)."""
+        image = to_rgb_uint8(image, "image")
+        pixels = preprocess_image(image, self.image_size)
+        features = encode_images(self.graphdef, self.state, jnp.asarray(pixels[None]))
+        self._features = jax.tree.map(lambda x: x[0], features)
+        self._orig_hw = image.shape[:2]
+
+    def predict(self, point_coords=None, point_labels=None, boxes=None, mask_input=None,
+                multimask_output: bool = False) -> Prediction:
+        """point_coords (N, K, 2) original-image pixels; point_labels (N, K) in {1, 0, -1, 2, 3};
+        boxes (N, 4) xyxy pixels (prepended as corner points 2 / 3, as the official predictor);
+        mask_input (N, 1, S/4, S/4) logits. Returns `Prediction` for the N people."""
+        if self._features is None:
+            raise RuntimeError("call set_image(image) before predict(...)")
+        coords, labels = self._prompt_arrays(point_coords, point_labels, boxes)
+        n, k = labels.shape
+        n_pad, k_pad = bucket(n), bucket(k, 4)
+        coords = np.pad(coords, ((0, n_pad - n), (0, k_pad - k), (0, 0)))
+        labels = np.pad(labels, ((0, n_pad - n), (0, k_pad - k)), constant_values=-1)
+        masks_in, has_mask = self._mask_arrays(mask_input, n, n_pad)
+        low = self.config.low_res_mask_size
+        up_y, up_x = upsample_matrices(tuple(self._orig_hw), low)
+        out, _ = decode_prompts(self.graphdef, self.state, self._features, jnp.asarray(coords),
+                                jnp.asarray(labels), masks_in, has_mask,
+                                multimask_output=multimask_output)
+        masks = upsample_masks(out.low_res_logits, up_y, up_x)
+        h, w = self._orig_hw
+        return Prediction(masks=np.asarray(masks[:n, :, :h, :w]), iou=np.asarray(out.iou[:n]),
+                          low_res_logits=np.clip(np.asarray(out.low_res_logits[:n]),
+                                                 -LOW_RES_CLAMP, LOW_RES_CLAMP),
+                          object_score=np.asarray(out.object_score_logits[:n]))
+
+    def _prompt_arrays(self, point_coords, point_labels, boxes):
+        hw = self._orig_hw
+        if point_coords is None and boxes is None:
+            raise ValueError("give point_coords / point_labels, boxes, or both")
+        parts = []
+        if boxes is not None:
+            boxes = np.asarray(boxes, np.float64)
+            if boxes.ndim == 1:
+                boxes = boxes[None]
+            if boxes.ndim != 2 or boxes.shape[1] != 4:
+                raise ValueError(f"boxes must be (N, 4) xyxy, got shape {boxes.shape}")
+            corner_labels = np.tile(np.array([[2, 3]]), (len(boxes), 1))
+            parts.append(check_prompts(boxes.reshape(-1, 2, 2), corner_labels, hw, "box"))
+        if point_coords is not None:
+            if point_labels is None:
+                raise ValueError("point_labels must be given with point_coords")
+            parts.append(check_prompts(point_coords, point_labels, hw))
+        if len(parts) == 2 and len(parts[0][1]) != len(parts[1][1]):
+            raise ValueError(f"boxes give {len(parts[0][1])} instances but point_coords "
+                             f"{len(parts[1][1])}")
+        coords = np.concatenate([p[0] for p in parts], axis=1)
+        labels = np.concatenate([p[1] for p in parts], axis=1)
+        return to_model_coords(coords, hw, self.image_size), labels
+
+    def _mask_arrays(self, mask_input, n: int, n_pad: int):
+        if mask_input is None:
+            return None, None
+        low = self.config.low_res_mask_size
+        mask_input = np.asarray(mask_input, np.float32)
+        if mask_input.shape != (n, 1, low, low):
+            raise ValueError(f"mask_input must be (N, 1, {low}, {low}) = ({n}, 1, {low}, {low}) "
+                             f"logits, got {mask_input.shape}")
+        if not np.isfinite(mask_input).all():
+            raise ValueError("mask_input holds non-finite values")
+        masks = np.pad(mask_input[:, 0, :, :, None], ((0, n_pad - n), (0, 0), (0, 0), (0, 0)))
+        return jnp.asarray(masks), jnp.asarray(np.arange(n_pad) < n)

@@ -1,0 +1,51 @@
+"""Shared fixtures: the official model with seeded random weights and its converted twin."""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, os.path.dirname(__file__))
+
+import reference  # noqa: E402  (stubs torchvision before anything imports it)
+
+
+@functools.lru_cache(maxsize=None)
+def model_pair(name: str, image_size: int = 1024):
+    """(official SAM2Base, our SAM2Image) with the same random weights."""
+    from p2s_jax.configs import get_config
+    from p2s_jax.sam2 import abstract_model
+    from weights_conversion.convert import from_state_dict
+
+    official = reference.official_model(name, image_size)
+    ours = abstract_model(get_config(name, image_size))
+    from_state_dict(ours, reference.official_state_dict(official))
+    return official, ours
+
+
+@functools.lru_cache(maxsize=None)
+def photo(name: str) -> np.ndarray:
+    """A real photo shipped with scikit-image, as H x W x 3 uint8."""
+    from skimage import data
+
+    if name == "random":
+        return np.random.default_rng(7).integers(0, 256, (333, 500, 3), dtype=np.uint8)
+    image = getattr(data, name)()
+    if image.ndim == 2:
+        image = np.repeat(image[..., None], 3, axis=-1)
+    return np.ascontiguousarray(image[..., :3])
+
+
+def rel_err(ours, ref) -> float:
+    """max |ours - ref| / max |ref|."""
+    ours, ref = np.asarray(ours, np.float64), np.asarray(ref, np.float64)
+    return float(np.abs(ours - ref).max() / max(np.abs(ref).max(), 1e-12))
+
+
+@pytest.fixture(scope="session")
+def torch_module():
+    return reference.import_torch()

@@ -1,0 +1,217 @@
+"""Strict conversion between official checkpoints and the Flax model, and Orbax storage.
+
+- `load_torch_state_dict(path)`: an official `.pt` (`{"model": state_dict}`) as NumPy arrays, with
+  clear errors for a missing, truncated or corrupt file.
+- `from_state_dict(model, state_dict)`: fills every Flax array from exactly one tensor of the right
+  shape. Leftover tensors are allowed only under the video-memory prefixes; anything else, and any
+  missing key, raises naming the key (and both shapes). Nothing is ever filled with a default.
+- `to_state_dict(model)`: the inverse, an official-format state_dict (the official code loads it).
+- `save_orbax` / `load_orbax`: a converted model as an Orbax checkpoint plus `p2s_model.json`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+import zipfile
+from pathlib import Path
+from typing import Dict, List, Optional, Tuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from p2s_jax.configs import CONFIGS, get_config
+from p2s_jax.sam2 import SAM2Image, abstract_model
+from weights_conversion.mapping import iter_rules, torch_shape_of
+
+VIDEO_MEMORY_PREFIXES = (
+    "memory_attention.", "memory_encoder.", "obj_ptr_proj.", "obj_ptr_tpos_proj.",
+    "maskmem_tpos_enc", "no_mem_pos_enc", "no_obj_ptr", "no_obj_embed_spatial", "mask_downsample.",
+)
+METADATA_FILE = "p2s_model.json"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be loaded: the message names the file, key and shapes."""
+
+
+def load_torch_state_dict(path) -> Dict[str, np.ndarray]:
+    """Reads an official checkpoint into {key: float32 array}. Needs torch (the `torch` extra)."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    try:
+        import torch
+    except ImportError as err:  # pragma: no cover - depends on the environment
+        raise CheckpointError(f"reading {path} needs torch: pip install 'p2s_jax[torch]'") from err
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as err:
+        raise CheckpointError(f"checkpoint {path} is truncated or corrupt: {err}") from err
+    if isinstance(payload, dict) and "model" in payload and isinstance(payload["model"], dict):
+        payload = payload["model"]
+    if not isinstance(payload, dict) or not payload:
+        raise CheckpointError(f"checkpoint {path} holds no state_dict (expected {{'model': "
+                              f"state_dict}}), got {type(payload).__name__}")
+    state = {}
+    for key, tensor in payload.items():
+        if not hasattr(tensor, "detach"):
+            raise CheckpointError(f"checkpoint {path}: entry {key!r} is not a tensor")
+        state[key] = tensor.detach().to(torch.float32).cpu().numpy()
+    return state
+
+
+def detect_model_name(state_dict: Dict[str, np.ndarray]) -> Optional[str]:
+    """The SAM 2.1 size a state_dict belongs to, from its trunk width and depth (None if unknown)."""
+    pos = state_dict.get("image_encoder.trunk.pos_embed")
+    if pos is None:
+        return None
+    blocks = {int(m.group(1)) for k in state_dict
+              if (m := re.match(r"image_encoder\.trunk\.blocks\.(\d+)\.", k))}
+    for name, cfg in CONFIGS.items():
+        if cfg.trunk.embed_dim == pos.shape[1] and cfg.trunk.depth == len(blocks):
+            return name
+    return None
+
+
+def _check_size(state_dict, config_name: str, source: str) -> None:
+    found = detect_model_name(state_dict)
+    if found is not None and found != config_name:
+        raise CheckpointError(f"{source} is a {found} checkpoint, but the model {config_name} "
+                              f"was requested (pass --model {found})")
+
+
+def from_state_dict(model: SAM2Image, state_dict: Dict[str, np.ndarray], source: str = "checkpoint",
+                    dtype=jnp.float32) -> List[str]:
+    """Loads `state_dict` into `model` in place (abstract or concrete): every array is replaced,
+    or the call raises before returning. Returns the ignored (video-memory) keys."""
+    _check_size(state_dict, model.config.name, source)
+    used, errors = set(), []
+    for path, variable, rule in iter_rules(model):
+        if rule.key not in state_dict:
+            errors.append(f"missing key {rule.key!r} (for {'/'.join(map(str, path))}, "
+                          f"shape {torch_shape_of(rule, variable.shape)})")
+            continue
+        tensor = np.asarray(state_dict[rule.key])
+        expected = torch_shape_of(rule, variable.shape)
+        if tuple(tensor.shape) != expected:
+            errors.append(f"key {rule.key!r} has shape {tuple(tensor.shape)} in the checkpoint "
+                          f"but the model needs {expected}")
+            continue
+        if not np.all(np.isfinite(tensor)):
+            errors.append(f"key {rule.key!r} holds non-finite values")
+            continue
+        variable.set_value(jnp.asarray(rule.to_flax(tensor), dtype=dtype))
+        used.add(rule.key)
+    leftover = sorted(set(state_dict) - used)
+    unexpected = [k for k in leftover if not k.startswith(VIDEO_MEMORY_PREFIXES)]
+    errors += [f"unexpected key {k!r} with shape {tuple(np.shape(state_dict[k]))}" for k in unexpected]
+    if errors:
+        raise CheckpointError(f"{source} does not match {model.config.name}:\n  " + "\n  ".join(errors))
+    return leftover
+
+
+def to_state_dict(model: SAM2Image) -> Dict[str, np.ndarray]:
+    """The model's weights as an official-format state_dict (image path keys only)."""
+    return {rule.key: np.ascontiguousarray(rule.to_torch(np.asarray(variable[...], np.float32)))
+            for _, variable, rule in iter_rules(model)}
+
+
+def save_torch_checkpoint(model: SAM2Image, path, base_state_dict: Optional[Dict] = None) -> None:
+    """Writes `{"model": state_dict}` atomically. `base_state_dict` supplies the video-memory
+    tensors (e.g. from the checkpoint that was fine-tuned) so the official video code loads it too."""
+    import torch
+
+    state = dict(base_state_dict or {})
+    state.update(to_state_dict(model))
+    tensors = {k: torch.from_numpy(np.asarray(v, np.float32)) for k, v in state.items()}
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".tmp", delete=False) as tmp:
+        torch.save({"model": tensors}, tmp)
+        tmp.flush()
+        os.fsync(tmp.fileno())
+    os.replace(tmp.name, path)
+
+
+def save_orbax(model: SAM2Image, out_dir, source: str = "") -> Path:
+    """Saves the weights (Orbax, atomic) and `p2s_model.json` (model name, image size)."""
+    import orbax.checkpoint as ocp
+
+    out_dir = Path(out_dir).absolute()
+    if (out_dir / "weights").exists():
+        raise CheckpointError(f"{out_dir / 'weights'} exists already; choose an empty folder")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with ocp.StandardCheckpointer() as checkpointer:
+        checkpointer.save(out_dir / "weights", nnx.state(model))
+    meta = {"model": model.config.name, "image_size": model.config.image_size, "source": str(source)}
+    tmp = out_dir / (METADATA_FILE + ".tmp")
+    tmp.write_text(json.dumps(meta, indent=2))
+    os.replace(tmp, out_dir / METADATA_FILE)
+    return out_dir
+
+
+def load_orbax(path, model_name: Optional[str] = None, image_size: Optional[int] = None,
+               dtype=jnp.float32) -> SAM2Image:
+    import orbax.checkpoint as ocp
+
+    path = Path(path).absolute()
+    meta_file = path / METADATA_FILE
+    if not meta_file.is_file() or not (path / "weights").is_dir():
+        raise CheckpointError(f"{path} is not a converted p2s_jax checkpoint "
+                              f"(expected {METADATA_FILE} and weights/)")
+    try:
+        meta = json.loads(meta_file.read_text())
+    except json.JSONDecodeError as err:
+        raise CheckpointError(f"{meta_file} is corrupt: {err}") from err
+    if model_name is not None and get_config(model_name).name != meta["model"]:
+        raise CheckpointError(f"{path} is a {meta['model']} checkpoint, but the model "
+                              f"{get_config(model_name).name} was requested")
+    config = get_config(meta["model"], image_size or meta["image_size"])
+    model = abstract_model(config, dtype)
+    graphdef, abstract_state = nnx.split(model)
+    try:
+        with ocp.StandardCheckpointer() as checkpointer:
+            state = checkpointer.restore(path / "weights", abstract_state)
+    except Exception as err:  # orbax raises many types; name the file in every case
+        raise CheckpointError(f"cannot restore {path / 'weights'}: {err}") from err
+    return nnx.merge(graphdef, state)
+
+
+def load_model(path, model_name: Optional[str] = None, image_size: Optional[int] = None,
+               dtype=jnp.float32) -> SAM2Image:
+    """A `.pt` official checkpoint or a converted folder -> `SAM2Image`.
+
+    model_name None: detected from the checkpoint. image_size None: the converted folder's, or
+    1024 for a `.pt`. `dtype` is the compute dtype.
+    """
+    path = Path(path)
+    if path.is_dir():
+        return load_orbax(path, model_name, image_size, dtype)
+    state_dict = load_torch_state_dict(path)
+    detected = detect_model_name(state_dict)
+    name = model_name or detected
+    if name is None:
+        raise CheckpointError(f"{path}: cannot tell the model size (no image_encoder.trunk."
+                              f"pos_embed); pass the model name")
+    model = abstract_model(get_config(name, image_size or 1024), dtype)
+    from_state_dict(model, state_dict, source=str(path))
+    return model
+
+
+
+def convert_checkpoint(checkpoint, out_dir, model_name: Optional[str] = None,
+                       image_size: int = 1024) -> Tuple[Path, List[str]]:
+    """`p2s convert`: official `.pt` -> Orbax folder. Returns (folder, ignored video keys)."""
+    state_dict = load_torch_state_dict(checkpoint)
+    name = model_name or detect_model_name(state_dict)
+    if name is None:
+        raise CheckpointError(f"{checkpoint}: cannot tell the model size; pass --model")
+    model = abstract_model(get_config(name, image_size))
+    ignored = from_state_dict(model, state_dict, source=str(checkpoint))
+    return save_orbax(model, out_dir, source=checkpoint), ignored
