@@ -12,7 +12,7 @@ import pytest
 import reference
 from conftest import model_pair, rel_err
 from p2s_jax.configs import CONFIGS, get_config
-from p2s_jax.sam2 import abstract_model, build_model
+from p2s_jax.sam2 import abstract_model
 from weights_conversion import (CheckpointError, VIDEO_MEMORY_PREFIXES, convert_checkpoint,
                                 detect_model_name, from_state_dict, load_model, load_torch_state_dict,
                                 save_orbax, save_torch_checkpoint, to_state_dict)
@@ -70,27 +70,26 @@ def test_flax_to_official_round_trip(torch_module, tmp_path):
     """A Flax model (as if fine-tuned here) exported to the official format loads in the official
     code and gives the same outputs; reading the export back gives the same arrays."""
     torch = torch_module
-    ours = build_model(get_config("t", 256), seed=5)
+    ours = abstract_model(get_config("t", 256))  # weights unlike any cached official model's
+    from_state_dict(ours, reference.official_state_dict(
+        reference.official_model.__wrapped__("sam2.1_hiera_t", 256, seed=5)))
     base = reference.official_state_dict(reference.official_model("sam2.1_hiera_t", 256))
     path = tmp_path / "export.pt"
     save_torch_checkpoint(ours, path, base_state_dict=base)
-    official = reference.official_model("sam2.1_hiera_t", 256, seed=99)  # other weights
-    official_copy = type(official).__new__(type(official))
-    official_copy.__dict__ = dict(official.__dict__)
+    official = reference.official_model.__wrapped__("sam2.1_hiera_t", 256, seed=99)  # uncached
     result = official.load_state_dict(torch.load(path, weights_only=True)["model"], strict=True)
     assert not result.missing_keys and not result.unexpected_keys
-    try:
-        image = np.random.default_rng(1).standard_normal((1, 256, 256, 3)).astype(np.float32)
-        backbone = official.forward_image(torch.from_numpy(image.transpose(0, 3, 1, 2)))
-        features = ours.encode_image(jnp.asarray(image))
-        assert rel_err(features.feat_s1, backbone["backbone_fpn"][1].permute(0, 2, 3, 1).numpy()) <= 1e-4
-        reread = abstract_model(get_config("t", 256))
-        from_state_dict(reread, load_torch_state_dict(path))
-        for a, b in zip(jax.tree.leaves(jax.tree.map(np.asarray, __import__("flax").nnx.state(ours))),
-                        jax.tree.leaves(jax.tree.map(np.asarray, __import__("flax").nnx.state(reread)))):
-            np.testing.assert_array_equal(a, b)
-    finally:
-        reference.official_model.cache_clear()  # the cached seed-99 model now holds other weights
+    image = np.random.default_rng(1).standard_normal((1, 256, 256, 3)).astype(np.float32)
+    backbone = official.forward_image(torch.from_numpy(image.transpose(0, 3, 1, 2)))
+    features = jax.jit(lambda x: ours.encode_image(x))(jnp.asarray(image))
+    assert rel_err(features.feat_s1, backbone["backbone_fpn"][1].permute(0, 2, 3, 1).numpy()) <= 1e-4
+    embed = backbone["backbone_fpn"][2] + official.no_mem_embed[0, 0][None, :, None, None]
+    assert rel_err(features.image_embed, embed.permute(0, 2, 3, 1).numpy()) <= 1e-4
+    reread = abstract_model(get_config("t", 256))
+    from_state_dict(reread, load_torch_state_dict(path))
+    expected = to_state_dict(ours)
+    for key, value in to_state_dict(reread).items():
+        np.testing.assert_array_equal(value, expected[key], err_msg=key)
 
 
 def test_orbax_round_trip_and_convert(torch_module, tmp_path):
@@ -100,10 +99,11 @@ def test_orbax_round_trip_and_convert(torch_module, tmp_path):
     _save_pt(reference.official_state_dict(official), pt, torch)
     out_dir, ignored = convert_checkpoint(pt, tmp_path / "converted", image_size=256)
     assert ignored and all(k.startswith(VIDEO_MEMORY_PREFIXES) for k in ignored)
+    expected = to_state_dict(ours)
     for loaded in (load_model(out_dir), load_model(pt, image_size=256)):
         assert loaded.config == ours.config
         for key, value in to_state_dict(loaded).items():
-            np.testing.assert_array_equal(value, to_state_dict(ours)[key], err_msg=key)
+            np.testing.assert_array_equal(value, expected[key], err_msg=key)
     with pytest.raises(CheckpointError, match="exists already"):
         save_orbax(ours, out_dir)
     with pytest.raises(CheckpointError, match=r"is a sam2\.1_hiera_t checkpoint.*sam2\.1_hiera_b\+"):
