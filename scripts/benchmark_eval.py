@@ -1,0 +1,152 @@
+"""End-to-end evaluation speed: p2s_jax's batched, data-parallel evaluator vs the official
+per-person loop, same random weights, same prompts, same machine, one run each.
+
+The dataset is generated (`p2s_jax.synthetic`: real scikit-image photos at 480 x 640, about
+8 drawn persons each, ProbPose-like detections). Both sides do the whole job per image: read
+the file, preprocess, encode, decode every person, and encode the masks as COCO RLE.
+
+- ours: `p2s_jax.evaluation.run_model` on all devices, compiled beforehand on a one-step
+  warm-up (printed separately; the small prompt / mask-merging steps of other people counts
+  still compile during the timed run, a second or two each on a CPU);
+- official: `SAM2ImagePredictor.set_image` once per image, then `predict` once per person with
+  the prompts our run chose (BBox-Mask-Pose's loop), `multimask_output=False`.
+
+Prints images/s of both and the ratio (official time / ours); with a GPU also the projected
+time for the 2693 person images of COCO val2017.
+
+    python scripts/benchmark_eval.py                      # 64 images, t at 1024
+    python scripts/benchmark_eval.py --num-images 8 --batch-size 1
+    python scripts/benchmark_eval.py --model b+ --batch-size 8   # on a GPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
+import reference  # noqa: E402  (official model builder, torchvision stubs)
+
+COCO_VAL_PERSON_IMAGES = 2693
+
+
+def make_dataset(root: Path, num_images: int, people: int, height: int, width: int):
+    from p2s_jax.coco import load_coco, load_keypoint_detections
+    from p2s_jax.synthetic import make_coco_dataset, make_keypoint_detections
+
+    spread = max(1, people // 4)
+    annotations, images = make_coco_dataset(root, num_images, (people - spread, people + spread),
+                                            seed=0, image_size=(height, width))
+    detections = make_keypoint_detections(annotations, seed=1, noise_px=3.0,
+                                          out_path=root / "detections.json")
+    coco = load_coco(annotations)
+    return coco, images, load_keypoint_detections(detections, coco)
+
+
+def run_ours(model, coco, images, poses, config):
+    """-> (EvalOutput of the timed run, warm-up seconds)."""
+    import jax
+
+    from p2s_jax import evaluation
+
+    first = sorted(poses, key=lambda i: (-len(poses[i]), i))
+    warm = set(first[:config.images_per_device * jax.device_count()])
+    start = time.perf_counter()
+    evaluation.run_model(model, coco, images, {i: p for i, p in poses.items() if i in warm},
+                         config, progress=False)
+    warmup = time.perf_counter() - start
+    return evaluation.run_model(model, coco, images, poses, config, progress=True), warmup
+
+
+def run_official(official, coco, images, prompts, device: str) -> tuple[float, int]:
+    """The BBox-Mask-Pose loop on the same prompts; -> (seconds, masks)."""
+    torch = reference.import_torch()
+    from p2s_jax.coco import encode_results
+    from p2s_jax.images import load_image
+
+    predictor = reference.official_predictor(official)
+    count = 0
+    start = time.perf_counter()
+    for image_id, prompt in sorted(prompts.items()):
+        image = load_image(Path(images) / coco.imgs[image_id]["file_name"])
+        predictor.set_image(image)
+        masks, scores = [], []
+        for coords, labels in zip(prompt.coords[prompt.has_prompt],
+                                  prompt.labels[prompt.has_prompt]):
+            used = labels != -1
+            mask, iou, _ = predictor.predict(point_coords=coords[used], point_labels=labels[used],
+                                             multimask_output=False)
+            masks.append(mask[0] > 0)
+            scores.append(float(iou[0]))
+        if device == "cuda":
+            torch.cuda.synchronize()
+        if masks:
+            count += len(encode_results(image_id, np.stack(masks), np.asarray(scores)))
+    return time.perf_counter() - start, count
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--num-images", type=int, default=64)
+    parser.add_argument("--people", type=int, default=8, help="about this many per image")
+    parser.add_argument("--model", default="t", help="t, s, b+ or l (random official weights)")
+    parser.add_argument("--image-size", type=int, default=1024)
+    parser.add_argument("--photo-size", default="480x640", help="HxW of the generated photos")
+    parser.add_argument("--batch-size", type=int, default=2, help="images per device per step")
+    parser.add_argument("--people-chunk", type=int, default=4)
+    parser.add_argument("--skip-official", action="store_true")
+    args = parser.parse_args()
+
+    torch = reference.import_torch()
+    import jax
+
+    from p2s_jax import evaluation
+    from p2s_jax.configs import get_config
+    from p2s_jax.sam2 import abstract_model
+    from weights_conversion.convert import from_state_dict
+
+    on_gpu = jax.default_backend() == "gpu"
+    device = "cuda" if on_gpu and torch.cuda.is_available() else "cpu"
+    name = get_config(args.model).name
+    height, width = (int(v) for v in args.photo_size.lower().split("x"))
+    print(f"# host {platform.processor() or platform.machine()}, {os.cpu_count()} cores; jax "
+          f"{jax.__version__} on {jax.device_count()} x {jax.devices()[0].device_kind}; torch "
+          f"{torch.__version__} on {device}; {name} at {args.image_size}; {args.num_images} "
+          f"images of {height}x{width}, about {args.people} people each")
+
+    official = reference.official_model(name, args.image_size).to(device)
+    model = abstract_model(get_config(name, args.image_size))
+    from_state_dict(model, reference.official_state_dict(official))
+    config = evaluation.EvalConfig(images_per_device=args.batch_size,
+                                   people_per_chunk=args.people_chunk)
+    with tempfile.TemporaryDirectory() as root:
+        coco, images, poses = make_dataset(Path(root), args.num_images, args.people, height,
+                                           width)
+        output, warmup = run_ours(model, coco, images, poses, config)
+        report = output.report
+        ours_rate = report.images_per_second
+        print(f"ours:     {report.num_images} images, {report.num_results} masks in "
+              f"{report.seconds:.1f} s = {ours_rate:.2f} images/s (batch {args.batch_size} "
+              f"per device; warm-up incl. compilation {warmup:.1f} s)")
+        if on_gpu:
+            print(f"          projected COCO val2017 ({COCO_VAL_PERSON_IMAGES} person images): "
+                  f"{COCO_VAL_PERSON_IMAGES / ours_rate:.0f} s")
+        if args.skip_official:
+            return
+        seconds, masks = run_official(official, coco, images, output.prompts, device)
+        official_rate = report.num_images / seconds
+        print(f"official: {report.num_images} images, {masks} masks in {seconds:.1f} s = "
+              f"{official_rate:.2f} images/s (set_image + predict per person)")
+        print(f"ratio (official time / ours): {ours_rate / official_rate:.2f}x")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,284 @@
+"""The `p2s` command line: convert, evaluate and segment, with a random-weight official
+checkpoint (SAM 2.1 tiny, saved as the official code saves it) and, for the download path, a
+local HTTP server on 127.0.0.1 (no real host is ever contacted)."""
+
+from __future__ import annotations
+
+import functools
+import json
+import threading
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from pycocotools import mask as mask_utils
+
+import reference
+from conftest import model_pair
+from p2s_jax import cli
+from p2s_jax.download import SAM_POSE2SEG_FILENAME
+from p2s_jax.synthetic import make_coco_dataset, make_keypoint_detections
+from weights_conversion import VIDEO_MEMORY_PREFIXES, load_model
+
+pytestmark = pytest.mark.skipif(not reference.reference_available(),
+                                reason="needs torch, sam2 and hydra (the dev extra)")
+
+MODEL, SIZE = "sam2.1_hiera_t", 256
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    """An official-format `{'model': state_dict}` .pt with seeded random weights."""
+    torch = reference.import_torch()
+    official = model_pair(MODEL, SIZE)[0]
+    path = tmp_path_factory.mktemp("ckpt") / SAM_POSE2SEG_FILENAME
+    torch.save({"model": official.state_dict()}, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def converted(checkpoint, tmp_path_factory):
+    out = tmp_path_factory.mktemp("converted") / "t"
+    assert cli.main(["convert", str(checkpoint), str(out), "--image-size", str(SIZE)]) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    root = tmp_path_factory.mktemp("coco")
+    annotations, images = make_coco_dataset(root, 2, (2, 3), seed=5, image_size=(200, 260))
+    detections = make_keypoint_detections(annotations, seed=6, noise_px=2.0,
+                                          out_path=root / "detections.json")
+    return annotations, images, detections
+
+
+def _segment_args(tmp_path, *extra):
+    return ["segment", "--image", str(cli.EXAMPLE_IMAGE), "--keypoints",
+            str(cli.EXAMPLE_KEYPOINTS), "--out", str(tmp_path / "overlay.png"),
+            "--masks-out", str(tmp_path / "masks.json"), "--image-size", str(SIZE),
+            "--no-progress", *extra]
+
+
+# ------------------------------------------------------------------------------ convert
+
+
+def test_convert(converted, checkpoint, capsys):
+    official = model_pair(MODEL, SIZE)[0]
+    video = [k for k in official.state_dict() if k.startswith(VIDEO_MEMORY_PREFIXES)]
+    assert cli.main(["convert", str(checkpoint), str(converted.parent / "again"),
+                     "--image-size", str(SIZE)]) == 0
+    printed = capsys.readouterr().out
+    assert f"ignored {len(video)} video-memory tensors" in printed and "sam2.1_hiera_t" in printed
+    ours = model_pair(MODEL, SIZE)[1]
+    loaded = load_model(converted)
+    np.testing.assert_array_equal(np.asarray(loaded.no_mem_embed[...]),
+                                  np.asarray(ours.no_mem_embed[...]))
+    assert loaded.config.image_size == SIZE
+
+
+def test_convert_errors_are_one_line(checkpoint, tmp_path, capsys):
+    corrupt = tmp_path / "corrupt.pt"
+    corrupt.write_bytes(checkpoint.read_bytes()[:1000])
+    cases = [([str(tmp_path / "missing.pt")], "does not exist"),
+             ([str(corrupt)], "truncated or corrupt"),
+             ([str(checkpoint), "--model", "b+"], "is a sam2.1_hiera_t checkpoint")]
+    for args, reason in cases:
+        assert cli.main(["convert", args[0], str(tmp_path / "out"), *args[1:]]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("p2s convert: error: ") and reason in err
+        assert len(err.splitlines()) == 1
+
+
+# ------------------------------------------------------------------------------ segment
+
+
+def test_segment_example(converted, tmp_path, capsys):
+    assert cli.main(_segment_args(tmp_path, "--checkpoint", str(converted))) == 0
+    assert "1 people, 1 masks (confidence scores, maxvis_3)" in capsys.readouterr().out
+    photo = Image.open(cli.EXAMPLE_IMAGE)
+    overlay = Image.open(tmp_path / "overlay.png")
+    assert overlay.format == "PNG" and overlay.size == photo.size and overlay.mode == "RGB"
+    assert np.any(np.asarray(overlay) != np.asarray(photo.convert("RGB")))
+    saved = json.loads((tmp_path / "masks.json").read_text())
+    assert (saved["height"], saved["width"]) == (photo.height, photo.width)
+    (person,) = saved["people"]
+    # MaxVis_3 on the hand-placed example: nose (0.98), then both eyes (0.97, lower index first).
+    assert person["prompt"] == [[225.0, 127.0, 1], [246.0, 102.0, 1], [202.0, 101.0, 1]]
+    mask = mask_utils.decode(person["segmentation"])
+    assert mask.shape == (photo.height, photo.width)
+
+
+def test_segment_matches_predictor(converted, tmp_path):
+    """The CLI's masks are the Predictor's for the chosen prompts."""
+    from p2s_jax.images import load_image
+    from p2s_jax.predictor import Predictor
+
+    assert cli.main(_segment_args(tmp_path, "--checkpoint", str(converted), "--selection",
+                                  "maxspread", "--num-points", "4")) == 0
+    saved = json.loads((tmp_path / "masks.json").read_text())
+    (person,) = saved["people"]
+    assert len(person["prompt"]) == 4
+    predictor = Predictor.from_checkpoint(converted)
+    predictor.set_image(load_image(cli.EXAMPLE_IMAGE))
+    points = np.asarray(person["prompt"])
+    expected = predictor.predict(point_coords=points[None, :, :2],
+                                 point_labels=points[None, :, 2].astype(np.int32))
+    np.testing.assert_array_equal(mask_utils.decode(person["segmentation"]).astype(bool),
+                                  expected.masks[0, 0])
+
+
+class _QuietHandler(SimpleHTTPRequestHandler):
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def weights_server(checkpoint):
+    """Serves the checkpoint's folder on 127.0.0.1; yields (url, requests, stop)."""
+    requests = []
+
+    class Handler(_QuietHandler):
+        def do_GET(self):  # noqa: N802
+            requests.append(self.path)
+            super().do_GET()
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0),
+                                 functools.partial(Handler, directory=str(checkpoint.parent)))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{server.server_address[1]}/{SAM_POSE2SEG_FILENAME}"
+
+    def stop():
+        server.shutdown()
+        server.server_close()
+
+    yield url, requests, stop
+    if thread.is_alive():
+        stop()
+
+
+def test_segment_downloads_and_converts_once(weights_server, tmp_path, monkeypatch, capsys):
+    url, requests, stop = weights_server
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("P2S_CACHE", str(cache))
+    monkeypatch.setenv(cli.WEIGHTS_URL_ENV, url)
+    assert cli.main(_segment_args(tmp_path)) == 0
+    assert requests == [f"/{SAM_POSE2SEG_FILENAME}"]
+    converted = cache / Path(SAM_POSE2SEG_FILENAME).stem
+    assert (converted / "p2s_model.json").is_file() and (cache / SAM_POSE2SEG_FILENAME).is_file()
+    assert not list(cache.glob("*.converting-*")) and not list(cache.glob("*.part"))
+    first = (tmp_path / "masks.json").read_text()
+
+    stop()  # the second run must not need the network
+    assert cli.main(_segment_args(tmp_path)) == 0
+    assert requests == [f"/{SAM_POSE2SEG_FILENAME}"]
+    assert (tmp_path / "masks.json").read_text() == first
+    capsys.readouterr()
+
+
+def test_segment_offline_says_what_to_download(tmp_path, monkeypatch, capsys):
+    import socket
+
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("P2S_CACHE", str(cache))
+    monkeypatch.setenv(cli.WEIGHTS_URL_ENV, f"http://127.0.0.1:{port}/{SAM_POSE2SEG_FILENAME}")
+    assert cli.main(_segment_args(tmp_path)) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("p2s segment: error: could not download")
+    assert str(cache / SAM_POSE2SEG_FILENAME) in err and "--checkpoint" in err
+
+
+def test_segment_input_errors(converted, tmp_path, capsys):
+    bad = tmp_path / "bad.json"
+    bad.write_text("[[1, 2, 3]]")
+    args = _segment_args(tmp_path, "--checkpoint", str(converted))
+    args[args.index("--keypoints") + 1] = str(bad)
+    assert cli.main(args) == 2
+    err = capsys.readouterr().err
+    assert "bad.json: person 0 'keypoints' must hold 51 numbers" in err
+    args[args.index("--image") + 1] = str(tmp_path / "missing.jpg")
+    assert cli.main(args) == 2
+    assert "missing.jpg: image file not found" in capsys.readouterr().err
+
+
+def test_load_pose_file_formats(tmp_path):
+    triplets = np.zeros((17, 3))
+    triplets[:, 0], triplets[:, 1], triplets[:, 2] = np.arange(17), 2 * np.arange(17), 0.9
+    triplets[16] = 0  # COCO's "not labelled"
+    plain = tmp_path / "plain.json"
+    plain.write_text(json.dumps([triplets.tolist()]))
+    poses, score = cli.load_pose_file(plain)
+    assert score == "confidence" and poses.boxes is None and len(poses) == 1
+    assert np.isnan(poses.keypoints[0, 16]).all() and poses.keypoints[0, 3].tolist() == [3, 6]
+
+    results = tmp_path / "results.json"
+    entry = {"image_id": 7, "category_id": 1, "keypoints": triplets.ravel().tolist(),
+             "score": 0.8, "visibility": [0.5] * 17, "bbox": [1, 2, 10, 20]}
+    results.write_text(json.dumps([entry, entry]))
+    poses, score = cli.load_pose_file(results)
+    assert score == "visibility" and len(poses) == 2
+    np.testing.assert_allclose(poses.boxes[0], [1, 2, 11, 22])
+    np.testing.assert_allclose(poses.det_score, [0.8, 0.8])
+    with pytest.raises(cli.UsageError, match="needs 'presence' for every person"):
+        cli.load_pose_file(results, "presence")
+    broken = tmp_path / "broken.json"
+    broken.write_text("[{")
+    with pytest.raises(cli.UsageError, match="broken.json: invalid JSON"):
+        cli.load_pose_file(broken)
+
+
+# ------------------------------------------------------------------------------ evaluate
+
+
+def test_evaluate(converted, dataset, tmp_path, capsys):
+    annotations, images, detections = dataset
+    out = tmp_path / "results.json"
+    assert cli.main(["evaluate", "--annotations", str(annotations), "--images", str(images),
+                     "--keypoints", str(detections), "--checkpoint", str(converted),
+                     "--selection", "maxvis", "--num-points", "3", "--coco-star",
+                     "--out", str(out), "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    assert "COCO* segm AP (person)" in printed and "AP50" in printed
+    results = json.loads(out.read_text())
+    assert results and all(set(r) == {"image_id", "category_id", "segmentation", "score"}
+                           for r in results)
+    summary = json.loads((tmp_path / "results.summary.json").read_text())
+    settings = summary["settings"]
+    assert settings["coco_star"] is True and settings["result_score"] == "product"
+    assert settings["prompt"]["selection"] == "maxvis" and settings["prompt"]["num_points"] == 3
+    assert settings["model"] == MODEL and settings["image_size"] == SIZE
+    assert set(summary["metrics"]) == {"AP", "AP50", "AP75", "APs", "APm", "APl"}
+    assert summary["report"]["num_results"] == len(results)
+
+
+def test_evaluate_ground_truth_keypoints(converted, dataset, tmp_path, capsys):
+    annotations, images, _ = dataset
+    summary = tmp_path / "summary.json"
+    assert cli.main(["evaluate", "--annotations", str(annotations), "--images", str(images),
+                     "--gt-keypoints", "--checkpoint", str(converted), "--out",
+                     str(tmp_path / "r.json"), "--summary", str(summary), "--no-progress"]) == 0
+    settings = json.loads(summary.read_text())["settings"]
+    assert settings["keypoints"] == "ground truth"
+    assert settings["prompt"]["selection"] == "maxspread"  # the paper's rule for GT poses
+    capsys.readouterr()
+
+
+def test_evaluate_errors(converted, dataset, tmp_path, capsys):
+    annotations, images, detections = dataset
+    broken = tmp_path / "gt.json"
+    broken.write_text("{\"images\": [")
+    assert cli.main(["evaluate", "--annotations", str(broken), "--images", str(images),
+                     "--keypoints", str(detections), "--checkpoint", str(converted),
+                     "--out", str(tmp_path / "r.json")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("p2s evaluate: error: ") and "gt.json: invalid JSON" in err
+    with pytest.raises(SystemExit) as exit_info:  # neither --keypoints nor --gt-keypoints
+        cli.main(["evaluate", "--annotations", str(annotations), "--images", str(images),
+                  "--checkpoint", str(converted), "--out", str(tmp_path / "r.json")])
+    assert exit_info.value.code == 2
+    capsys.readouterr()

@@ -1,0 +1,345 @@
+"""p2s_jax.evaluation against the official SAM2ImagePredictor run person by person.
+
+The dataset is generated (`p2s_jax.synthetic`: real scikit-image photos with drawn persons and
+ProbPose-like detections); the model is the official SAM 2.1 tiny at 256 px with seeded random
+weights (tests/reference.py) and its converted twin. Everything is compiled once per module.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+from pycocotools import mask as mask_utils
+
+import reference
+from conftest import model_pair
+from p2s_jax import coco as coco_lib
+from p2s_jax import evaluation as ev
+from p2s_jax.images import load_image
+from p2s_jax.prompting import PromptConfig, exclusive_masks, select_prompts
+from p2s_jax.synthetic import make_coco_dataset, make_keypoint_detections
+
+pytestmark = pytest.mark.skipif(not reference.reference_available(),
+                                reason="needs torch, sam2 and hydra (the dev extra)")
+
+MODEL, SIZE = "sam2.1_hiera_t", 256
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    """4 photos (RGB, grayscale, RGBA) of 2-3 drawn persons each, plus detections."""
+    root = tmp_path_factory.mktemp("coco")
+    annotations, images = make_coco_dataset(root, 4, (2, 3), seed=3, image_size=(200, 260))
+    detections = make_keypoint_detections(annotations, seed=4, noise_px=2.0,
+                                          out_path=root / "detections.json")
+    coco = coco_lib.load_coco(annotations)
+    return {"root": root, "annotations": annotations, "images": images,
+            "detections": detections, "coco": coco,
+            "poses": coco_lib.load_keypoint_detections(detections, coco)}
+
+
+@pytest.fixture(scope="module")
+def models():
+    return model_pair(MODEL, SIZE)  # (official SAM2Base, our SAM2Image), same random weights
+
+
+@pytest.fixture(scope="module")
+def single_device():
+    return ev.make_mesh(jax.devices()[:1])
+
+
+@pytest.fixture(scope="module")
+def run(dataset, models, single_device):
+    return ev.run_model(models[1], dataset["coco"], dataset["images"], dataset["poses"],
+                        ev.EvalConfig(images_per_device=2), mesh=single_device, progress=False)
+
+
+@pytest.fixture(scope="module")
+def official_run(dataset, models, run):
+    """The official predictor, set_image once per image and predict per person, on our prompts.
+
+    -> image_id -> list over people with a prompt of (logits (H, W), predicted IoU).
+    """
+    predictor = reference.official_predictor(models[0])
+    predictor._bb_feat_sizes = [(SIZE // 4 // s, SIZE // 4 // s) for s in (1, 2, 4)]
+    coco, out = dataset["coco"], {}
+    for image_id, prompts in sorted(run.prompts.items()):
+        predictor.set_image(load_image(Path(dataset["images"]) / coco.imgs[image_id]["file_name"]))
+        out[image_id] = []
+        for coords, labels in zip(prompts.coords[prompts.has_prompt],
+                                  prompts.labels[prompts.has_prompt]):
+            used = labels != -1
+            logits, iou, _ = predictor.predict(point_coords=coords[used],
+                                               point_labels=labels[used],
+                                               multimask_output=False, return_logits=True)
+            out[image_id].append((logits[0], float(iou[0])))
+    return out
+
+
+def _decode(result: dict) -> np.ndarray:
+    return mask_utils.decode(result["segmentation"]).astype(bool)
+
+
+def _by_image(results):
+    grouped = {}
+    for r in results:
+        grouped.setdefault(r["image_id"], []).append(r)
+    return grouped
+
+
+# ------------------------------------------------------------------------------ parity
+
+
+def test_prompts_equal_select_prompts_per_image(dataset, run):
+    """The batched, people-padded prompt step gives what select_prompts gives image by image."""
+    coco, config = dataset["coco"], PromptConfig.sam_pose2seg()
+    assert sorted(run.prompts) == sorted(i for i, p in dataset["poses"].items() if len(p))
+    for image_id, prompts in run.prompts.items():
+        poses = dataset["poses"][image_id]
+        info = coco.imgs[image_id]
+        expected = select_prompts(poses.keypoints, poses.scores["visibility"],
+                                  (info["height"], info["width"]), config, poses.boxes)
+        np.testing.assert_array_equal(prompts.labels, np.asarray(expected.labels))
+        np.testing.assert_array_equal(prompts.coords, np.asarray(expected.coords))
+        np.testing.assert_array_equal(prompts.has_prompt, np.asarray(expected.has_prompt))
+
+
+def test_masks_match_official_predictor(dataset, run, official_run):
+    """Same masks as SAM2ImagePredictor person by person; a pixel may differ only where the
+    official logit is within float32 noise of the threshold."""
+    results = _by_image(run.results)
+    assert sorted(results) == sorted(official_run)
+    people = 0
+    for image_id, reference_people in official_run.items():
+        assert len(results[image_id]) == len(reference_people)
+        det_score = dataset["poses"][image_id].det_score[run.prompts[image_id].has_prompt]
+        for result, (logits, iou), det in zip(results[image_id], reference_people, det_score):
+            ours = _decode(result)
+            differ = ours != (logits > 0)
+            assert ours.shape == logits.shape
+            assert differ.mean() < 1e-3
+            assert np.all(np.abs(logits[differ]) < 1e-3 * np.abs(logits).max())
+            assert result["score"] == pytest.approx(det * iou, rel=1e-4)  # default: product
+            people += 1
+    assert people == run.report.num_results >= 8
+
+
+def test_ap_matches_official(dataset, run, official_run):
+    """AP of our results equals AP of the official masks with the official scores: on the
+    dataset's own ground truth, and on one where half the persons' masks are the official
+    predictions themselves (random weights give AP 0 on the drawn masks; this ground truth makes
+    the ranking by score and every IoU threshold matter)."""
+    official_results = []
+    for image_id, people in official_run.items():
+        det = dataset["poses"][image_id].det_score[run.prompts[image_id].has_prompt]
+        masks = np.stack([logits > 0 for logits, _ in people])
+        scores = det * np.array([iou for _, iou in people])
+        official_results += coco_lib.encode_results(image_id, masks, scores)
+
+    anchored = json.loads(Path(dataset["annotations"]).read_text())
+    by_image = _by_image(official_results)
+    for ann in anchored["annotations"]:
+        image_results = by_image.get(ann["image_id"], [])
+        if ann["id"] % 2 and image_results:
+            rle = image_results[ann["id"] % len(image_results)]["segmentation"]
+            ann["segmentation"] = rle
+            ann["area"] = float(mask_utils.area(rle))
+            ann["bbox"] = [float(v) for v in mask_utils.toBbox(rle)]
+    anchored_path = dataset["root"] / "anchored.json"
+    anchored_path.write_text(json.dumps(anchored))
+
+    for gt in (dataset["coco"], coco_lib.load_coco(anchored_path)):
+        for coco_star in (False, True):
+            ours = coco_lib.evaluate_segm(gt, run.results, coco_star=coco_star)
+            theirs = coco_lib.evaluate_segm(gt, official_results, coco_star=coco_star)
+            assert {k: ours[k] for k in coco_lib.METRIC_NAMES} == \
+                {k: theirs[k] for k in coco_lib.METRIC_NAMES}
+    assert ours["AP"] > 0.05  # the anchored ground truth makes AP informative
+
+
+def test_exclusive_masks_and_result_scores(dataset, models, single_device, run):
+    config = ev.EvalConfig(images_per_device=2, exclusive=True, result_score="iou")
+    exclusive = ev.run_model(models[1], dataset["coco"], dataset["images"], dataset["poses"],
+                             config, mesh=single_device, progress=False)
+    plain, excl = _by_image(run.results), _by_image(exclusive.results)
+    for image_id, results in plain.items():
+        det = dataset["poses"][image_id].det_score[run.prompts[image_id].has_prompt]
+        iou = np.array([r["score"] for r in excl[image_id]])
+        np.testing.assert_allclose(iou * det, [r["score"] for r in results], rtol=1e-6)
+        masks = np.stack([_decode(r) for r in results])
+        expected = np.asarray(exclusive_masks(masks, iou))
+        got = np.stack([_decode(r) for r in excl[image_id]])
+        np.testing.assert_array_equal(got, expected)
+        assert got.sum(0).max() <= 1
+
+
+def test_result_score_choices():
+    det, iou = np.array([0.5, 1.0]), np.array([0.8, 0.25])
+    np.testing.assert_allclose(ev._result_scores(det, iou, "product"), [0.4, 0.25])
+    np.testing.assert_allclose(ev._result_scores(det, iou, "detection"), det)
+    np.testing.assert_allclose(ev._result_scores(det, iou, "iou"), iou)
+    assert ev.EvalConfig().result_score == ev.DEFAULT_RESULT_SCORE == "product"
+    with pytest.raises(ValueError, match="result_score"):
+        ev.EvalConfig(result_score="mean")
+    with pytest.raises(ValueError, match="keypoint_score"):
+        ev.EvalConfig(keypoint_score="vis")
+
+
+def test_plan_steps_chunks_do_not_depend_on_device_count():
+    one, four = ev.plan_steps(7, 2, 1), ev.plan_steps(7, 2, 4)
+    assert one.shape == (4, 1, 2) and four.shape == (1, 4, 2)
+    np.testing.assert_array_equal(one.reshape(-1, 2), four.reshape(-1, 2))
+    np.testing.assert_array_equal(one.ravel(), [0, 1, 2, 3, 4, 5, 6, -1])
+    assert ev.plan_steps(0, 2, 4).shape == (0, 4, 2)
+
+
+# ------------------------------------------------------------------------------ devices
+
+def _device_test_config() -> ev.EvalConfig:
+    return ev.EvalConfig(images_per_device=1, people_per_chunk=2, exclusive=True,
+                         prompt=PromptConfig(selection="maxspread", num_points=4,
+                                             negatives="closest_other"))
+
+
+_DEVICE_SCRIPT = """
+import json, sys
+import jax
+import numpy as np
+from p2s_jax import coco as coco_lib
+from p2s_jax.configs import get_config
+from p2s_jax.sam2 import abstract_model
+from weights_conversion import from_state_dict
+sys.path.insert(0, "tests")
+from test_evaluation import _device_test_config, ev
+
+weights, annotations, detections, images, out = sys.argv[1:6]
+assert jax.device_count() == 4, jax.devices()
+model = abstract_model(get_config("{model}", {size}))
+from_state_dict(model, dict(np.load(weights)))
+coco = coco_lib.load_coco(annotations)
+poses = coco_lib.load_keypoint_detections(detections, coco)
+output = ev.run_model(model, coco, images, poses, _device_test_config(), progress=False)
+json.dump({{"results": output.results, "devices": output.report.num_devices}}, open(out, "w"))
+"""
+
+
+def test_one_and_four_devices_identical(dataset, models, single_device, tmp_path):
+    """Bit-identical results on 1 device (here) and on 4 host devices (a subprocess): with 4
+    images, every step of the 1-device run and the single step of the 4-device run hold
+    chunks with different people counts."""
+    weights = tmp_path / "weights.npz"
+    np.savez(weights, **reference.official_state_dict(models[0]))
+    script = tmp_path / "run.py"
+    script.write_text(_DEVICE_SCRIPT.format(model=MODEL, size=SIZE))
+    out = tmp_path / "results_4.json"
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
+           "JAX_PLATFORMS": "cpu",
+           "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    subprocess.run([sys.executable, str(script), str(weights), str(dataset["annotations"]),
+                    str(dataset["detections"]), str(dataset["images"]), str(out)],
+                   check=True, env=env, cwd=REPO, timeout=600)
+    four = json.loads(out.read_text())
+    one = ev.run_model(models[1], dataset["coco"], dataset["images"], dataset["poses"],
+                       _device_test_config(), mesh=single_device, progress=False)
+    assert (one.report.num_devices, four["devices"]) == (1, 4)
+    assert json.loads(json.dumps(one.results)) == four["results"]
+    assert len(one.results) >= 8
+
+
+# ------------------------------------------------------------------------------ bad inputs
+
+
+def test_missing_and_unreadable_images_are_skipped(dataset, models, single_device, tmp_path,
+                                                   capsys):
+    images = tmp_path / "images"
+    shutil.copytree(dataset["images"], images)
+    coco = dataset["coco"]
+    names = {i: coco.imgs[i]["file_name"] for i in sorted(coco.imgs)}
+    (images / names[1]).unlink()  # missing
+    (images / names[2]).write_bytes(b"not an image")  # unreadable
+    photo = load_image(images / names[3])  # wrong size
+    from PIL import Image
+    Image.fromarray(photo[:-10]).save(images / names[3])
+
+    # One more person, with every keypoint outside the image: no prompt, no mask.
+    poses = dict(dataset["poses"])
+    base = poses[4]
+    outside = base.select([0])
+    outside = coco_lib.PoseInstances(outside.keypoints - 1000.0, outside.scores, outside.boxes,
+                                     outside.det_score)
+    poses[4] = coco_lib.PoseInstances(
+        np.concatenate([base.keypoints, outside.keypoints]),
+        {k: np.concatenate([v, outside.scores[k]]) for k, v in base.scores.items()},
+        np.concatenate([base.boxes, outside.boxes]),
+        np.concatenate([base.det_score, outside.det_score]))
+
+    out = ev.run_model(models[1], coco, images, poses, ev.EvalConfig(images_per_device=2),
+                       mesh=single_device, progress=False)
+    report = out.report
+    skipped = {s["image_id"]: s for s in report.skipped_images}
+    assert sorted(skipped) == [1, 2, 3]
+    assert names[1] in skipped[1]["file_name"] and "not found" in skipped[1]["reason"]
+    assert "not a readable image" in skipped[2]["reason"]
+    assert "annotation file says" in skipped[3]["reason"]
+    printed = capsys.readouterr().out
+    assert all(f"skipped image {images / names[i]}" in printed for i in (1, 2, 3))
+    assert {r["image_id"] for r in out.results} == {4}
+    assert report.people_without_prompt == 1
+    assert report.num_results == len(base)
+    assert report.num_people == len(base) + 1
+    assert report.num_images == 4
+    lines = ev.format_report(report)
+    assert "skipped 3 image(s)" in lines and names[2] in lines and "no usable keypoint" in lines
+    coco_lib.evaluate_segm(coco, out.results)  # the run still evaluates
+
+
+def test_malformed_files_stop_at_once(dataset, tmp_path):
+    truncated = tmp_path / "annotations.json"
+    truncated.write_text(Path(dataset["annotations"]).read_text()[:500])
+    missing_checkpoint = tmp_path / "no.pt"  # never reached: the files are read first
+    with pytest.raises(coco_lib.CocoFormatError, match=r"annotations\.json: invalid JSON"):
+        ev.run_evaluation(truncated, dataset["images"], missing_checkpoint,
+                          keypoints=dataset["detections"], progress=False)
+    detections = tmp_path / "detections.json"
+    entries = json.loads(Path(dataset["detections"]).read_text())
+    del entries[1]["visibility"]
+    detections.write_text(json.dumps(entries))
+    with pytest.raises(coco_lib.CocoFormatError, match=r"entry 1 .*missing key 'visibility'"):
+        ev.run_evaluation(dataset["annotations"], dataset["images"], missing_checkpoint,
+                          keypoints=detections, progress=False)
+
+
+def test_bad_poses_name_the_image(dataset, models, single_device):
+    poses = dict(dataset["poses"])
+    bad = poses[2]
+    scores = dict(bad.scores)
+    scores["visibility"] = scores["visibility"].copy()
+    scores["visibility"][1, 5] = np.nan
+    poses[2] = coco_lib.PoseInstances(bad.keypoints, scores, bad.boxes, bad.det_score)
+    with pytest.raises(ValueError, match="image 2: person index 1 has non-finite"):
+        ev.run_model(models[1], dataset["coco"], dataset["images"], poses,
+                     mesh=single_device, progress=False)
+    with pytest.raises(ValueError, match="no 'presence' keypoint scores|presence"):
+        plain = {i: coco_lib.PoseInstances(p.keypoints, {"confidence": p.scores["confidence"]},
+                                           p.boxes, p.det_score)
+                 for i, p in dataset["poses"].items()}
+        ev.run_model(models[1], dataset["coco"], dataset["images"], plain,
+                     ev.EvalConfig(keypoint_score="presence"), mesh=single_device,
+                     progress=False)
+
+
+def test_ground_truth_poses_never_use_unlabelled_keypoints(dataset):
+    poses = ev.ground_truth_prompt_poses(dataset["coco"])
+    for image_id, pose in poses.items():
+        unlabelled = pose.scores["visibility"] == 0
+        assert np.isnan(pose.keypoints[unlabelled]).all()
+        assert np.isfinite(pose.keypoints[~unlabelled]).all()
