@@ -136,6 +136,24 @@ def build_parser() -> argparse.ArgumentParser:
     segment.add_argument("--masks-out", default=None,
                          help="also write the masks (COCO RLE) and prompts as JSON")
     segment.add_argument("--no-progress", action="store_true")
+
+    train = commands.add_parser("train", help="fine-tune with the correction loop")
+    train.add_argument("--config", default=None,
+                       help="'paper', 'tiny' or a JSON config (default on --resume: the "
+                            "workdir's config.json)")
+    train.add_argument("--workdir", required=True, help="checkpoints, metrics and config go here")
+    train.add_argument("--resume", action="store_true",
+                       help="continue from the latest checkpoint in --workdir")
+    train.add_argument("--distributed", action="store_true",
+                       help="call jax.distributed.initialize() first (multi-host)")
+    train.add_argument("--no-progress", action="store_true")
+    train.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                       help="config overrides, e.g. optim.base_lr=1e-5 correction.sampler=mask_refine")
+
+    export = commands.add_parser("export", help="a training workdir -> official .pt checkpoint")
+    export.add_argument("--workdir", required=True)
+    export.add_argument("--out", required=True, help="the .pt file to write")
+    export.add_argument("--step", type=int, default=None, help="default: the latest checkpoint")
     return parser
 
 
@@ -408,6 +426,40 @@ def _draw_prompt(draw, coords: np.ndarray, labels: np.ndarray, colour, unit: int
             draw.line([x - r, y + r, x + r, y - r], fill=(255, 0, 0), width=unit)
 
 
+# ------------------------------------------------------------------------------ train / export
+
+def cmd_train(args: argparse.Namespace) -> int:
+    import jax
+
+    from p2s_jax.train_config import load_config, parse_overrides
+    from p2s_jax.trainer import train
+
+    if args.distributed:
+        jax.distributed.initialize()
+    config_name = args.config
+    if config_name is None:
+        saved = Path(args.workdir) / "config.json"
+        if not (args.resume and saved.is_file()):
+            raise UsageError("--config is required (except with --resume in a workdir that "
+                             "has a config.json)")
+        config_name = str(saved)
+    config = load_config(config_name, parse_overrides(args.overrides))
+    result = train(config, args.workdir, resume=args.resume, progress=not args.no_progress)
+    if jax.process_index() == 0:
+        final = {k: round(v, 6) for k, v in result.last_metrics.items()}
+        print(f"trained {result.steps_run} steps in {args.workdir}; last metrics: "
+              f"{json.dumps(final)}")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from p2s_jax.trainer import export_torch
+
+    path = export_torch(args.workdir, args.out, args.step)
+    print(f"wrote {path} (official SAM 2.1 state_dict under 'model')")
+    return 0
+
+
 # ------------------------------------------------------------------------------ main
 
 
@@ -417,11 +469,14 @@ def _expected_errors() -> tuple:
     from p2s_jax.images import ImageError
     from weights_conversion import CheckpointError
 
+    from p2s_jax.trainer import NonFiniteError, WorkdirError
+
     return (UsageError, CocoFormatError, CheckpointError, DownloadError, ImageError,
-            FileNotFoundError, ValueError)
+            FileNotFoundError, ValueError, NonFiniteError, WorkdirError)
 
 
-COMMANDS = {"convert": cmd_convert, "evaluate": cmd_evaluate, "segment": cmd_segment}
+COMMANDS = {"convert": cmd_convert, "evaluate": cmd_evaluate, "segment": cmd_segment,
+            "train": cmd_train, "export": cmd_export}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -137,7 +137,8 @@ def _num_objects(target_masks: Array, num_objects) -> Array | float:
 
 def step_loss_terms(pred_masks: Array, pred_ious: Array, object_score_logits: Array,
                     target_masks: Array, num_objects: float | Array | None = None,
-                    config: LossConfig = LossConfig()) -> dict[str, Array]:
+                    config: LossConfig = LossConfig(),
+                    valid: Array | None = None) -> dict[str, Array]:
     """Unweighted terms of one prediction step (official ``_update_losses``).
 
     Args:
@@ -147,6 +148,8 @@ def step_loss_terms(pred_masks: Array, pred_ious: Array, object_score_logits: Ar
       target_masks: (N, H, W) bool (or {0, 1}).
       num_objects: divisor; default N (the official value on one device, clamped to >= 1).
       config: :class:`LossConfig`.
+      valid: (N,) bool or None; objects with False (padding slots of a fixed-size batch) add
+        nothing to any term.  ``num_objects`` should then count the valid objects only.
     Returns:
       {"loss_mask", "loss_dice", "loss_iou", "loss_class"}: float32 scalars.
     """
@@ -160,9 +163,11 @@ def step_loss_terms(pred_masks: Array, pred_ious: Array, object_score_logits: Ar
     dice = dice_loss_per_mask(pred_masks, targets) / num
     iou = iou_loss_per_mask(pred_ious, pred_masks, targets, config.iou_use_l1_loss) / num
 
+    weight = (jnp.ones((n, 1), jnp.float32) if valid is None
+              else jnp.asarray(valid, jnp.float32).reshape(n, 1))
     if config.pred_obj_scores:
         target_obj = jnp.any(target_masks.reshape(n, -1) > 0, axis=-1)[:, None].astype(jnp.float32)
-        loss_class = jnp.sum(jnp.mean(sigmoid_focal_loss(
+        loss_class = jnp.sum(weight[:, 0] * jnp.mean(sigmoid_focal_loss(
             object_score_logits, target_obj, config.focal_alpha_obj_score,
             config.focal_gamma_obj_score), axis=-1)) / num
     else:
@@ -177,8 +182,9 @@ def step_loss_terms(pred_masks: Array, pred_ious: Array, object_score_logits: Ar
         iou = (jnp.mean(iou, axis=-1, keepdims=True) if config.supervise_all_iou
                else jnp.take_along_axis(iou, best, axis=-1))
 
-    return {"loss_mask": jnp.sum(focal * target_obj), "loss_dice": jnp.sum(dice * target_obj),
-            "loss_iou": jnp.sum(iou * target_obj), "loss_class": loss_class}
+    present = target_obj * weight
+    return {"loss_mask": jnp.sum(focal * present), "loss_dice": jnp.sum(dice * present),
+            "loss_iou": jnp.sum(iou * present), "loss_class": loss_class}
 
 
 def reduce_loss(terms: dict[str, Array], config: LossConfig = LossConfig()) -> Array:

@@ -83,12 +83,17 @@ def encode_images(graphdef, state, pixels: jax.Array) -> ImageFeatures:
     return nnx.merge(graphdef, state).encode_image(pixels)
 
 
+def upsample_logits(logits: jax.Array, upsample_y: jax.Array, upsample_x: jax.Array) -> jax.Array:
+    """(..., h, w) logits -> (..., Hp, Wp) float32 through the torch-bilinear (align_corners=False)
+    matrices upsample_y (Hp, h) and upsample_x (Wp, w): `F.interpolate(..., "bilinear")`."""
+    rows = jnp.einsum("yh,...hw->...yw", upsample_y, logits.astype(jnp.float32))
+    return jnp.einsum("xw,...yw->...yx", upsample_x, rows)
+
+
 @jax.jit
 def upsample_masks(logits: jax.Array, upsample_y: jax.Array, upsample_x: jax.Array) -> jax.Array:
-    """(..., h, w) unclamped logits -> (..., Hp, Wp) bool masks, through the torch-bilinear
-    matrices upsample_y (Hp, h) and upsample_x (Wp, w), thresholded at 0."""
-    rows = jnp.einsum("yh,...hw->...yw", upsample_y, logits)
-    return jnp.einsum("xw,...yw->...yx", upsample_x, rows) > 0
+    """(..., h, w) unclamped logits -> (..., Hp, Wp) bool masks (`upsample_logits` > 0)."""
+    return upsample_logits(logits, upsample_y, upsample_x) > 0
 
 
 @functools.partial(jax.jit, static_argnums=0,

@@ -54,7 +54,14 @@ class SAM2Image(nnx.Module):
 
     def encode_image(self, images: jax.Array) -> ImageFeatures:
         """(B, S, S, 3) ImageNet-normalised float images -> `ImageFeatures`."""
-        fpn = self.image_encoder(images).backbone_fpn
+        return self.image_features(self.image_encoder(images).backbone_fpn)
+
+    def image_features(self, fpn) -> ImageFeatures:
+        """The image encoder's FPN levels (finest first) -> the decoder's `ImageFeatures`.
+
+        Split from `encode_image` so that a trainer can run a frozen encoder outside the gradient
+        while `no_mem_embed` and the decoder's `conv_s0` / `conv_s1` (trainable) stay inside it.
+        """
         decoder = self.sam_mask_decoder
         return ImageFeatures(
             image_embed=(fpn[-1] + self.no_mem_embed[...].astype(fpn[-1].dtype)),

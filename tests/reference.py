@@ -36,8 +36,9 @@ def import_torch():
 
 @functools.lru_cache(maxsize=None)
 def official_model(model_name: str = "sam2.1_hiera_t", image_size: int = 1024, seed: int = 0,
-                   apply_postprocessing: bool = True):
-    """Builds the official SAM2Base from its packaged yaml with seeded random weights.
+                   apply_postprocessing: bool = True, train: bool = False):
+    """Builds the official SAM2Base (``train``: SAM2Train) from its packaged yaml with seeded
+    random weights (the same weights for both classes).
 
     Every parameter and buffer is re-drawn (the official init leaves many at exactly zero or one,
     which would hide mapping mistakes): weights ~ N(0, 0.02 .. 0.2), norms ~ 1 + N(0, 0.1).
@@ -49,6 +50,11 @@ def official_model(model_name: str = "sam2.1_hiera_t", image_size: int = 1024, s
     from omegaconf import OmegaConf
 
     overrides = [f"++model.image_size={image_size}"]
+    if train:  # the official training model, as the SAM 2.1 training configs build it
+        overrides += ["++model._target_=training.model.sam2.SAM2Train",
+                      "++model.num_correction_pt_per_frame=7",
+                      "++model.prob_to_sample_from_gt_for_train=0.1",
+                      "++model.freeze_image_encoder=true"]
     if apply_postprocessing:
         overrides += [
             "++model.sam_mask_decoder_extra_args.dynamic_multimask_via_stability=true",

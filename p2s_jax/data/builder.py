@@ -1,0 +1,458 @@
+"""A tensorflow-datasets builder of person segmentation training data (COCO, CIHP), no TF needed.
+
+`PersonSegmentation` (registered as `p2s_person_segmentation`) reads, from the manual directory:
+a COCO-format ground-truth file with person masks, its image folder and optionally a keypoint
+detection file (COCO keypoint results, as ProbPose writes them). It writes one record per image
+that holds at least one non-crowd person, in tfds' `array_record` format, and training reads them
+back through `builder.as_data_source()` (random access by record index). Neither step imports
+TensorFlow: the features are plain `tfds.features.Tensor` / `Text`, which tfds serialises with its
+own protobuf copy of tf.Example.
+
+Record (P = the image's non-crowd persons, small ones included, in annotation-file order):
+
+  image          bytes        the image file as stored (JPEG / PNG), decoded by the loader
+  image_id       int64
+  file_name      bytes        relative to the image folder (utf-8)
+  height, width  int64        from the annotation file (checked against the image header)
+  rle            (P,) bytes   COCO compressed RLE counts of each person's mask; the mask size is
+                              (height, width) (checked at build time)
+  keypoints      (P, 17, 2)   float32 x, y in original image pixels (pixel-centre convention)
+  visibility     (P, 17)      float32; 0 = unusable (unmatched person, unlabelled keypoint)
+  bbox           (P, 4)       float32 ground-truth box [x, y, w, h]
+  area           (P,)         float32 ground-truth mask area
+  annotation_id  (P,)         int64 ground-truth annotation id
+  score          (P,)         float32 instance score of the matched detection (1 for ground-truth
+                              poses, 0 for a person without a detection)
+
+Keypoint source. Without a detection file, the ground-truth keypoints: visibility 1.0 where COCO
+v > 0, else 0. With one, each ground-truth person takes the keypoints of the detection matched to
+it (`match_detections`): a detection naming its ground truth ('annotation_id', or 'id') is matched
+to it; the others, highest score first, to the unmatched ground-truth person of largest box IoU,
+if >= 0.5 (box: the detection's 'bbox', else the extent of its keypoints). visibility is the
+detection's per-keypoint 'visibility' (ProbPose), else the triplets' confidence s. A person left
+without a detection gets visibility 0 everywhere, so the prompt sampler falls back to its mask.
+
+Crowd regions (iscrowd = 1) are not targets and are not stored. A missing image is an error that
+lists the missing files (checked before anything is written); an image whose header size differs
+from the annotation is an error naming the file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import tensorflow_datasets as tfds
+from etils import epath
+from PIL import Image, UnidentifiedImageError
+from pycocotools.coco import COCO
+
+from p2s_jax.coco import (NUM_KEYPOINTS, CocoFormatError, PoseInstances, ground_truth_poses,
+                          load_coco, load_keypoint_detections, person_category_id)
+
+BUILDER_NAME = "p2s_person_segmentation"
+IOU_THRESHOLD = 0.5
+NO_ID = -1  # "no annotation id" in integer arrays (COCO annotation ids are positive)
+
+
+@dataclasses.dataclass(eq=False)
+class PersonSegmentationConfig(tfds.core.BuilderConfig):
+    """Where one dataset lies inside the manual directory (paths relative to it, or absolute).
+
+    Attributes:
+      annotations: COCO-format ground truth with person masks (e.g. person_keypoints_*.json).
+      images: the folder the ground truth's 'file_name's are relative to.
+      detections: keypoint detections (COCO keypoint results, ProbPose format) or None for the
+        ground-truth keypoints.
+    """
+
+    annotations: str = ""
+    images: str = ""
+    detections: str | None = None
+
+
+def _config(name: str, annotations: str, images: str, detections: str | None,
+            description: str) -> PersonSegmentationConfig:
+    return PersonSegmentationConfig(name=name, annotations=annotations, images=images,
+                                    detections=detections, description=description)
+
+
+BUILDER_CONFIGS = (
+    _config("coco_train2017", "coco/annotations/person_keypoints_train2017.json",
+            "coco/train2017", "probpose/coco_train2017.json",
+            "COCO train2017 persons, ProbPose keypoints"),
+    _config("coco_train2017_gt", "coco/annotations/person_keypoints_train2017.json",
+            "coco/train2017", None, "COCO train2017 persons, ground-truth keypoints"),
+    _config("cihp_train", "cihp/annotations/cihp_train.json", "cihp/Training/Images",
+            "probpose/cihp_train.json", "CIHP train (COCO format), ProbPose keypoints"),
+)
+
+
+class PersonSegmentation(tfds.core.GeneratorBasedBuilder):
+    """Persons of COCO-format datasets with masks and keypoint prompts; see the module doc."""
+
+    name = BUILDER_NAME
+    VERSION = tfds.core.Version("1.0.0")
+    RELEASE_NOTES = {"1.0.0": "Initial release."}
+    BUILDER_CONFIGS = list(BUILDER_CONFIGS)
+    MANUAL_DOWNLOAD_INSTRUCTIONS = (
+        "Place the files named by the builder config inside manual_dir (see docs/data.md): a "
+        "COCO-format annotation file, its image folder and optionally a ProbPose keypoint "
+        "detection file.")
+
+    @tfds.core.utils.classproperty
+    @classmethod
+    def code_path(cls) -> epath.Path:
+        """This file. tfds' own lookup (4.9.10) imports `importlib_resources` for classes defined
+        in installed packages, a module it declares as a dependency on Python < 3.9 only."""
+        return epath.Path(__file__)
+
+    def _info(self) -> tfds.core.DatasetInfo:
+        return tfds.core.DatasetInfo(
+            builder=self, features=record_features(),
+            description="Person masks with keypoint prompts, one record per image.")
+
+    def _split_generators(self, dl_manager):
+        config = self.builder_config
+        root = Path(dl_manager.manual_dir)
+        annotations = _resolve(root, config.annotations, "annotations")
+        images_dir = _resolve(root, config.images, "images")
+        detections = (None if config.detections is None
+                      else _resolve(root, config.detections, "detections"))
+        return {"train": self._generate_examples(annotations, images_dir, detections)}
+
+    def _generate_examples(self, annotations: Path, images_dir: Path, detections: Path | None
+                           ) -> Iterator[tuple[int, dict]]:
+        yield from generate_examples(annotations, images_dir, detections)
+
+
+def _resolve(root: Path, relative: str, what: str) -> Path:
+    if not relative:
+        raise ValueError(f"builder config: '{what}' is empty; name a path inside manual_dir")
+    return root / relative
+
+
+def record_features() -> tfds.features.FeaturesDict:
+    """The record layout (see the module docstring); every feature encodes without TensorFlow."""
+    tensor = tfds.features.Tensor
+    return tfds.features.FeaturesDict({
+        "image": tensor(shape=(), dtype=np.object_),
+        "image_id": tensor(shape=(), dtype=np.int64),
+        "file_name": tfds.features.Text(),
+        "height": tensor(shape=(), dtype=np.int64),
+        "width": tensor(shape=(), dtype=np.int64),
+        "rle": tensor(shape=(None,), dtype=np.object_),
+        "keypoints": tensor(shape=(None, NUM_KEYPOINTS, 2), dtype=np.float32),
+        "visibility": tensor(shape=(None, NUM_KEYPOINTS), dtype=np.float32),
+        "bbox": tensor(shape=(None, 4), dtype=np.float32),
+        "area": tensor(shape=(None,), dtype=np.float32),
+        "annotation_id": tensor(shape=(None,), dtype=np.int64),
+        "score": tensor(shape=(None,), dtype=np.float32),
+    })
+
+
+# ----------------------------------------------------------------------------------------------
+# Detection <-> ground-truth matching
+
+
+def box_iou(boxes_a: np.ndarray, boxes_b: np.ndarray) -> np.ndarray:
+    """(N, 4) x (M, 4) boxes [x0, y0, x1, y1] -> (N, M) intersection over union (0 if empty)."""
+    a, b = np.asarray(boxes_a, np.float64)[:, None], np.asarray(boxes_b, np.float64)[None]
+    size = np.clip(np.minimum(a[..., 2:], b[..., 2:]) - np.maximum(a[..., :2], b[..., :2]), 0,
+                   None)
+    inter = size[..., 0] * size[..., 1]
+    area_a = np.prod(np.clip(a[..., 2:] - a[..., :2], 0, None), axis=-1)
+    area_b = np.prod(np.clip(b[..., 2:] - b[..., :2], 0, None), axis=-1)
+    union = area_a + area_b - inter
+    return np.where(union > 0, inter / np.where(union > 0, union, 1.0), 0.0)
+
+
+def detection_boxes(detections: PoseInstances) -> np.ndarray:
+    """(D, 4) [x0, y0, x1, y1]: the detections' boxes, else the extent of their 17 keypoints."""
+    if detections.boxes is not None:
+        return detections.boxes
+    return np.concatenate([detections.keypoints.min(axis=1), detections.keypoints.max(axis=1)],
+                          axis=1)
+
+
+def match_detections(gt_boxes: np.ndarray, gt_ids: np.ndarray, det_boxes: np.ndarray,
+                     det_scores: np.ndarray, det_ids: np.ndarray | None = None,
+                     iou_threshold: float = IOU_THRESHOLD) -> np.ndarray:
+    """Assigns at most one detection to each ground-truth person.
+
+    First, detections carrying a ground-truth id (det_ids != NO_ID) take that person, highest
+    score first (a later claim on a taken person is dropped). Then the other detections, highest
+    score first, take the still unmatched person of largest box IoU, if >= iou_threshold.
+
+    Args:
+      gt_boxes: (G, 4) [x0, y0, x1, y1]. gt_ids: (G,) annotation ids.
+      det_boxes: (D, 4) [x0, y0, x1, y1]. det_scores: (D,) instance scores.
+      det_ids: (D,) ground-truth annotation id named by each detection, NO_ID where none; None
+        for no ids at all.
+
+    Returns:
+      (G,) int64: index of the detection matched to each person, -1 where none.
+
+    Raises:
+      ValueError: a detection names an id that is not among gt_ids.
+    """
+    gt_ids = np.asarray(gt_ids, np.int64)
+    num_det = len(det_scores)
+    det_ids = np.full(num_det, NO_ID, np.int64) if det_ids is None else np.asarray(det_ids)
+    match = np.full(len(gt_ids), -1, np.int64)
+    order = np.argsort(-np.asarray(det_scores, np.float64), kind="stable")
+    for d in order[det_ids[order] != NO_ID]:
+        (where,) = np.nonzero(gt_ids == det_ids[d])
+        if where.size == 0:
+            raise ValueError(f"detection {d} names annotation id {det_ids[d]}, which is not a "
+                             f"non-crowd person of this image (ids {gt_ids.tolist()})")
+        if match[where[0]] < 0:
+            match[where[0]] = d
+    iou = box_iou(det_boxes, gt_boxes).reshape(num_det, len(gt_ids))
+    for d in order[det_ids[order] == NO_ID]:
+        candidates = np.where(match < 0, iou[d], -1.0)
+        best = int(np.argmax(candidates)) if candidates.size else 0
+        if candidates.size and candidates[best] >= iou_threshold:
+            match[best] = d
+    return match
+
+
+def matched_poses(gt: PoseInstances, detections: PoseInstances, det_ids: np.ndarray | None
+                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Keypoints of the ground-truth persons from their matched detections.
+
+    Args:
+      gt: the ground-truth persons (boxes and ann_ids set), P of them.
+      detections: the image's detections.
+      det_ids: (D,) ground-truth ids named by the detections (NO_ID: none), or None.
+
+    Returns:
+      keypoints (P, 17, 2) float32, visibility (P, 17) float32 (the detection's 'visibility',
+      else its 'confidence'; 0 for an unmatched person), score (P,) float32 (0 unmatched).
+    """
+    match = match_detections(gt.boxes, gt.ann_ids, detection_boxes(detections),
+                             detections.det_score, det_ids)
+    found = match >= 0
+    index = np.where(found, match, 0)
+    scores = detections.scores.get("visibility", detections.scores["confidence"])
+    num = len(gt)
+    keypoints = np.zeros((num, NUM_KEYPOINTS, 2), np.float32)
+    visibility = np.zeros((num, NUM_KEYPOINTS), np.float32)
+    score = np.zeros(num, np.float32)
+    if len(detections):
+        keypoints[found] = detections.keypoints[index[found]]
+        visibility[found] = scores[index[found]]
+        score[found] = detections.det_score[index[found]]
+    return keypoints, visibility, score
+
+
+def load_detection_ids(path: str | os.PathLike, coco: COCO) -> dict[int, np.ndarray]:
+    """Ground-truth ids named by each detection ('annotation_id', else 'id'; NO_ID if neither).
+
+    Per image, in file order, for the detections of images in `coco`: aligned with the persons of
+    `load_keypoint_detections(path, coco)[image_id]`.
+
+    Raises:
+      CocoFormatError: an id that is not an integer, naming the file and the entry.
+    """
+    path = Path(path)
+    with open(path, encoding="utf-8") as f:
+        entries = json.load(f)
+    ids: dict[int, list[int]] = {}
+    for index, entry in enumerate(entries):
+        if entry["image_id"] not in coco.imgs:
+            continue
+        value = entry.get("annotation_id", entry.get("id", NO_ID))
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise CocoFormatError(f"{path}: entry {index} (image_id={entry['image_id']}): "
+                                  f"'annotation_id' / 'id' must be an integer, got {value!r}")
+        ids.setdefault(entry["image_id"], []).append(value)
+    return {image_id: np.asarray(values, np.int64) for image_id, values in ids.items()}
+
+
+# ----------------------------------------------------------------------------------------------
+# Records
+
+
+def _rle_counts(coco: COCO, ann: dict, height: int, width: int) -> bytes:
+    """The annotation's mask as compressed RLE counts (polygons and raw RLE converted)."""
+    rle = coco.annToRLE(ann)
+    if [int(v) for v in rle["size"]] != [height, width]:
+        raise CocoFormatError(f"annotation id {ann['id']}: mask size {list(rle['size'])} differs "
+                              f"from its image's (height, width) [{height}, {width}]")
+    counts = rle["counts"]
+    return counts.encode("ascii") if isinstance(counts, str) else bytes(counts)
+
+
+def _read_image(path: Path, height: int, width: int) -> bytes:
+    """The file's bytes, after checking (from the header) that it is an image of that size."""
+    data = path.read_bytes()
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            size = image.size
+    except (UnidentifiedImageError, OSError) as e:
+        raise CocoFormatError(f"{path}: not a readable image ({e})") from e
+    if size != (width, height):
+        raise CocoFormatError(f"{path}: image is {size[0]} x {size[1]} (W x H) but the annotation "
+                              f"file says {width} x {height}")
+    return data
+
+
+def _persons(coco: COCO, image_id: int, detections: PoseInstances | None,
+             detection_ids: np.ndarray | None) -> dict | None:
+    """Per-person arrays of one image (everything but the image); None without persons."""
+    gt = ground_truth_poses(coco, image_id)
+    if len(gt) == 0:
+        return None
+    info = coco.imgs[image_id]
+    height, width = int(info["height"]), int(info["width"])
+    anns = coco.loadAnns(gt.ann_ids.tolist())
+    if detections is None:
+        keypoints, visibility, score = gt.keypoints, gt.scores["visibility"], gt.det_score
+    else:
+        keypoints, visibility, score = matched_poses(gt, detections, detection_ids)
+    return {
+        "rle": np.asarray([_rle_counts(coco, a, height, width) for a in anns], dtype=object),
+        "keypoints": np.asarray(keypoints, np.float32),
+        "visibility": np.asarray(visibility, np.float32),
+        "bbox": np.asarray([a["bbox"] for a in anns], np.float32).reshape(-1, 4),
+        "area": np.asarray([a["area"] for a in anns], np.float32),
+        "annotation_id": gt.ann_ids.astype(np.int64),
+        "score": np.asarray(score, np.float32),
+    }
+
+
+def image_example(coco: COCO, image_id: int, images_dir: Path, source: str,
+                  detections: PoseInstances | None = None,
+                  detection_ids: np.ndarray | None = None) -> dict | None:
+    """The record of one image (see the module docstring); None when it has no non-crowd person.
+
+    Args:
+      coco: ground truth (`load_coco`). image_id: one of its images.
+      images_dir: folder of the image files.
+      source: the annotation (and detection) file names, for error messages.
+      detections: the image's detections, or None for ground-truth keypoints.
+      detection_ids: (D,) ground-truth ids named by the detections, or None.
+
+    Raises:
+      CocoFormatError: naming `source`, the image id and the problem (an unusable mask or
+        keypoint list, a detection naming a foreign annotation id), or the image file.
+    """
+    try:
+        persons = _persons(coco, image_id, detections, detection_ids)
+    except ValueError as e:  # CocoFormatError included
+        raise CocoFormatError(f"{source}: image_id {image_id}: {e}") from e
+    if persons is None:
+        return None
+    info = coco.imgs[image_id]
+    height, width = int(info["height"]), int(info["width"])
+    return {"image": _read_image(images_dir / info["file_name"], height, width),
+            "image_id": int(image_id), "file_name": str(info["file_name"]),
+            "height": height, "width": width, **persons}
+
+
+def person_image_ids(coco: COCO) -> list[int]:
+    """Sorted ids of the images holding at least one non-crowd person."""
+    person = person_category_id(coco)
+    return sorted({a["image_id"] for a in coco.dataset["annotations"]
+                   if a["category_id"] == person and not a.get("iscrowd", 0)})
+
+
+def missing_images(coco: COCO, image_ids: list[int], images_dir: Path) -> list[Path]:
+    """Image files of `image_ids` that do not exist under images_dir."""
+    paths = [images_dir / coco.imgs[i]["file_name"] for i in image_ids]
+    return [p for p in paths if not p.is_file()]
+
+
+def generate_examples(annotations: Path, images_dir: Path, detections: Path | None = None
+                      ) -> Iterator[tuple[int, dict]]:
+    """(image_id, record) for every image with a non-crowd person, by increasing image id.
+
+    Raises:
+      FileNotFoundError: missing image files of those images (counted, the first five named,
+        before anything is yielded), or a
+        missing annotation / detection file.
+      CocoFormatError: malformed annotation or detection files, naming the file and the entry.
+    """
+    coco = load_coco(annotations)
+    image_ids = person_image_ids(coco)
+    if not images_dir.is_dir():
+        raise FileNotFoundError(f"image folder not found: {images_dir}")
+    missing = missing_images(coco, image_ids, images_dir)
+    if missing:
+        shown = ", ".join(str(p) for p in missing[:5])
+        raise FileNotFoundError(f"{len(missing)} image file(s) of {annotations} are missing "
+                                f"under {images_dir}: {shown}" + (" ..." if len(missing) > 5
+                                                                  else ""))
+    poses = ids = None
+    if detections is not None:
+        poses = load_keypoint_detections(detections, coco)
+        ids = load_detection_ids(detections, coco)
+    source = str(annotations) + ("" if detections is None else f" with {detections}")
+    for image_id in image_ids:
+        example = image_example(
+            coco, image_id, images_dir, source,
+            None if poses is None else poses[image_id],
+            None if ids is None else ids.get(image_id))
+        if example is not None:
+            yield image_id, example
+
+
+# ----------------------------------------------------------------------------------------------
+# Entry points
+
+
+def prepare(manual_dir: str | os.PathLike, data_dir: str | os.PathLike,
+            config: str | PersonSegmentationConfig = "coco_train2017") -> PersonSegmentation:
+    """Builds the dataset once, as array_record files under data_dir (no TensorFlow needed).
+
+    Args:
+      manual_dir: the folder holding the files named by the config.
+      data_dir: tfds data folder; the records go to data_dir/p2s_person_segmentation/<config
+        name>/<version>/. A dataset already prepared there is reused.
+      config: the name of a predefined config (`BUILDER_CONFIGS`) or a
+        `PersonSegmentationConfig` with your own paths (and a new name).
+
+    Returns:
+      The builder; `builder.as_data_source()["train"]` reads the records.
+    """
+    builder = PersonSegmentation(config=config, data_dir=os.fspath(data_dir),
+                                 file_format="array_record")
+    builder.download_and_prepare(
+        download_config=tfds.download.DownloadConfig(manual_dir=os.fspath(manual_dir)))
+    return builder
+
+
+def load_source(data_dir: str | os.PathLike, name: str, split: str = "train"):
+    """The prepared records of config `name` as a random-access source (`as_data_source`).
+
+    Works for predefined and custom configs alike: the builder is restored from the files that
+    `prepare` wrote (latest version), so neither the manual directory nor the config is needed.
+
+    Returns:
+      A tfds ArrayRecordDataSource: len(source) records, source[i] -> the record dict of numpy
+      arrays / bytes / ints described in the module docstring.
+
+    Raises:
+      FileNotFoundError: nothing prepared for `name` under data_dir (naming what is there).
+    """
+    root = Path(data_dir) / BUILDER_NAME / name
+    versions = sorted((p for p in root.glob("*") if (p / "dataset_info.json").is_file()),
+                      key=lambda p: tfds.core.Version(p.name) if _is_version(p.name) else
+                      tfds.core.Version("0.0.0"))
+    if not versions:
+        found = sorted(p.name for p in root.parent.glob("*")) if root.parent.is_dir() else []
+        raise FileNotFoundError(f"no prepared dataset '{name}' under {root} (prepared configs "
+                                f"in {root.parent}: {found}); run prepare() first")
+    builder = tfds.builder_from_directory(os.fspath(versions[-1]))
+    return builder.as_data_source(split=split)
+
+
+def _is_version(text: str) -> bool:
+    parts = text.split(".")
+    return len(parts) == 3 and all(p.isdigit() for p in parts)

@@ -1,0 +1,348 @@
+"""Deterministic, host-sharded, prefetched training batches from the prepared person records.
+
+Order. Epoch e visits the N records in the permutation `epoch_permutation(seed, e, N)`; the
+epochs are concatenated into one stream of positions k = e * N + i, and global batch s holds
+positions [s * GB, (s + 1) * GB) (a batch may straddle two epochs; nothing is dropped). Host h
+of H takes the contiguous slice [h * GB / H, (h + 1) * GB / H) of it. Each sample draws its
+randomness (which persons, augmentation) from `sample_rng(seed, epoch, record_index)` only.
+
+So the batch of step s is a pure function of (seed, s, the records, the config): resuming is
+starting `iterate(start_step)` at the saved step, independent of the number of workers, of
+prefetching, and of the host count (the global batch does not depend on it). `state_dict` /
+`resume_step` store and check that position in a checkpoint.
+
+Batch (B = global_batch_size / host_count, S = image_size, P = objects_per_image):
+
+  image         (B, S, S, 3)     uint8 RGB (ImageNet normalisation is done on device)
+  masks         (B, P, S, S)     bool
+  keypoints     (B, P, 17, 2)    float32 x, y in model pixels (integer = pixel centre)
+  visibility    (B, P, 17)       float32, 0 = unavailable (also outside the image)
+  valid         (B, P)           bool: a person with a non-empty mask; False for padding
+  image_id      (B,)             int64
+  record_index  (B,)             int64, index into the source
+
+Persons: an image with more than P persons gives P of them drawn without replacement, one with
+fewer gives all of them (in random order) followed by padding slots (valid False, empty mask,
+visibility 0). A person whose mask is empty after augmentation (tiny, or gone with the resize) is
+also marked invalid, with visibility 0.
+
+Workers: a thread pool of `num_workers` makes the samples (PIL decoding and warping and the
+array_record reads release the GIL) and keeps `prefetch` batches in flight, yielding them in step
+order. An error in a sample is raised from `iterate` / `batch` as a `DataError` naming the step,
+the record index and the image id.
+"""
+
+from __future__ import annotations
+
+import collections
+import functools
+import io
+import itertools
+from collections.abc import Iterator, Mapping, Sequence
+from concurrent import futures
+from typing import Any
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+from pycocotools import mask as mask_utils
+
+from p2s_jax.coco import NUM_KEYPOINTS
+from p2s_jax.data.augment import AugmentConfig, augment
+from p2s_jax.images import ImageError, to_rgb_uint8
+
+# Distinct SeedSequence streams for the epoch order and the per-sample randomness.
+_ORDER_STREAM, _SAMPLE_STREAM = 0, 1
+# PIL modes NumPy takes as they are (to_rgb_uint8 finishes them) and modes PIL converts to RGB.
+_ARRAY_MODES = ("L", "LA", "RGB", "RGBA")
+_CONVERTED_MODES = ("1", "P", "PA", "CMYK", "YCbCr", "LAB", "HSV", "RGBX", "RGBa", "La")
+BATCH_KEYS = ("image", "masks", "keypoints", "visibility", "valid", "image_id", "record_index")
+
+
+class DataError(RuntimeError):
+    """A training sample that could not be made (the message names step, record and image)."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Order
+
+
+@functools.lru_cache(maxsize=8)
+def epoch_permutation(seed: int, epoch: int, num_records: int) -> np.ndarray:
+    """(num_records,) int64 read-only: the record order of one epoch, a function of its args."""
+    rng = np.random.default_rng([seed, _ORDER_STREAM, epoch])
+    order = rng.permutation(num_records).astype(np.int64)
+    order.flags.writeable = False
+    return order
+
+
+def batch_positions(step: int, global_batch_size: int, host_index: int = 0, host_count: int = 1
+                    ) -> np.ndarray:
+    """(GB / H,) int64 positions in the concatenated epochs read by one host at one step."""
+    per_host = global_batch_size // host_count
+    start = step * global_batch_size + host_index * per_host
+    return np.arange(start, start + per_host, dtype=np.int64)
+
+
+def position_records(seed: int, positions: np.ndarray, num_records: int
+                     ) -> tuple[np.ndarray, np.ndarray]:
+    """Positions -> (epochs, record indices), both (len(positions),) int64."""
+    epochs, offsets = np.divmod(np.asarray(positions, np.int64), num_records)
+    records = np.array([epoch_permutation(seed, int(e), num_records)[o]
+                        for e, o in zip(epochs, offsets)], np.int64)
+    return epochs, records
+
+
+def sample_rng(seed: int, epoch: int, record_index: int) -> np.random.Generator:
+    """The generator of one sample's random choices (persons, augmentation)."""
+    return np.random.default_rng([seed, _SAMPLE_STREAM, epoch, record_index])
+
+
+# ----------------------------------------------------------------------------------------------
+# One sample
+
+
+def decode_image(data: bytes, name: str = "image") -> np.ndarray:
+    """Encoded JPEG / PNG bytes -> (H, W, 3) uint8 RGB (gray replicated, alpha dropped).
+
+    Raises:
+      ImageError: undecodable data or a high-bit-depth image, naming `name`.
+    """
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            image.load()
+            if image.mode in _CONVERTED_MODES:
+                has_alpha = image.mode in ("PA", "La", "RGBa") or "transparency" in image.info
+                image = image.convert("RGBA" if has_alpha else "RGB")
+            elif image.mode not in _ARRAY_MODES:
+                raise ImageError(f"{name}: unsupported image mode {image.mode!r} (e.g. 16-bit); "
+                                 "expected 8-bit gray, RGB, RGBA or palette")
+            return to_rgb_uint8(np.asarray(image), name)
+    except (UnidentifiedImageError, OSError, SyntaxError) as e:
+        raise ImageError(f"{name}: cannot decode image ({type(e).__name__}: {e})") from e
+
+
+def decode_masks(rles: Sequence[bytes], height: int, width: int) -> np.ndarray:
+    """COCO compressed RLE counts of (height, width) masks -> (P, height, width) bool."""
+    if len(rles) == 0:
+        return np.zeros((0, height, width), bool)
+    objs = [{"size": [height, width], "counts": r} for r in rles]
+    return np.ascontiguousarray(mask_utils.decode(objs).transpose(2, 0, 1).astype(bool))
+
+
+def choose_persons(rng: np.random.Generator, num_persons: int, objects_per_image: int
+                   ) -> np.ndarray:
+    """min(num_persons, objects_per_image) distinct person indices in random order."""
+    return rng.permutation(num_persons)[:objects_per_image].astype(np.int64)
+
+
+def make_sample(record: Mapping[str, Any], rng: np.random.Generator, *, image_size: int,
+                objects_per_image: int, augment_config: AugmentConfig) -> dict[str, np.ndarray]:
+    """One training sample from one record (the batch layout without the batch axis).
+
+    Args:
+      record: a source record (`p2s_jax.data.builder`): image bytes, height, width, rle (N,),
+        keypoints (N, 17, 2), visibility (N, 17), image_id.
+      rng: this sample's generator (`sample_rng`): persons, then augmentation.
+      image_size: S. objects_per_image: P. augment_config: the augmentation.
+
+    Returns:
+      image (S, S, 3) uint8, masks (P, S, S) bool, keypoints (P, 17, 2) float32, visibility
+      (P, 17) float32, valid (P,) bool, image_id () int64.
+    """
+    height, width = int(record["height"]), int(record["width"])
+    name = f"image_id {int(record['image_id'])}"
+    chosen = choose_persons(rng, len(record["rle"]), objects_per_image)
+    image = decode_image(record["image"], name)
+    if image.shape[:2] != (height, width):
+        raise ImageError(f"{name}: decoded image is {image.shape[:2]} (H, W) but the record says "
+                         f"({height}, {width})")
+    masks = decode_masks([record["rle"][i] for i in chosen], height, width)
+    keypoints = np.asarray(record["keypoints"], np.float32)[chosen]
+    visibility = np.asarray(record["visibility"], np.float32)[chosen]
+    image, masks, keypoints, visibility = augment(rng, image, masks, keypoints, visibility,
+                                                  augment_config, image_size)
+    return _pad(image, masks, keypoints, visibility, objects_per_image,
+                int(record["image_id"]))
+
+
+def _pad(image: np.ndarray, masks: np.ndarray, keypoints: np.ndarray, visibility: np.ndarray,
+         objects_per_image: int, image_id: int) -> dict[str, np.ndarray]:
+    """Pads the k <= P persons to P slots; valid = a real person with a non-empty mask."""
+    count, size = len(masks), image.shape[0]
+    valid = np.zeros(objects_per_image, bool)
+    valid[:count] = masks.any(axis=(1, 2))
+    out_masks = np.zeros((objects_per_image, size, size), bool)
+    out_masks[:count] = masks
+    out_keypoints = np.zeros((objects_per_image, NUM_KEYPOINTS, 2), np.float32)
+    out_keypoints[:count] = keypoints
+    out_visibility = np.zeros((objects_per_image, NUM_KEYPOINTS), np.float32)
+    out_visibility[:count] = visibility
+    out_visibility[~valid] = 0.0
+    return {"image": image, "masks": out_masks, "keypoints": out_keypoints,
+            "visibility": out_visibility, "valid": valid, "image_id": np.int64(image_id)}
+
+
+def collate(samples: Sequence[Mapping[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """Stacks per-sample dicts along a new leading batch axis."""
+    return {key: np.stack([s[key] for s in samples]) for key in samples[0]}
+
+
+# ----------------------------------------------------------------------------------------------
+# The loader
+
+
+def _check_positive(**values: int) -> None:
+    for name, value in values.items():
+        if int(value) != value or value < 1:
+            raise ValueError(f"TrainLoader: {name} must be a positive integer, got {value!r}")
+
+
+class TrainLoader:
+    """Batches of step s for this host, as a pure function of (seed, s); see the module doc.
+
+    Args:
+      source: random-access records (`p2s_jax.data.builder.load_source`): len() and [index].
+      global_batch_size: GB, images per step over all hosts (divisible by host_count).
+      image_size: S, side of the square model input.
+      objects_per_image: P, person slots per image.
+      seed: non-negative integer; order and augmentation are functions of it.
+      augment_config: `AugmentConfig` (`NO_AUGMENT` for evaluation / overfitting).
+      host_index, host_count: this host and the number of hosts (jax.process_index() /
+        jax.process_count()).
+      num_workers: sample threads; 0 makes every sample in the calling thread.
+      prefetch: batches prepared ahead of the one being consumed (with num_workers > 0).
+    """
+
+    def __init__(self, source, *, global_batch_size: int, image_size: int,
+                 objects_per_image: int, seed: int, augment_config: AugmentConfig,
+                 host_index: int = 0, host_count: int = 1, num_workers: int = 4,
+                 prefetch: int = 2):
+        _check_positive(global_batch_size=global_batch_size, image_size=image_size,
+                        objects_per_image=objects_per_image, host_count=host_count)
+        if global_batch_size % host_count:
+            raise ValueError(f"TrainLoader: global_batch_size {global_batch_size} is not "
+                             f"divisible by host_count {host_count}")
+        if not 0 <= host_index < host_count:
+            raise ValueError(f"TrainLoader: host_index {host_index} is not in [0, {host_count})")
+        if int(seed) != seed or seed < 0:
+            raise ValueError(f"TrainLoader: seed must be a non-negative integer, got {seed!r}")
+        if num_workers < 0 or prefetch < 0:
+            raise ValueError(f"TrainLoader: num_workers ({num_workers}) and prefetch ({prefetch}) "
+                             "must be >= 0")
+        if len(source) == 0:
+            raise ValueError("TrainLoader: the source holds no record")
+        self.source = source
+        self.num_records = len(source)
+        self.global_batch_size = int(global_batch_size)
+        self.batch_size = self.global_batch_size // host_count
+        self.image_size = int(image_size)
+        self.objects_per_image = int(objects_per_image)
+        self.seed = int(seed)
+        self.augment_config = augment_config
+        self.host_index, self.host_count = int(host_index), int(host_count)
+        self.prefetch = int(prefetch)
+        self._pool = (futures.ThreadPoolExecutor(num_workers, thread_name_prefix="p2s-data")
+                      if num_workers else None)
+
+    # -- order ---------------------------------------------------------------------------------
+
+    def records(self, step: int) -> tuple[np.ndarray, np.ndarray]:
+        """(epochs, record indices) of this host's samples at `step`, both (B,) int64."""
+        if step < 0:
+            raise ValueError(f"step must be >= 0, got {step}")
+        positions = batch_positions(step, self.global_batch_size, self.host_index,
+                                    self.host_count)
+        return position_records(self.seed, positions, self.num_records)
+
+    # -- samples -------------------------------------------------------------------------------
+
+    def sample(self, step: int, epoch: int, record_index: int) -> dict[str, np.ndarray]:
+        """One sample (with its record_index); errors become a DataError naming the record."""
+        image_id = "unknown"
+        try:
+            record = self.source[int(record_index)]
+            image_id = int(record["image_id"])
+            sample = make_sample(record, sample_rng(self.seed, int(epoch), int(record_index)),
+                                 image_size=self.image_size,
+                                 objects_per_image=self.objects_per_image,
+                                 augment_config=self.augment_config)
+        except Exception as e:
+            raise DataError(f"step {step}: record {int(record_index)} (image_id {image_id}): "
+                            f"{type(e).__name__}: {e}") from e
+        sample["record_index"] = np.int64(record_index)
+        return sample
+
+    def batch(self, step: int) -> dict[str, np.ndarray]:
+        """This host's batch of `step` (see the module docstring), made in the calling thread."""
+        epochs, records = self.records(step)
+        return collate([self.sample(step, e, r) for e, r in zip(epochs, records)])
+
+    def _submit(self, step: int) -> list[futures.Future]:
+        epochs, records = self.records(step)
+        return [self._pool.submit(self.sample, step, e, r) for e, r in zip(epochs, records)]
+
+    def iterate(self, start_step: int = 0, num_steps: int | None = None
+                ) -> Iterator[tuple[int, dict[str, np.ndarray]]]:
+        """Yields (step, batch) for start_step, start_step + 1, ... (num_steps of them, or forever).
+
+        The batches equal `batch(step)`; with workers, `prefetch` batches are made ahead. Leaving
+        the loop early cancels the batches not yet started.
+        """
+        steps = (itertools.count(start_step) if num_steps is None
+                 else range(start_step, start_step + num_steps))
+        if self._pool is None:
+            for step in steps:
+                yield step, self.batch(step)
+            return
+        pending: collections.deque = collections.deque()
+        try:
+            for step in steps:
+                pending.append((step, self._submit(step)))
+                if len(pending) > self.prefetch:
+                    yield self._collect(*pending.popleft())
+            while pending:
+                yield self._collect(*pending.popleft())
+        finally:
+            for _, jobs in pending:
+                for job in jobs:
+                    job.cancel()
+
+    @staticmethod
+    def _collect(step: int, jobs: list[futures.Future]) -> tuple[int, dict[str, np.ndarray]]:
+        return step, collate([job.result() for job in jobs])
+
+    # -- checkpointing -------------------------------------------------------------------------
+
+    def state_dict(self, next_step: int) -> dict[str, int]:
+        """What a checkpoint stores to resume exactly: the next step and what fixes the order."""
+        return {"next_step": int(next_step), "seed": self.seed,
+                "num_records": self.num_records, "global_batch_size": self.global_batch_size}
+
+    def resume_step(self, state: Mapping[str, int]) -> int:
+        """The step to resume at from `state_dict`; refuses a state of another order.
+
+        Raises:
+          ValueError: naming the key whose saved value differs from this loader's.
+        """
+        current = self.state_dict(0)
+        for key in ("seed", "num_records", "global_batch_size"):
+            if key not in state:
+                raise ValueError(f"data state lacks '{key}' (has {sorted(state)})")
+            if int(state[key]) != current[key]:
+                raise ValueError(f"data state: saved {key} = {state[key]} but this loader has "
+                                 f"{current[key]}; the batches would not continue the run")
+        return int(state["next_step"])
+
+    # -- shutdown ------------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Stops the workers (pending samples are cancelled); idempotent."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
+
+    def __enter__(self) -> TrainLoader:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

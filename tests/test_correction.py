@@ -1,0 +1,252 @@
+"""The correction loop against the official SAM2Train (forward, loss and gradients), and the
+lax.scan loop against a Python loop of the same steps."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import reference
+from conftest import photo, rel_err
+from p2s_jax import losses
+from p2s_jax.configs import get_config
+from p2s_jax.correction import CorrectionConfig, LoopTargets, correction_loop, decode_step
+from p2s_jax.predictor import preprocess_image
+from p2s_jax.sam2 import abstract_model
+
+SIZE = 256
+NAME = "sam2.1_hiera_t"
+
+
+@functools.lru_cache(maxsize=None)
+def train_pair():
+    """(official SAM2Train, our SAM2Image) with the same random weights, t at 256."""
+    from weights_conversion.convert import from_state_dict
+
+    official = reference.official_model(NAME, SIZE, apply_postprocessing=False, train=True)
+    ours = abstract_model(get_config(NAME, SIZE))
+    from_state_dict(ours, reference.official_state_dict(official))
+    return official, ours
+
+
+def _ellipse(cx, cy, rx, ry, angle=0.0):
+    yy, xx = np.mgrid[0:SIZE, 0:SIZE].astype(np.float64)
+    c, s = np.cos(angle), np.sin(angle)
+    u, v = (xx - cx) * c + (yy - cy) * s, -(xx - cx) * s + (yy - cy) * c
+    return (u / rx) ** 2 + (v / ry) ** 2 <= 1.0
+
+
+@functools.lru_cache(maxsize=None)
+def scene():
+    """A real photo, two person-like ground-truth masks and their keypoints (P = 2)."""
+    image = preprocess_image(photo("astronaut"), SIZE)
+    person0 = _ellipse(90, 120, 35, 80) | _ellipse(90, 40, 20, 22)
+    person1 = _ellipse(180, 150, 30, 70, 0.3) & ~person0
+    masks = np.stack([person0, person1])
+    rng = np.random.default_rng(3)
+    keypoints = np.zeros((2, 17, 2), np.float32)
+    visibility = np.zeros((2, 17), np.float32)
+    for i, m in enumerate(masks):
+        ys, xs = np.nonzero(m)
+        pick = rng.choice(len(xs), 17, replace=False)
+        keypoints[i] = np.stack([xs[pick], ys[pick]], -1) + rng.uniform(-0.4, 0.4, (17, 2))
+        visibility[i] = rng.uniform(0.0, 1.0, 17)
+    keypoints[1, 3] = [5.0, 5.0]  # one keypoint on the background: a negative when chosen
+    visibility[1, 3] = 0.99
+    targets = LoopTargets(jnp.asarray(masks), jnp.asarray(keypoints), jnp.asarray(visibility),
+                          jnp.ones((2,), bool))
+    return image, targets
+
+
+def _run_ours(model, image, targets, config, key=0):
+    features = jax.tree.map(lambda x: x[0], model.encode_image(jnp.asarray(image[None])))
+    return correction_loop(model, features, targets, jax.random.key(key), config)
+
+
+@functools.lru_cache(maxsize=None)
+def official_run(sampler: str):
+    """Our loop, then the official track_step fed the same points (its sampler patched)."""
+    torch = reference.import_torch()
+    import training.model.sam2 as official_sam2
+    from training.loss_fns import MultiStepMultiMasksAndIous
+
+    official, ours = train_pair()
+    image, targets = scene()
+    config = CorrectionConfig(num_points=8, sampler=sampler)
+    out = jax.jit(lambda: _run_ours(ours, image, targets, config))()
+    coords = np.asarray(out.point_coords)
+    labels = np.asarray(out.point_labels)
+
+    queue = [(torch.from_numpy(coords[:, t:t + 1].copy()),
+              torch.from_numpy(labels[:, t:t + 1].copy())) for t in range(1, 8)]
+    calls = []
+
+    def fake_next_point(gt_masks, pred_masks, method):
+        calls.append(None if pred_masks is None else pred_masks.numpy().copy())
+        return queue.pop(0)
+
+    original = official_sam2.get_next_point
+    official_sam2.get_next_point = fake_next_point
+    try:
+        with torch.enable_grad():
+            official.zero_grad()
+            for name, p in official.named_parameters():  # freeze_image_encoder=True
+                p.requires_grad_(not name.startswith("image_encoder."))
+            img = torch.from_numpy(image.copy()).permute(2, 0, 1)[None]
+            gt = torch.from_numpy(np.array(targets.masks))[:, None]
+            backbone_out = official.forward_image(img.expand(2, -1, -1, -1))
+            _, feats, pos, sizes = official._prepare_backbone_features(backbone_out)
+            current = official.track_step(
+                frame_idx=0, is_init_cond_frame=True, current_vision_feats=feats,
+                current_vision_pos_embeds=pos, feat_sizes=sizes,
+                point_inputs={"point_coords": torch.from_numpy(coords[:, :1]),
+                              "point_labels": torch.from_numpy(labels[:, :1])},
+                mask_inputs=None, output_dict={"cond_frame_outputs": {},
+                                               "non_cond_frame_outputs": {}},
+                num_frames=1, run_mem_encoder=False, frames_to_add_correction_pt=[0],
+                gt_masks=gt)
+            loss_fn = MultiStepMultiMasksAndIous(
+                weight_dict={"loss_mask": 20, "loss_dice": 1, "loss_iou": 1, "loss_class": 1},
+                supervise_all_iou=True, iou_use_l1_loss=True, pred_obj_scores=True,
+                focal_gamma_obj_score=0.0, focal_alpha_obj_score=-1.0)
+            official_losses = loss_fn([current], gt[:, 0][None].float())
+            official_losses["core_loss"].backward()
+        grads = {name: p.grad.numpy().copy() for name, p in official.named_parameters()
+                 if p.grad is not None}
+    finally:
+        official_sam2.get_next_point = original
+        official.zero_grad()
+        for p in official.parameters():
+            p.requires_grad_(False)
+    official_losses = {k: float(v) for k, v in official_losses.items()}
+    return out, current, official_losses, grads, calls
+
+
+@pytest.mark.parametrize("sampler", ["pose_mask_refine", "mask_refine"])
+def test_loop_matches_official_sam2train(sampler):
+    out, current, official_losses, _, calls = official_run(sampler)
+    # every step's masks, IoUs and object scores
+    off_masks = [m.detach().numpy() for m in current["multistep_pred_multimasks"]]
+    off_ious = [m.detach().numpy() for m in current["multistep_pred_ious"]]
+    off_obj = [m.detach().numpy()[:, 0] for m in current["multistep_object_score_logits"]]
+    ours_masks = [out.first.low_res_logits] + list(out.rest.low_res_logits)
+    ours_ious = [out.first.iou] + list(out.rest.iou)
+    ours_obj = [out.first.object_score_logits] + list(out.rest.object_score_logits)
+    assert len(off_masks) == len(ours_masks) == 8
+    assert off_masks[0].shape[1] == 3 and off_masks[1].shape[1] == 1
+    for t in range(8):
+        assert np.asarray(ours_masks[t]).shape == off_masks[t].shape
+        assert rel_err(ours_masks[t], off_masks[t]) < 1e-4, t
+        np.testing.assert_allclose(ours_ious[t], off_ious[t], atol=1e-5)
+        np.testing.assert_allclose(ours_obj[t], off_obj[t], rtol=1e-4, atol=1e-4)
+    # the official loop fed its kept high-res mask (> 0) to the sampler: ours kept the same one
+    for t, pred in enumerate(calls):
+        ours_prev = (out.first if t == 0 else jax.tree.map(lambda x: x[t - 1], out.rest))
+        best = np.argmax(np.asarray(ours_prev.iou), -1)
+        if pred is not None:  # the point came from the error of the kept mask
+            iou_off = [(pred[i, 0] & np.asarray(scene()[1].masks[i])).sum()
+                       / max((pred[i, 0] | np.asarray(scene()[1].masks[i])).sum(), 1)
+                       for i in range(2)]
+            np.testing.assert_allclose(np.asarray(ours_prev.kept_iou_with_gt), iou_off,
+                                       atol=2e-3)
+            assert best.shape == (2,)
+    # the loss, term by term
+    for name in losses.LOSS_KEYS + (losses.CORE_LOSS_KEY,):
+        ours_value = float(out.loss_terms[name]) if name != "core_loss" else float(
+            losses.reduce_loss(out.loss_terms))
+        assert abs(ours_value - official_losses[name]) <= 1e-5 * max(abs(official_losses[name]),
+                                                                     1e-3), name
+
+
+def test_loop_gradients_match_official():
+    """d core_loss / d params through all 8 steps (mask input not detached), frozen encoder."""
+    from weights_conversion.convert import to_state_dict
+
+    official, ours = train_pair()
+    image, targets = scene()
+    config = CorrectionConfig(num_points=8, sampler="pose_mask_refine")
+    _, _, _, official_grads, _ = official_run("pose_mask_refine")
+
+    graphdef, params, rest = nnx.split(ours, nnx.Param, ...)
+    fpn = ours.image_encoder(jnp.asarray(image[None])).backbone_fpn
+
+    def loss(params):
+        model = nnx.merge(graphdef, params, rest)
+        features = jax.tree.map(lambda x: x[0], model.image_features(fpn))
+        out = correction_loop(model, features, targets, jax.random.key(0), config)
+        return losses.reduce_loss(out.loss_terms)
+
+    grads = jax.jit(jax.grad(loss))(params)
+    grad_model = nnx.merge(graphdef, grads, rest)
+    ours_grads = to_state_dict(grad_model)
+    encoder = [k for k in official_grads if k.startswith("image_encoder.")]
+    assert not encoder, f"the frozen encoder got gradients: {encoder[:3]}"
+    # relative to each tensor's largest gradient, floored at 1e-4 of the largest overall: the
+    # key-projection biases have an exactly-zero gradient (softmax shift invariance), so both
+    # codes give only rounding noise there
+    floor = 1e-4 * max(np.abs(g).max() for g in official_grads.values())
+    checked, worst = 0, 0.0
+    for name, g in official_grads.items():
+        assert name in ours_grads, name
+        err = np.abs(np.asarray(ours_grads[name]) - g).max() / max(np.abs(g).max(), floor)
+        worst = max(worst, err)
+        assert err < 2e-3, (name, err)
+        checked += 1
+    print(f"gradient parity: {checked} tensors, worst relative error {worst:.2e}")
+    assert checked > 50
+    assert "no_mem_embed" in official_grads and "sam_mask_decoder.conv_s0.weight" in official_grads
+
+
+def test_scan_equals_python_loop():
+    """The compiled loop equals the same steps called one by one from Python."""
+    _, ours = train_pair()
+    image, targets = scene()
+    config = CorrectionConfig(num_points=5, sampler="pose_mask_refine")
+    key = jax.random.key(11)
+    out = jax.jit(lambda: _run_ours(ours, image, targets, config, 11))()
+
+    from p2s_jax.correction import _sample  # the loop's own sampler call
+
+    features = jax.tree.map(lambda x: x[0], ours.encode_image(jnp.asarray(image[None])))
+    p = 2
+    coords = np.zeros((p, 5, 2), np.float32)
+    labels = np.full((p, 5), -1, np.int32)
+    mask_input, kept_high = None, None
+    total = {k: 0.0 for k in losses.LOSS_KEYS}
+    for t in range(5):
+        point, label = _sample(config, jax.random.fold_in(key, t), targets, kept_high,
+                               jnp.int32(t))
+        coords[:, t], labels[:, t] = np.asarray(point), np.asarray(label)
+        step_out, mask_input, kept_high = decode_step(
+            ours, features, targets, jnp.asarray(coords), jnp.asarray(labels), mask_input,
+            multimask=(t == 0), num_objects=2.0, loss_config=losses.LossConfig())
+        ref = out.first if t == 0 else jax.tree.map(lambda x: x[t - 1], out.rest)
+        np.testing.assert_allclose(step_out.low_res_logits, ref.low_res_logits, atol=2e-4)
+        np.testing.assert_array_equal(point, ref.point)
+        np.testing.assert_array_equal(label, ref.label)
+        total = {k: total[k] + float(step_out.loss_terms[k]) for k in total}
+    np.testing.assert_array_equal(coords, out.point_coords)
+    np.testing.assert_array_equal(labels, out.point_labels)
+    for k in total:
+        assert abs(total[k] - float(out.loss_terms[k])) < 1e-5 * max(1.0, abs(total[k]))
+
+
+def test_padding_objects_change_nothing():
+    """A padded (valid=False) object slot leaves the valid objects' losses and points alone."""
+    _, ours = train_pair()
+    image, targets = scene()
+    config = CorrectionConfig(num_points=3, sampler="pose_mask_refine")
+    one = LoopTargets(*(x[:1] for x in targets))
+    padded = LoopTargets(targets.masks, targets.keypoints, targets.visibility,
+                         jnp.array([True, False]))
+    out_one = jax.jit(lambda: _run_ours(ours, image, one, config, 5))()
+    out_pad = jax.jit(lambda: _run_ours(ours, image, padded, config, 5))()
+    for k in losses.LOSS_KEYS:
+        np.testing.assert_allclose(out_pad.loss_terms[k], out_one.loss_terms[k], rtol=1e-5,
+                                   atol=1e-7)
+    np.testing.assert_array_equal(out_pad.point_coords[:1], out_one.point_coords)

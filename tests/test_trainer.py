@@ -1,0 +1,219 @@
+"""The trainer: overfitting, exact resume after SIGKILL, 1 vs 4 devices, NaN stop, export, configs.
+
+Training runs in subprocesses (tests/train_runner.py, the `p2s` CLI) sharing a persistent
+compilation cache, so that each distinct program compiles once per session.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import reference
+from p2s_jax.metrics import read_jsonl
+from p2s_jax.train_config import (TrainConfig, apply_overrides, from_dict, load_config,
+                                  parse_overrides, tiny, to_dict)
+
+HERE = Path(__file__).parent
+RUNNER = HERE / "train_runner.py"
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    environment = dict(os.environ)
+    environment["JAX_COMPILATION_CACHE_DIR"] = str(tmp_path_factory.mktemp("jax_cache"))
+    environment.pop("XLA_FLAGS", None)
+    environment["PYTHONPATH"] = os.pathsep.join([str(HERE.parent), str(HERE)])
+    return environment
+
+
+def _run(args, env, timeout=600, check=True):
+    proc = subprocess.run(args, env=env, capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{args} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n"
+                             f"{proc.stderr[-3000:]}")
+    return proc
+
+
+def _p2s(*args):
+    return [sys.executable, "-m", "p2s_jax.cli", *args]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, env):
+    """`p2s train --config tiny` from start to end: the reference run."""
+    workdir = tmp_path_factory.mktemp("run_a")
+    _run(_p2s("train", "--config", "tiny", "--workdir", str(workdir), "--no-progress"), env)
+    return workdir
+
+
+def test_overfit_drives_loss_down_and_iou_up(tmp_path, env):
+    _run([sys.executable, str(RUNNER), "overfit", str(tmp_path)], env)
+    records = read_jsonl(tmp_path / "metrics.jsonl")
+    assert [r["step"] for r in records] == list(range(1, 41))
+    loss = np.array([r["core_loss"] for r in records])
+    last_iou = np.array([r["iou_after_point_3"] for r in records])
+    assert np.isfinite(loss).all()
+    assert loss[-5:].mean() < 0.05 * loss[:3].mean(), loss
+    assert last_iou[:3].mean() < 0.3 and last_iou[-5:].mean() > 0.7, last_iou
+    # every loss term and the per-point IoU are logged, and TensorBoard got the same scalars
+    assert {"loss_mask", "loss_dice", "loss_iou", "loss_class", "lr", "images_per_second",
+            "iou_after_point_1", "grad_norm"} <= set(records[0])
+    events = list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
+    assert events and events[0].stat().st_size > 1000
+    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+
+    tags = {v.tag for e in EventFileLoader(str(events[0])).Load() for v in e.summary.value}
+    assert {"core_loss", "iou_after_point_3"} <= tags
+
+
+def test_non_finite_loss_stops_with_step_batch_and_checkpoint(tmp_path, env):
+    proc = _run([sys.executable, str(RUNNER), "nan", str(tmp_path)], env, check=False)
+    assert proc.returncode == 3, proc.stderr[-2000:]
+    message = proc.stderr
+    assert "non-finite loss or gradient at step 3" in message
+    assert "batch record ids [12, 13, 14, 15]" in message
+    assert f"last good checkpoint: {tmp_path / 'checkpoints' / '2'}" in message
+    saved = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())
+    assert saved == [2]  # nothing after the bad step was saved
+    records = read_jsonl(tmp_path / "metrics.jsonl")
+    assert [r["step"] for r in records] == [1, 2, 3]
+    assert all(np.isfinite(r["core_loss"]) for r in records)
+
+
+def _export(workdir, out, env):
+    from p2s_jax.cli import main
+
+    assert main(["export", "--workdir", str(workdir), "--out", str(out)]) == 0
+    import torch
+
+    return torch.load(out, map_location="cpu", weights_only=True)["model"]
+
+
+def test_resume_after_sigkill_is_bit_identical(tmp_path, env, uninterrupted):
+    workdir = tmp_path / "run_b"
+    workdir.mkdir()
+    os.symlink(uninterrupted / "synthetic", workdir / "synthetic")  # the same generated data
+    proc = subprocess.Popen([sys.executable, str(RUNNER), "pause", str(workdir), "9"], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.time() + 600
+        while not (workdir / "checkpoints" / "8").is_dir():
+            assert proc.poll() is None, proc.stdout.read()[-3000:]
+            assert time.time() < deadline, "no checkpoint 8 in time"
+            time.sleep(0.5)
+        time.sleep(1.0)  # let it reach the pause (or not): the kill is abrupt either way
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    resumed = _run(_p2s("train", "--workdir", str(workdir), "--resume", "--no-progress"), env)
+    assert "trained 4 steps" in resumed.stdout
+
+    ours = _export(workdir, tmp_path / "b.pt", env)
+    ref = _export(uninterrupted, tmp_path / "a.pt", env)
+    assert ours.keys() == ref.keys()
+    for key in ref:
+        assert np.array_equal(ours[key].numpy(), ref[key].numpy()), key
+    # the steps after the resume were logged again, the earlier ones are all there
+    steps = [r["step"] for r in read_jsonl(workdir / "metrics.jsonl")]
+    assert set(steps) == set(range(1, 13))
+
+
+def test_export_loads_in_the_official_model(tmp_path, env, uninterrupted):
+    state = _export(uninterrupted, tmp_path / "model.pt", env)
+    official = reference.official_model("sam2.1_hiera_t", 128)
+    missing, unexpected = official.load_state_dict(state, strict=False)
+    assert not unexpected
+    memory = ("memory_attention", "memory_encoder", "obj_ptr", "maskmem_tpos_enc",
+              "no_mem_pos_enc", "no_obj_ptr", "no_obj_embed_spatial", "mask_downsample")
+    assert missing and all(k.startswith(memory) for k in missing), missing
+    # and it holds the fine-tuned weights, not the initial ones
+    config = from_dict(json.loads((uninterrupted / "config.json").read_text()))
+    from p2s_jax.trainer import build_training_model
+    from weights_conversion.convert import to_state_dict
+
+    initial = to_state_dict(build_training_model(config))
+    key = "sam_mask_decoder.iou_prediction_head.layers.0.weight"
+    assert not np.array_equal(state[key].numpy(), initial[key])
+    key = "image_encoder.trunk.blocks.0.attn.qkv.weight"  # frozen
+    assert np.array_equal(state[key].numpy(), initial[key])
+
+
+def test_one_and_four_devices_give_the_same_update(tmp_path, env):
+    outs = {}
+    for devices in (1, 4):
+        environment = dict(env)
+        environment["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+        out = tmp_path / f"params_{devices}.npz"
+        _run([sys.executable, str(RUNNER), "devices", str(tmp_path / f"wd{devices}"), str(out)],
+             environment)
+        outs[devices] = dict(np.load(out))
+    assert outs[1].keys() == outs[4].keys() and len(outs[1]) > 200
+    diff2 = update2 = 0.0
+    moved = 0
+    for key in outs[1]:
+        if key.startswith("initial"):
+            continue
+        one, four, initial = outs[1][key], outs[4][key], outs[1]["initial" + key]
+        update, diff = np.linalg.norm(one - initial), np.linalg.norm(four - one)
+        moved += update > 0
+        diff2, update2 = diff2 + diff ** 2, update2 + update ** 2
+        # equal up to the summation order of the gradient all-reduce, which Adam's per-element
+        # normalisation magnifies where gradients are tiny; the key-projection biases have an
+        # exactly-zero gradient (softmax shift invariance): Adam steps on rounding noise there
+        if not key.endswith("['k_proj']['bias'].value"):
+            assert diff <= 2e-2 * update, (key, diff / update)
+    assert np.sqrt(diff2 / update2) < 2e-3
+    assert moved > 100  # the two steps did move the parameters
+    # the loss and the (pre-clip) gradient norm agree step by step: a missing or wrong
+    # all-reduce (sum instead of mean) changes them, even where Adam hides it in the update
+    runs = {d: read_jsonl(tmp_path / f"wd{d}" / "metrics.jsonl") for d in (1, 4)}
+    assert [r["step"] for r in runs[1]] == [r["step"] for r in runs[4]] == [1, 2]
+    for a, b in zip(runs[1], runs[4]):
+        for name in ("core_loss", "loss_mask", "loss_dice", "loss_iou", "loss_class",
+                     "grad_norm", "iou_after_point_3"):
+            assert b[name] == pytest.approx(a[name], rel=1e-4, abs=1e-6), name
+
+
+def test_workdir_guards(uninterrupted, env):
+    proc = _run(_p2s("train", "--config", "tiny", "--workdir", str(uninterrupted),
+                     "--no-progress"), env, check=False)
+    assert proc.returncode == 2
+    assert "already holds checkpoints: pass --resume" in proc.stderr
+    proc = _run(_p2s("train", "--config", "tiny", "--workdir", str(uninterrupted), "--resume",
+                     "optim.base_lr=1e-3", "--no-progress"), env, check=False)
+    assert proc.returncode == 2
+    assert "differs from" in proc.stderr and "optim.base_lr" in proc.stderr
+
+
+def test_config_overrides_and_round_trip():
+    config = load_config("paper", parse_overrides(
+        ["optim.base_lr=1e-5", "correction.sampler=mask_refine", "data.augment=false",
+         'correction.sampler_kwargs=[["prob_to_sample_from_gt", 0.2]]']))
+    assert config.optim.base_lr == 1e-5 and config.correction.sampler == "mask_refine"
+    assert config.data.augment is False
+    assert config.correction.sampler_kwargs == (("prob_to_sample_from_gt", 0.2),)
+    assert from_dict(json.loads(json.dumps(to_dict(config)))) == config
+    paper = load_config("paper")
+    assert (paper.model, paper.image_size, paper.global_batch_size) == ("sam2.1_hiera_b+", 1024, 8)
+    assert (paper.correction.num_points, paper.correction.sampler) == (8, "pose_mask_refine")
+    assert paper.freeze_image_encoder and paper.compute_dtype == "bfloat16"
+    assert (paper.optim.base_lr, paper.optim.weight_decay, paper.optim.clip_norm) == (5e-6, 0.1, 0.1)
+    with pytest.raises(ValueError, match="unknown config key 'optim.lr'"):
+        apply_overrides(TrainConfig(), {"optim.lr": "1"})
+    with pytest.raises(ValueError, match="config key 'total_steps': expected int"):
+        apply_overrides(TrainConfig(), {"total_steps": "many"})
+    with pytest.raises(ValueError, match="unknown sampler 'nope'"):
+        apply_overrides(TrainConfig(), {"correction.sampler": "nope"})
+    with pytest.raises(ValueError, match="must look like key=value"):
+        parse_overrides(["optim.base_lr"])
+    assert tiny().model == "sam2.1_hiera_t"

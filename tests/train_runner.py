@@ -1,0 +1,103 @@
+"""Runs training in a separate process for the trainer tests (device count, SIGKILL, NaN).
+
+    python tests/train_runner.py devices WORKDIR OUT.npz  # 2 toy steps of `tiny`, params -> npz
+    python tests/train_runner.py pause WORKDIR STEP       # `tiny` on its real data, blocking
+                                                          # forever before STEP (to be killed)
+    python tests/train_runner.py overfit WORKDIR          # one fixed toy batch, 40 steps
+    python tests/train_runner.py nan WORKDIR              # the same with a NaN at step 3
+
+Every mode of one kind compiles the same program, so a persistent compilation cache
+(JAX_COMPILATION_CACHE_DIR) shares it between the processes of a test session.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from p2s_jax.samplers import pose_mask_refine, register_sampler  # noqa: E402
+from p2s_jax.train_config import tiny  # noqa: E402
+from p2s_jax.trainer import NonFiniteError, train  # noqa: E402
+from toy_data import ToyLoader  # noqa: E402
+
+NAN_MARKER = -7.0
+
+
+@register_sampler("nan_on_marker")
+def nan_on_marker(key, gt_mask, pred_mask, keypoints, visibility, step):
+    """PoseMaskRefine, except a NaN point where visibility[0] holds NAN_MARKER: a real NaN
+    produced inside the compiled step, as a broken sampler or corrupt record would."""
+    point, label = pose_mask_refine(key, gt_mask, pred_mask, keypoints, visibility, step)
+    return jnp.where(visibility[0] == NAN_MARKER, jnp.nan, point), label
+
+
+def overfit_config(**overrides):
+    return tiny(total_steps=40, **{"optim.base_lr": 1e-3, "correction.sampler": "nan_on_marker",
+                                   "checkpoint_every": 1000, **overrides})
+
+
+def flat_params(state) -> dict:
+    leaves = jax.tree_util.tree_flatten_with_path(jax.device_get(state["params"]))[0]
+    return {jax.tree_util.keystr(path): np.asarray(v) for path, v in leaves}
+
+
+class PausingLoader:
+    """The real loader, blocking before step ``pause_at`` (so that a kill lands mid-run)."""
+
+    def __init__(self, loader, pause_at: int):
+        self.loader, self.pause_at = loader, pause_at
+        self.num_records = loader.num_records
+
+    def iterate(self, start: int = 0):
+        for step, batch in self.loader.iterate(start):
+            if step >= self.pause_at:
+                print(f"paused before step {step}", flush=True)
+                while True:
+                    time.sleep(1)
+            yield step, batch
+
+
+def main(argv) -> int:
+    mode, workdir = argv[1], argv[2]
+    if mode == "devices":
+        config = tiny()
+        loader = ToyLoader(config.global_batch_size, config.image_size)
+        result = train(config, workdir, loader=loader, progress=False, max_steps=2)
+        from flax import nnx
+
+        from p2s_jax.trainer import build_training_model, trainable_filter
+
+        _, initial, _ = nnx.split(build_training_model(config), trainable_filter(config), ...)
+        initial = {"initial" + k: v for k, v in flat_params({"params": initial}).items()}
+        np.savez(argv[3], **flat_params(result.state), **initial)
+    elif mode == "pause":
+        from p2s_jax.data.pipeline import loader_from_config
+
+        config = tiny()
+        loader = PausingLoader(loader_from_config(config, workdir), int(argv[3]))
+        train(config, workdir, loader=loader, progress=False)
+    elif mode in ("overfit", "nan"):
+        config = overfit_config(checkpoint_every=2 if mode == "nan" else 1000)
+        poison = {3: NAN_MARKER} if mode == "nan" else None
+        loader = ToyLoader(config.global_batch_size, config.image_size, fixed=True,
+                           poison=poison)
+        try:
+            result = train(config, workdir, loader=loader, progress=False)
+        except NonFiniteError as err:
+            print(f"NonFiniteError: {err}", file=sys.stderr, flush=True)
+            return 3
+        np.savez(Path(workdir) / "final.npz", **flat_params(result.state))
+    else:
+        raise SystemExit(f"unknown mode {mode!r}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))
