@@ -146,6 +146,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="continue from the latest checkpoint in --workdir")
     train.add_argument("--distributed", action="store_true",
                        help="call jax.distributed.initialize() first (multi-host)")
+    train.add_argument("--import", dest="imports", action="append", default=[],
+                       metavar="MODULE", help="import MODULE first, e.g. one that registers a "
+                                              "sampler (repeatable)")
     train.add_argument("--no-progress", action="store_true")
     train.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                        help="config overrides, e.g. optim.base_lr=1e-5 correction.sampler=mask_refine")
@@ -436,6 +439,13 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     if args.distributed:
         jax.distributed.initialize()
+    import importlib
+
+    for module in args.imports:
+        try:
+            importlib.import_module(module)
+        except ImportError as err:
+            raise UsageError(f"--import {module}: {err}") from None
     config_name = args.config
     if config_name is None:
         saved = Path(args.workdir) / "config.json"

@@ -193,6 +193,18 @@ def test_workdir_guards(uninterrupted, env):
                      "optim.base_lr=1e-3", "--no-progress"), env, check=False)
     assert proc.returncode == 2
     assert "differs from" in proc.stderr and "optim.base_lr" in proc.stderr
+    # a sampler registered by a user module: unknown without --import, accepted with it (the
+    # run then stops at the workdir check, after the config was validated)
+    sampler = ["correction.sampler=nan_on_marker", "--no-progress"]
+    proc = _run(_p2s("train", "--config", "tiny", "--workdir", str(uninterrupted), *sampler),
+                env, check=False)
+    assert proc.returncode == 2 and "unknown sampler 'nan_on_marker'" in proc.stderr
+    proc = _run(_p2s("train", "--config", "tiny", "--workdir", str(uninterrupted), "--import",
+                     "train_runner", *sampler), env, check=False)
+    assert proc.returncode == 2 and "already holds checkpoints" in proc.stderr, proc.stderr
+    proc = _run(_p2s("train", "--config", "tiny", "--workdir", str(uninterrupted), "--import",
+                     "no_such_module_p2s", *sampler), env, check=False)
+    assert proc.returncode == 2 and "--import no_such_module_p2s" in proc.stderr
 
 
 def test_config_overrides_and_round_trip():
