@@ -40,6 +40,18 @@ def photo(name: str) -> np.ndarray:
     return np.ascontiguousarray(image[..., :3])
 
 
+def coco_dataset(root, num_images: int, seed: int):
+    """Generated COCO-format persons (2-3 per 200x260 photo) and ProbPose-like detections:
+    (annotations path, images dir, detections path)."""
+    from p2s_jax.synthetic import make_coco_dataset, make_keypoint_detections
+
+    annotations, images = make_coco_dataset(root, num_images, (2, 3), seed=seed,
+                                            image_size=(200, 260))
+    detections = make_keypoint_detections(annotations, seed=seed + 1, noise_px=2.0,
+                                          out_path=root / "detections.json")
+    return annotations, images, detections
+
+
 def rel_err(ours, ref) -> float:
     """max |ours - ref| / max |ref|."""
     ours, ref = np.asarray(ours, np.float64), np.asarray(ref, np.float64)

@@ -16,10 +16,9 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 
 import reference
-from conftest import model_pair
+from conftest import coco_dataset, model_pair
 from p2s_jax import cli
 from p2s_jax.download import SAM_POSE2SEG_FILENAME
-from p2s_jax.synthetic import make_coco_dataset, make_keypoint_detections
 from weights_conversion import VIDEO_MEMORY_PREFIXES, load_model
 
 pytestmark = pytest.mark.skipif(not reference.reference_available(),
@@ -47,11 +46,7 @@ def converted(checkpoint, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
-    root = tmp_path_factory.mktemp("coco")
-    annotations, images = make_coco_dataset(root, 2, (2, 3), seed=5, image_size=(200, 260))
-    detections = make_keypoint_detections(annotations, seed=6, noise_px=2.0,
-                                          out_path=root / "detections.json")
-    return annotations, images, detections
+    return coco_dataset(tmp_path_factory.mktemp("coco"), 2, seed=5)
 
 
 def _segment_args(tmp_path, *extra):

@@ -20,12 +20,11 @@ import pytest
 from pycocotools import mask as mask_utils
 
 import reference
-from conftest import model_pair
+from conftest import coco_dataset, model_pair
 from p2s_jax import coco as coco_lib
 from p2s_jax import evaluation as ev
 from p2s_jax.images import load_image
 from p2s_jax.prompting import PromptConfig, exclusive_masks, select_prompts
-from p2s_jax.synthetic import make_coco_dataset, make_keypoint_detections
 
 pytestmark = pytest.mark.skipif(not reference.reference_available(),
                                 reason="needs torch, sam2 and hydra (the dev extra)")
@@ -38,9 +37,7 @@ REPO = Path(__file__).resolve().parents[1]
 def dataset(tmp_path_factory):
     """4 photos (RGB, grayscale, RGBA) of 2-3 drawn persons each, plus detections."""
     root = tmp_path_factory.mktemp("coco")
-    annotations, images = make_coco_dataset(root, 4, (2, 3), seed=3, image_size=(200, 260))
-    detections = make_keypoint_detections(annotations, seed=4, noise_px=2.0,
-                                          out_path=root / "detections.json")
+    annotations, images, detections = coco_dataset(root, 4, seed=3)
     coco = coco_lib.load_coco(annotations)
     return {"root": root, "annotations": annotations, "images": images,
             "detections": detections, "coco": coco,
