@@ -108,17 +108,9 @@ def _sample(config: CorrectionConfig, key: Array, targets: LoopTargets,
     sampler = get_sampler(config.sampler, **dict(config.sampler_kwargs))
     # one key per object slot, independent of the number of slots
     keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(targets.masks.shape[0]))
-    if pred is None:
-        fn = lambda k, g, kp, v: sampler(k, g, None, kp, v, step)  # noqa: E731
-        return jax.vmap(fn)(keys, targets.masks, targets.keypoints, targets.visibility)
-    fn = lambda k, g, p, kp, v: sampler(k, g, p, kp, v, step)  # noqa: E731
-    return jax.vmap(fn)(keys, targets.masks, pred, targets.keypoints, targets.visibility)
-
-
-def _mask_iou(pred: Array, gt: Array) -> Array:
-    inter = jnp.sum(pred & gt, axis=(-2, -1)).astype(jnp.float32)
-    union = jnp.sum(pred | gt, axis=(-2, -1)).astype(jnp.float32)
-    return inter / jnp.maximum(union, 1.0)
+    # pred None (the first point) is an empty pytree: vmap passes it through as None
+    return jax.vmap(lambda k, g, p, kp, v: sampler(k, g, p, kp, v, step))(
+        keys, targets.masks, pred, targets.keypoints, targets.visibility)
 
 
 def decode_step(model: SAM2Image, features: ImageFeatures, targets: LoopTargets, coords: Array,
@@ -141,10 +133,10 @@ def decode_step(model: SAM2Image, features: ImageFeatures, targets: LoopTargets,
                                    targets.masks, num_objects, loss_config, targets.valid)
     best = jnp.argmax(out.iou, axis=-1)[:, None]
     kept_low = jnp.take_along_axis(out.low_res_logits, best[:, :, None, None], axis=1)[:, 0]
-    kept_high = jnp.take_along_axis(high_res, best[:, :, None, None], axis=1)[:, 0] > 0
+    kept_high = jnp.take_along_axis(high_res, best[:, :, None, None], axis=1)[:, 0]
     outputs = StepOutputs(terms, out.low_res_logits, out.iou, out.object_score_logits,
-                          _mask_iou(kept_high, targets.masks), None, None)
-    return outputs, kept_low[..., None], kept_high
+                          losses.actual_mask_iou(kept_high, targets.masks), None, None)
+    return outputs, kept_low[..., None], kept_high > 0
 
 
 def correction_loop(model: SAM2Image, features: ImageFeatures, targets: LoopTargets, key: Array,

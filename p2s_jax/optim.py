@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from weights_conversion.mapping import torch_key
+from weights_conversion.mapping import modules_by_path, torch_key
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,11 +49,6 @@ class OptimConfig:
 def _path_keys(path) -> tuple:
     """A State path (DictKey(...), ..., GetAttrKey('value')) -> the module path tuple."""
     return tuple(p.key for p in path if isinstance(p, jax.tree_util.DictKey))
-
-
-def _modules_by_path(model: nnx.Module) -> dict:
-    return {tuple(path): node for path, node in nnx.iter_graph(model)
-            if isinstance(node, nnx.Module)}
 
 
 def lr_scale_of(name: str, config: OptimConfig, num_blocks: int) -> float:
@@ -79,7 +74,7 @@ def lr_scale_of(name: str, config: OptimConfig, num_blocks: int) -> float:
 
 def param_rules(model: nnx.Module, params: nnx.State, config: OptimConfig) -> tuple[Any, Any]:
     """(lr scale tree of floats, weight-decay mask tree of bools) matching ``params``."""
-    modules = _modules_by_path(model)
+    modules = modules_by_path(model)
     num_blocks = len(model.image_encoder.trunk.blocks)
 
     def decay(path, _):

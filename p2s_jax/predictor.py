@@ -44,6 +44,11 @@ def preprocess_image(image: np.ndarray, image_size: int) -> np.ndarray:
     """(H, W, 3) uint8 RGB -> (S, S, 3) float32: /255, antialiased bilinear resize, ImageNet norm."""
     pixels = image.astype(np.float32) / np.float32(255)
     pixels = resize_image_numpy(pixels, (image_size, image_size), "bilinear_aa")
+    return imagenet_normalize(pixels)
+
+
+def imagenet_normalize(pixels):
+    """(..., 3) float RGB in [0, 1] -> ImageNet-normalised (NumPy or JAX arrays alike)."""
     return (pixels - IMAGENET_MEAN) / IMAGENET_STD
 
 

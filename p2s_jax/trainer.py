@@ -42,9 +42,9 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from p2s_jax import losses
 from p2s_jax.correction import LoopTargets, correction_loop
 from p2s_jax.optim import lr_schedule, make_optimizer, param_rules
-from p2s_jax.predictor import IMAGENET_MEAN, IMAGENET_STD
+from p2s_jax.predictor import imagenet_normalize
 from p2s_jax.sam2 import SAM2Image
-from p2s_jax.train_config import TrainConfig, from_dict, to_dict
+from p2s_jax.train_config import TrainConfig, load_config, to_dict
 
 AXIS = "data"
 BATCH_KEYS = ("image", "masks", "keypoints", "visibility", "valid")
@@ -90,8 +90,7 @@ def build_training_model(config: TrainConfig) -> SAM2Image:
 
 def normalize_images(images: jax.Array) -> jax.Array:
     """(..., S, S, 3) uint8 -> ImageNet-normalised float32 (the official ToTensor + Normalize)."""
-    x = images.astype(jnp.float32) / 255.0
-    return (x - jnp.asarray(IMAGENET_MEAN)) / jnp.asarray(IMAGENET_STD)
+    return imagenet_normalize(images.astype(jnp.float32) / 255.0)
 
 
 def init_state(params: nnx.State, tx: optax.GradientTransformation, seed: int) -> dict:
@@ -155,12 +154,8 @@ def _device_step(state, rest, batch, keys, *, graphdef, tx, config: TrainConfig)
                  "step": state["step"] + 1, "rng": state["rng"]}
     metrics = {**terms, losses.CORE_LOSS_KEY: loss, "grad_norm": grad_norm, "finite": finite,
                "iou_per_step": iou_sum / jnp.maximum(present, 1),
-               "lr": lr_schedule(config.optim, _total(config))(state["step"])}
+               "lr": lr_schedule(config.optim, config.total_steps)(state["step"])}
     return new_state, metrics
-
-
-def _total(config: TrainConfig) -> int:
-    return max(config.total_steps, 1)
 
 
 def make_train_step(graphdef, tx, config: TrainConfig, mesh: Mesh):
@@ -237,7 +232,7 @@ def _scalar_metrics(metrics: dict, seconds: float, images: int) -> dict:
     return out
 
 
-def _prepare_workdir(workdir: Path, config: TrainConfig, resume: bool) -> TrainConfig:
+def _prepare_workdir(workdir: Path, config: TrainConfig, resume: bool) -> None:
     config_path = workdir / "config.json"
     has_checkpoints = (workdir / "checkpoints").is_dir() and any(
         p.name.isdigit() for p in (workdir / "checkpoints").iterdir())
@@ -245,10 +240,10 @@ def _prepare_workdir(workdir: Path, config: TrainConfig, resume: bool) -> TrainC
         raise WorkdirError(f"{workdir} already holds checkpoints: pass --resume to continue "
                            f"that run, or choose a new --workdir")
     if resume and config_path.is_file():
-        saved = from_dict(json.loads(config_path.read_text()))
+        saved = load_config(str(config_path))
         if saved != config:
-            diff = sorted(k for k, v in _flat(to_dict(config)).items()
-                          if _flat(to_dict(saved)).get(k) != v)
+            old = _flat(to_dict(saved))
+            diff = sorted(k for k, v in _flat(to_dict(config)).items() if old.get(k) != v)
             raise WorkdirError(f"--resume with a config that differs from {config_path} in "
                                f"{', '.join(diff)}")
     workdir.mkdir(parents=True, exist_ok=True)
@@ -256,7 +251,6 @@ def _prepare_workdir(workdir: Path, config: TrainConfig, resume: bool) -> TrainC
         tmp = config_path.with_suffix(".json.tmp")
         tmp.write_text(json.dumps(to_dict(config), indent=2))
         tmp.replace(config_path)
-    return config
 
 
 def _flat(d: dict, prefix: str = "") -> dict:
@@ -293,7 +287,7 @@ def train(config: TrainConfig, workdir, *, resume: bool = False, loader=None,
         steps = (config.epochs * config.dataset_multiplier * loader.num_records
                  // config.global_batch_size)
         config = dataclasses.replace(config, total_steps=max(int(steps), 1))
-    config = _prepare_workdir(workdir, config, resume)
+    _prepare_workdir(workdir, config, resume)
 
     model = build_training_model(config)
     graphdef, params, rest = nnx.split(model, trainable_filter(config), ...)
@@ -383,7 +377,7 @@ def export_torch(workdir, out_path, step: Optional[int] = None) -> Path:
     config_path = workdir / "config.json"
     if not config_path.is_file():
         raise WorkdirError(f"{workdir} has no config.json: not a training work directory")
-    config = from_dict(json.loads(config_path.read_text()))
+    config = load_config(str(config_path))
     model = build_training_model(dataclasses.replace(config, compute_dtype="float32"))
     graphdef, params, rest = nnx.split(model, trainable_filter(config), ...)
     tx = make_optimizer(config.optim, config.total_steps, *param_rules(model, params, config.optim))

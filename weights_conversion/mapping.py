@@ -68,12 +68,15 @@ def torch_key(path: Tuple) -> str:
     return f"{module_path}.{leaf}" if module_path else leaf
 
 
+def modules_by_path(model: nnx.Module) -> Dict[Tuple, nnx.Module]:
+    """Every submodule of ``model`` (itself under ``()``) keyed by its Flax path tuple."""
+    return {tuple(path): node for path, node in nnx.iter_graph(model)
+            if isinstance(node, nnx.Module)}
+
+
 def iter_rules(model: nnx.Module) -> Iterator[Tuple[Tuple, nnx.Variable, Rule]]:
     """(flax path, variable, rule) for every array of the model, in a fixed order."""
-    modules: Dict[Tuple, object] = {}
-    for path, node in nnx.iter_graph(model):
-        if isinstance(node, nnx.Module):
-            modules[tuple(path)] = node
+    modules = modules_by_path(model)
     for path, node in nnx.iter_graph(model):
         if isinstance(node, nnx.Variable):
             path = tuple(path)
