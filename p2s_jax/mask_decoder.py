@@ -14,7 +14,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from p2s_jax.configs import SAM2Config
-from p2s_jax.layers import MLP, ConvTranspose2x2, gelu
+from p2s_jax.layers import MLP, ConvTranspose2x2, from_blocks, gelu, to_blocks
 from p2s_jax.sam_utils import LayerNorm2d
 from p2s_jax.transformer import TwoWayTransformer
 
@@ -27,15 +27,23 @@ class MaskDecoderOutput(NamedTuple):
 
 
 class OutputUpscaling(nnx.Module):
+    """deconv 2x2/2 (+ stride-8 features) -> LN2d -> GELU -> deconv 2x2/2 (+ stride-4) -> GELU.
+
+    Runs space-to-depth: the 4x4 output pixels of each low-res pixel stay on their own axes and
+    the high-res features are brought into that layout instead, so nothing 32 channels deep is
+    ever interleaved; the decoder interleaves the four masks at the end (`from_blocks`).
+    """
+
     def __init__(self, dim: int, *, dtype, rngs: nnx.Rngs):
         self.deconv1 = ConvTranspose2x2(dim, dim // 4, dtype=dtype, rngs=rngs)
         self.norm = LayerNorm2d(dim // 4, rngs=rngs)
         self.deconv2 = ConvTranspose2x2(dim // 4, dim // 8, dtype=dtype, rngs=rngs)
 
     def __call__(self, x, feat_s0, feat_s1):
-        """x (N, h, w, C), feat_s1 (..., 2h, 2w, C/4), feat_s0 (..., 4h, 4w, C/8) -> (N, 4h, 4w, C/8)."""
-        x = gelu(self.norm(self.deconv1(x) + feat_s1))
-        return gelu(self.deconv2(x) + feat_s0)
+        """x (N, h, w, C), feat_s1 (..., 2h, 2w, C/4), feat_s0 (..., 4h, 4w, C/8)
+        -> (N, h, w, 2, 2, 2, 2, C/8), the layout of `to_blocks(upscaled, 2)`."""
+        x = gelu(self.norm(self.deconv1.blocks(x) + to_blocks(feat_s1, 1)))
+        return gelu(self.deconv2.blocks(x) + to_blocks(feat_s0, 2))
 
 
 class MaskDecoder(nnx.Module):
@@ -74,7 +82,7 @@ class MaskDecoder(nnx.Module):
         """All mask tokens for N prompt sets on one image.
 
         image_embed (h, w, C) or (N, h, w, C); image_pe (h, w, C); sparse (N, S, C) with key mask
-        sparse_mask (N, S); dense (N, h, w, C); feat_s0 (4h, 4w, C/8), feat_s1 (2h, 2w, C/4)
+        sparse_mask (N, S); dense (N, h, w, C), or (1, h, w, C) when shared by all; feat_s0 (4h, 4w, C/8), feat_s1 (2h, 2w, C/4)
         (or with a leading N).
         """
         n, dtype = sparse.shape[0], sparse.dtype
@@ -82,17 +90,21 @@ class MaskDecoder(nnx.Module):
         tokens = jnp.concatenate([out_tokens, sparse], axis=1)
         token_mask = jnp.concatenate([jnp.ones((n, 6), bool), sparse_mask], axis=1)
 
+        # Without a mask prompt `dense` is one embedding for all N: the image side then enters
+        # the transformer once, (1, hw, C), and its person-independent projections in the first
+        # layer are computed once per image (broadcast in the attention products).
         src = image_embed.astype(dtype) + dense
         h, w, c = src.shape[-3:]
-        pos = jnp.broadcast_to(image_pe.reshape(h * w, c).astype(dtype), (n, h * w, c))
-        hs, src = self.transformer(src.reshape(n, h * w, c), pos, tokens, token_mask)
+        src = src.reshape(src.shape[:-3] + (h * w, c))
+        pos = image_pe.reshape(1, h * w, c).astype(dtype)
+        hs, src = self.transformer(src, pos, tokens, token_mask)
 
         upscaled = self.output_upscaling(src.reshape(n, h, w, c), feat_s0.astype(dtype),
                                          feat_s1.astype(dtype))
         mask_tokens = hs[:, 2: 2 + self.num_mask_tokens]
         hyper = jnp.stack([mlp(mask_tokens[:, i]) for i, mlp in
                            enumerate(self.output_hypernetworks_mlps)], axis=1)
-        masks = jnp.einsum("nmc,nhwc->nmhw", hyper, upscaled)
+        masks = from_blocks(jnp.einsum("nmc,nhw...c->nmhw...", hyper, upscaled), 2)
         iou = self.iou_prediction_head(hs[:, 1])
         object_score = self.pred_obj_score_head(hs[:, 0])
         return MaskDecoderOutput(masks.astype(jnp.float32), iou.astype(jnp.float32),

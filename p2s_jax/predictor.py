@@ -14,7 +14,7 @@ prompt slots K are padded to buckets, so a new count rarely compiles anew; padde
 from __future__ import annotations
 
 import functools
-from typing import NamedTuple, Optional, Tuple
+from typing import NamedTuple, Optional, Tuple, Union
 
 import jax
 import jax.numpy as jnp
@@ -102,11 +102,12 @@ def upsample_masks(logits: jax.Array, upsample_y: jax.Array, upsample_x: jax.Arr
 
 
 @functools.partial(jax.jit, static_argnums=0,
-                   static_argnames=("multimask_output", "dynamic_stability", "object_score_gate"))
+                   static_argnames=("multimask_output", "dynamic_stability", "object_score_gate",
+                                    "people_per_chunk"))
 def decode_prompts(graphdef, state, features: ImageFeatures, coords, labels, mask_input=None,
                    has_mask_input=None, upsample_y=None, upsample_x=None, *,
                    multimask_output: bool = False, dynamic_stability: Optional[bool] = None,
-                   object_score_gate: bool = False):
+                   object_score_gate: bool = False, people_per_chunk: Optional[int] = None):
     """One image's features, N prompt sets -> (`Decoded`, masks or None).
 
     The low-res logits are not clamped (the official predictor upsamples unclamped logits and
@@ -118,7 +119,7 @@ def decode_prompts(graphdef, state, features: ImageFeatures, coords, labels, mas
     model = nnx.merge(graphdef, state)
     out = model.decode(features, coords, labels, mask_input, has_mask_input,
                        multimask_output=multimask_output, dynamic_stability=dynamic_stability,
-                       object_score_gate=object_score_gate)
+                       object_score_gate=object_score_gate, people_per_chunk=people_per_chunk)
     masks = None
     if upsample_y is not None:
         masks = upsample_masks(out.low_res_logits, upsample_y, upsample_x)
@@ -159,10 +160,27 @@ def check_prompts(coords, labels, orig_hw, name: str = "point") -> Tuple[np.ndar
 
 # ----------------------------------------------------------------------------- predictor
 
-class Predictor:
-    """`set_image` once, then `predict` any number of people in one compiled call."""
+def default_people_per_chunk() -> Optional[int]:
+    """4 on CPU (cache-sized chunks of people, `SAM2Image.decode`), all at once on accelerators."""
+    return 4 if jax.default_backend() == "cpu" else None
 
-    def __init__(self, model: SAM2Image):
+
+class Predictor:
+    """`set_image` once, then `predict` any number of people in one compiled call.
+
+    people_per_chunk: people decoded together inside that call (`SAM2Image.decode`); "auto" is
+    `default_people_per_chunk()`, None all at once. Results do not depend on it.
+    """
+
+    def __init__(self, model: SAM2Image, people_per_chunk: Union[int, None, str] = "auto"):
+        if people_per_chunk == "auto":
+            people_per_chunk = default_people_per_chunk()
+        if people_per_chunk is not None and (not isinstance(people_per_chunk, int)
+                                             or people_per_chunk < 1
+                                             or people_per_chunk & (people_per_chunk - 1)):
+            raise ValueError(f"people_per_chunk must be a power of two (people are padded to one), "
+                             f"None or 'auto'; got {people_per_chunk!r}")
+        self.people_per_chunk = people_per_chunk
         self.config = model.config
         self.graphdef, self.state = nnx.split(model)
         self._features: Optional[ImageFeatures] = None
@@ -170,11 +188,12 @@ class Predictor:
 
     @classmethod
     def from_checkpoint(cls, path, model: Optional[str] = None, image_size: Optional[int] = None,
-                        dtype=jnp.float32) -> "Predictor":
+                        dtype=jnp.float32,
+                        people_per_chunk: Union[int, None, str] = "auto") -> "Predictor":
         """An official `.pt` checkpoint (SAM 2.1 or SAM-pose2seg) or a converted folder."""
         from weights_conversion import load_model
 
-        return cls(load_model(path, model, image_size, dtype))
+        return cls(load_model(path, model, image_size, dtype), people_per_chunk)
 
     @property
     def image_size(self) -> int:
@@ -203,9 +222,11 @@ class Predictor:
         masks_in, has_mask = self._mask_arrays(mask_input, n, n_pad)
         low = self.config.low_res_mask_size
         up_y, up_x = upsample_matrices(tuple(self._orig_hw), low)
+        chunk = self.people_per_chunk
         out, _ = decode_prompts(self.graphdef, self.state, self._features, jnp.asarray(coords),
                                 jnp.asarray(labels), masks_in, has_mask,
-                                multimask_output=multimask_output)
+                                multimask_output=multimask_output,
+                                people_per_chunk=None if chunk is None else min(chunk, n_pad))
         masks = upsample_masks(out.low_res_logits, up_y, up_x)
         h, w = self._orig_hw
         return Prediction(masks=np.asarray(masks[:n, :, :h, :w]), iou=np.asarray(out.iou[:n]),

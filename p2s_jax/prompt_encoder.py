@@ -65,9 +65,13 @@ class PromptEncoder(nnx.Module):
     def embed_masks(self, mask_input: Optional[jax.Array], has_mask: Optional[jax.Array],
                     batch_shape: Tuple[int, ...]) -> jax.Array:
         """Dense prompt (..., h, w, C): mask logits (..., 4h, 4w, 1) through the downscaling convs
-        where `has_mask` (...) is True, the learned `no_mask_embed` elsewhere."""
+        where `has_mask` (...) is True, the learned `no_mask_embed` elsewhere.
+
+        Without `mask_input` the leading axes are all 1 (the same embedding for every prompt set,
+        broadcastable to `batch_shape`), so that the decoder can share the work that follows.
+        """
         no_mask = self.no_mask_embed.embedding[...][0].astype(self.dtype)
-        shape = batch_shape + (self.embedding_size, self.embedding_size, self.embed_dim)
+        shape = (1,) * len(batch_shape) + (self.embedding_size, self.embedding_size, self.embed_dim)
         if mask_input is None:
             return jnp.broadcast_to(no_mask, shape)
         dense = self.mask_downscaling(mask_input.astype(self.dtype))

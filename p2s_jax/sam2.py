@@ -72,7 +72,7 @@ class SAM2Image(nnx.Module):
     def decode(self, features: ImageFeatures, point_coords: jax.Array, point_labels: jax.Array,
                mask_input: Optional[jax.Array] = None, has_mask_input: Optional[jax.Array] = None,
                *, multimask_output: bool = False, dynamic_stability: Optional[bool] = None,
-               object_score_gate: bool = False) -> Decoded:
+               object_score_gate: bool = False, people_per_chunk: Optional[int] = None) -> Decoded:
         """Decode N prompt sets on one image.
 
         features: one image's `ImageFeatures` without batch axis (or with a leading N).
@@ -81,9 +81,19 @@ class SAM2Image(nnx.Module):
         dynamic_stability: None = the config's inference default; False as in training.
         object_score_gate: set the logits to -1024 where the object score is <= 0, as
         `SAM2Base._forward_sam_heads` does (the image predictor does not).
+        people_per_chunk: decode the N sets in a `lax.map` over chunks of this many (N must be a
+        multiple). Each set's result is the same; on CPU, chunks of 1-4 keep a person's
+        activations in cache (1.3x faster at N = 32) and XLA hoists the person-independent work
+        out of the loop. None: all N at once (what accelerators want).
         """
-        pe = self.sam_prompt_encoder
         n = point_coords.shape[0]
+        if people_per_chunk is not None and n > people_per_chunk:
+            return self._decode_chunked(features, point_coords, point_labels, mask_input,
+                                        has_mask_input, people_per_chunk,
+                                        multimask_output=multimask_output,
+                                        dynamic_stability=dynamic_stability,
+                                        object_score_gate=object_score_gate)
+        pe = self.sam_prompt_encoder
         sparse, sparse_mask = pe.embed_points(point_coords, point_labels)
         dense = pe.embed_masks(mask_input, has_mask_input, (n,))
         out = self.sam_mask_decoder(features.image_embed, pe.dense_pe(), sparse, sparse_mask,
@@ -100,6 +110,23 @@ class SAM2Image(nnx.Module):
             masks = jnp.where(present, masks, NO_OBJECT_SCORE)
             all_masks = jnp.where(present, all_masks, NO_OBJECT_SCORE)
         return Decoded(masks, iou, object_score, all_masks, out.iou)
+
+    def _decode_chunked(self, features, point_coords, point_labels, mask_input, has_mask_input,
+                        chunk: int, **settings) -> Decoded:
+        n = point_coords.shape[0]
+        if n % chunk:
+            raise ValueError(f"people_per_chunk = {chunk} does not divide the {n} prompt sets")
+        per_person = (point_coords, point_labels, mask_input, has_mask_input)
+        if features.image_embed.ndim == 4:  # features with a leading N go with their people
+            per_person += tuple(features)
+        chunks = jax.tree.map(lambda x: x.reshape((n // chunk, chunk) + x.shape[1:]), per_person)
+
+        def decode_chunk(args):
+            chunk_features = ImageFeatures(*args[4:]) if len(args) > 4 else features
+            return self.decode(chunk_features, *args[:4], **settings)
+
+        out = jax.lax.map(decode_chunk, chunks)
+        return jax.tree.map(lambda x: x.reshape((n,) + x.shape[2:]), out)
 
 
 def build_model(config: SAM2Config, seed: int = 0, dtype=jnp.float32) -> SAM2Image:

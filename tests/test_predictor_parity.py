@@ -30,6 +30,7 @@ class Scene:
         self.ours = Predictor(ours)
         self.ours.set_image(self.image)
         self.official_model = official
+        self.model = ours
         h, w = self.image.shape[:2]
         self.hw = (h, w)
 
@@ -107,15 +108,21 @@ def test_mask_input(scene):
     _assert_close(out.masks[0], out.iou[0], out.low_res_logits[0], *ref)
 
 
-def test_all_people_in_one_call(scene):
-    """N people with different prompt counts, padded with -1, in one call: each equals the
-    official call with that person's unpadded prompts."""
-    sets = [p for p in scene.prompts(seed=3) if p[3] is None]
+def _padded_point_sets(scene, seed, count=None):
+    """The box-free prompt sets, and all of them as (N, K, 2) / (N, K) padded with label -1."""
+    sets = [p for p in scene.prompts(seed=seed) if p[3] is None][:count]
     k = max(len(p[2]) for p in sets)
     coords = np.zeros((len(sets), k, 2))
     labels = -np.ones((len(sets), k), int)
     for i, (_, c, l, _) in enumerate(sets):
         coords[i, : len(l)], labels[i, : len(l)] = c, l
+    return sets, coords, labels
+
+
+def test_all_people_in_one_call(scene):
+    """N people with different prompt counts, padded with -1, in one call: each equals the
+    official call with that person's unpadded prompts."""
+    sets, coords, labels = _padded_point_sets(scene, seed=3)
     out = scene.ours.predict(coords, labels)
     for i, (_, c, l, _) in enumerate(sets):
         ref = _official_predict(scene, c, l, None, None, False)
@@ -136,3 +143,42 @@ def test_padding_does_not_change_a_person(scene):
         assert np.abs(other.low_res_logits[0] - base.low_res_logits[0]).max() <= 1e-4
         assert np.abs(other.iou[0] - base.iou[0]).max() <= 1e-5
         assert (other.masks[0] == base.masks[0]).mean() >= 0.99999
+
+
+def test_people_per_chunk_does_not_change_results(scene):
+    """Decoding in chunks of people (a lax.map, the CPU default) or all at once gives every
+    person the official result, with points, mask input and per-person features alike."""
+    if scene.model.config.name != "sam2.1_hiera_t":
+        pytest.skip("chunking does not depend on the model size; t keeps CI short")
+    import jax
+    import jax.numpy as jnp
+
+    from p2s_jax.predictor import Predictor
+
+    sets, coords, labels = _padded_point_sets(scene, seed=5, count=3)
+    first = scene.ours.predict(coords, labels)
+    refs = [_official_predict(scene, c, l, None, None, False) for _, c, l, _ in sets]
+    refs_masked = [_official_predict(scene, c, l, None, first.low_res_logits[i], False)
+                   for i, (_, c, l, _) in enumerate(sets)]
+    for chunk in (None, 1, 2):
+        predictor = Predictor(scene.model, people_per_chunk=chunk)
+        predictor.set_image(scene.image)
+        out = predictor.predict(coords, labels)
+        again = predictor.predict(coords, labels, mask_input=first.low_res_logits)
+        for i in range(len(sets)):
+            _assert_close(out.masks[i], out.iou[i], out.low_res_logits[i], *refs[i])
+            _assert_close(again.masks[i], again.iou[i], again.low_res_logits[i], *refs_masked[i])
+
+    # features with a leading N (one copy per person, as a trainer may hold them)
+    features = jax.tree.map(lambda x: jnp.repeat(x[None], 4, 0), scene.ours._features)
+    people = [0, 1, 2, 0]  # different prompts, so that a mix-up of people shows
+    model_coords = jnp.asarray(coords[people] * 1024 / max(scene.hw), jnp.float32)
+    model_labels = jnp.asarray(labels[people], jnp.int32)
+    whole = scene.model.decode(features, model_coords, model_labels)
+    chunked = scene.model.decode(features, model_coords, model_labels, people_per_chunk=2)
+    for a, b in zip(whole, chunked):
+        assert np.abs(np.asarray(a) - np.asarray(b)).max() <= 1e-4
+    with pytest.raises(ValueError, match="people_per_chunk = 3"):
+        scene.model.decode(features, model_coords, model_labels, people_per_chunk=3)
+    with pytest.raises(ValueError, match="power of two"):
+        Predictor(scene.model, people_per_chunk=3)

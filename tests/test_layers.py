@@ -1,0 +1,95 @@
+"""Building blocks against brute-force NumPy and torch: attention (plain, masked, chunked),
+the 2x2 transposed convolution and the space-to-depth layout the mask decoder runs in."""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from p2s_jax import layers
+
+
+def numpy_attention(q, k, v, key_mask=None):
+    """(..., L, heads, d) inputs, one loop-free softmax in float64."""
+    q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
+    logits = np.einsum("...qhd,...khd->...hqk", q, k) / np.sqrt(q.shape[-1])
+    if key_mask is not None:
+        logits = np.where(key_mask[..., None, None, :], logits, -np.inf)
+    weights = np.exp(logits - logits.max(-1, keepdims=True))
+    weights /= weights.sum(-1, keepdims=True)
+    return np.einsum("...hqk,...khd->...qhd", weights, v)
+
+
+def test_attention_matches_numpy():
+    rng = np.random.default_rng(0)
+    q, k, v = (rng.standard_normal((2, 3, 7, 4, 8)).astype(np.float32) for _ in range(3))
+    out = layers.attention(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v))
+    assert np.abs(np.asarray(out) - numpy_attention(q, k, v)).max() <= 1e-5
+
+
+def test_masked_attention_ignores_masked_keys():
+    rng = np.random.default_rng(1)
+    q = rng.standard_normal((3, 5, 2, 8)).astype(np.float32)
+    k, v = (rng.standard_normal((3, 6, 2, 8)).astype(np.float32) for _ in range(2))
+    mask = np.array([[1, 1, 1, 1, 1, 1], [1, 0, 1, 0, 1, 0], [0, 0, 0, 0, 0, 1]], bool)
+    out = layers.attention(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), jnp.asarray(mask))
+    assert np.abs(np.asarray(out) - numpy_attention(q, k, v, mask)).max() <= 1e-5
+    # masked keys can hold anything
+    k2, v2 = k.copy(), v.copy()
+    k2[~mask], v2[~mask] = 1e3, -1e3
+    out2 = layers.attention(jnp.asarray(q), jnp.asarray(k2), jnp.asarray(v2), jnp.asarray(mask))
+    assert np.abs(np.asarray(out2) - np.asarray(out)).max() <= 1e-5
+
+
+def test_chunked_attention_equals_whole(monkeypatch):
+    """Above CHUNK_LOGITS the queries go one head and one chunk at a time: same numbers."""
+    rng = np.random.default_rng(2)
+    q, k, v = (rng.standard_normal((2, 64, 3, 8)).astype(np.float32) for _ in range(3))
+    whole = np.asarray(layers.attention(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v)))
+    monkeypatch.setattr(layers, "CHUNK_LOGITS", 64 * 64 - 1)
+    monkeypatch.setattr(layers, "QUERY_CHUNK", 16)
+    chunked = np.asarray(layers.attention(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v)))
+    assert np.abs(chunked - numpy_attention(q, k, v)).max() <= 1e-5
+    assert np.abs(chunked - whole).max() <= 1e-6
+
+
+def test_conv_transpose_matches_torch(torch_module):
+    torch = torch_module
+    rng = np.random.default_rng(3)
+    ours = layers.ConvTranspose2x2(6, 5, rngs=nnx.Rngs(0))
+    ours.bias[...] = jnp.asarray(rng.standard_normal(5), jnp.float32)
+    theirs = torch.nn.ConvTranspose2d(6, 5, kernel_size=2, stride=2)
+    with torch.no_grad():  # torch (in, out, 2, 2) = ours (in, 2, 2, out) with the out axis moved
+        theirs.weight.copy_(torch.from_numpy(np.asarray(ours.kernel[...]).transpose(0, 3, 1, 2)))
+        theirs.bias.copy_(torch.from_numpy(np.asarray(ours.bias[...])))
+    x = rng.standard_normal((2, 3, 4, 6)).astype(np.float32)
+    with torch.no_grad():
+        ref = theirs(torch.from_numpy(x.transpose(0, 3, 1, 2))).numpy().transpose(0, 2, 3, 1)
+    out = np.asarray(ours(jnp.asarray(x)))
+    assert out.shape == (2, 6, 8, 5)
+    assert np.abs(out - ref).max() <= 1e-5
+    # the un-interleaved blocks are the same pixels in the space-to-depth layout
+    blocks = np.asarray(ours.blocks(jnp.asarray(x)))
+    assert np.array_equal(np.asarray(layers.to_blocks(jnp.asarray(out), 1)), blocks)
+
+
+@pytest.mark.parametrize("levels", [1, 2, 3])
+def test_space_to_depth_layout(levels):
+    rng = np.random.default_rng(levels)
+    s = 2 ** levels
+    x = rng.standard_normal((2, 3 * s, 2 * s, 4)).astype(np.float32)
+    blocks = np.asarray(layers.to_blocks(jnp.asarray(x), levels))
+    assert blocks.shape == (2, 3, 2) + (2, 2) * levels + (4,)
+    # pixel (s i + sum_l 2**(L-l) a_l, s j + sum_l 2**(L-l) b_l) -> (i, j, a_1, b_1, ..., a_L, b_L)
+    for _ in range(20):
+        n, i, j, c = rng.integers(2), rng.integers(3), rng.integers(2), rng.integers(4)
+        a, b = rng.integers(0, 2, levels), rng.integers(0, 2, levels)
+        weights = 2 ** np.arange(levels - 1, -1, -1)
+        row, col = s * i + a @ weights, s * j + b @ weights
+        index = (n, i, j) + tuple(v for pair in zip(a, b) for v in pair) + (c,)
+        assert blocks[index] == x[n, row, col, c]
+    for c in range(4):
+        back = layers.from_blocks(jnp.asarray(blocks[..., c]), levels)
+        assert np.array_equal(np.asarray(back), x[..., c])
