@@ -53,17 +53,37 @@ class MultiScaleAttention(nnx.Module):
         self.num_heads = num_heads
         self.qkv = nnx.Linear(dim, dim_out * 3, dtype=dtype, rngs=rngs)
         self.proj = nnx.Linear(dim_out, dim_out, dtype=dtype, rngs=rngs)
+        self.dtype = dtype
 
-    def __call__(self, x: jax.Array, q_stride: Optional[Tuple[int, int]]) -> jax.Array:
-        """(B, H, W, dim) -> (B, H', W', dim_out); H' = H / q_stride when pooling."""
+    def __call__(self, x: jax.Array, q_stride: Optional[Tuple[int, int]],
+                 window: int = 0) -> jax.Array:
+        """(B, H, W, dim) -> (B, H', W', dim_out); H' = H / q_stride when pooling.
+
+        window > 0: attention within zero-padded windows, as the official block (which pads its
+        input and runs qkv on the padding). qkv of a zero token is the bias, so the projection
+        runs on the real tokens only and the padding gets the bias; the output projection runs
+        after the padding is cropped (it is per token). Same numbers, up to 1.7x fewer FLOPs in
+        qkv / proj when the window does not divide the map (14 on 32 x 32 or 64 x 64).
+        """
         b, h, w, _ = x.shape
-        qkv = self.qkv(x).reshape(b, h * w, 3, self.num_heads, -1)
+        kernel = self.qkv.kernel[...].astype(self.dtype)
+        qkv = jnp.einsum("bhwc,cd->bhwd", x.astype(self.dtype), kernel)
+        padded = (h, w)
+        if window > 0:
+            qkv, padded = window_partition(qkv, window)
+        qkv = qkv + self.qkv.bias[...].astype(self.dtype)
+        nb, wh, ww, _ = qkv.shape
+        qkv = qkv.reshape(nb, wh * ww, 3, self.num_heads, -1)
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
         if q_stride is not None:
-            q = max_pool_2x2(q.reshape(b, h, w, -1), q_stride)
-            h, w = q.shape[1:3]
-            q = q.reshape(b, h * w, self.num_heads, -1)
-        out = attention(q, k, v).reshape(b, h, w, -1)
+            q = max_pool_2x2(q.reshape(nb, wh, ww, -1), q_stride)
+            wh, ww = q.shape[1:3]
+            q = q.reshape(nb, wh * ww, self.num_heads, -1)
+        out = attention(q, k, v).reshape(nb, wh, ww, -1)
+        if window > 0:
+            sh, sw = q_stride or (1, 1)
+            out = window_unpartition(out, wh, (padded[0] // sh, padded[1] // sw),
+                                     (h // sh, w // sw))
         return self.proj(out)
 
 
@@ -89,17 +109,7 @@ class MultiScaleBlock(nnx.Module):
             shortcut = self.proj(x)
             if self.q_stride is not None:
                 shortcut = max_pool_2x2(shortcut, self.q_stride)
-        window = self.window_size
-        if window > 0:
-            x, _ = window_partition(x, window)
-        x = self.attn(x, self.q_stride)
-        if window > 0:
-            if self.q_stride is not None:
-                window = window // self.q_stride[0]
-            h, w = shortcut.shape[1:3]
-            padded = (h + (-h) % window, w + (-w) % window)
-            x = window_unpartition(x, window, padded, (h, w))
-        x = shortcut + x
+        x = shortcut + self.attn(x, self.q_stride, self.window_size)
         return x + self.mlp(self.norm2(x))
 
 
