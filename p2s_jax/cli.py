@@ -124,6 +124,9 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--summary", default=None,
                           help="JSON summary (default: <out stem>.summary.json beside --out)")
     evaluate.add_argument("--no-progress", action="store_true")
+    evaluate.add_argument("--distributed", action="store_true",
+                          help="call jax.distributed.initialize() first (multi-host: start one "
+                               "process per host; every process gets the whole results)")
 
     segment = commands.add_parser("segment", help="masks of the people of one photo")
     segment.add_argument("--image", required=True, help="the photo")
@@ -194,6 +197,11 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from p2s_jax import evaluation
+
+    if args.distributed:
+        import jax
+
+        jax.distributed.initialize()
 
     config = evaluation.EvalConfig(
         prompt=prompt_config(args, ground_truth=args.gt_keypoints),

@@ -82,8 +82,8 @@ class MaskDecoder(nnx.Module):
         """All mask tokens for N prompt sets on one image.
 
         image_embed (h, w, C) or (N, h, w, C); image_pe (h, w, C); sparse (N, S, C) with key mask
-        sparse_mask (N, S); dense (N, h, w, C), or (1, h, w, C) when shared by all; feat_s0 (4h, 4w, C/8), feat_s1 (2h, 2w, C/4)
-        (or with a leading N).
+        sparse_mask (N, S); dense (N, h, w, C), or (1, h, w, C) when shared by all; feat_s0
+        (4h, 4w, C/8), feat_s1 (2h, 2w, C/4) (or with a leading N).
         """
         n, dtype = sparse.shape[0], sparse.dtype
         out_tokens = jnp.broadcast_to(self.output_tokens().astype(dtype), (n, 6, sparse.shape[-1]))

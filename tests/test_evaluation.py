@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -208,9 +209,13 @@ def _device_test_config() -> ev.EvalConfig:
 
 
 _DEVICE_SCRIPT = """
-import json, sys
+import json, os, sys
 import jax
 import numpy as np
+if "P2S_TEST_PROCESS" in os.environ:  # one of several processes (multi-host on one machine)
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(os.environ["P2S_TEST_COORDINATOR"], num_processes=2,
+                               process_id=int(os.environ["P2S_TEST_PROCESS"]))
 from p2s_jax import coco as coco_lib
 from p2s_jax.configs import get_config
 from p2s_jax.sam2 import abstract_model
@@ -225,31 +230,64 @@ from_state_dict(model, dict(np.load(weights)))
 coco = coco_lib.load_coco(annotations)
 poses = coco_lib.load_keypoint_detections(detections, coco)
 output = ev.run_model(model, coco, images, poses, _device_test_config(), progress=False)
-json.dump({{"results": output.results, "devices": output.report.num_devices}}, open(out, "w"))
+json.dump({{"results": output.results, "devices": output.report.num_devices,
+           "processes": output.report.num_processes}}, open(out, "w"))
 """
 
 
-def test_one_and_four_devices_identical(dataset, models, single_device, tmp_path):
+@pytest.fixture(scope="module")
+def device_run(dataset, models, single_device, tmp_path_factory):
+    """The device-test config on 1 device here, and a runner of `_DEVICE_SCRIPT` subprocesses."""
+    root = tmp_path_factory.mktemp("devices")
+    weights = root / "weights.npz"
+    np.savez(weights, **reference.official_state_dict(models[0]))
+    script = root / "run.py"
+    script.write_text(_DEVICE_SCRIPT.format(model=MODEL, size=SIZE))
+    one = ev.run_model(models[1], dataset["coco"], dataset["images"], dataset["poses"],
+                       _device_test_config(), mesh=single_device, progress=False)
+
+    def launch(name: str, devices_per_process: int, process_env: list[dict]) -> list[dict]:
+        env = {**os.environ, "JAX_PLATFORMS": "cpu",
+               "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices_per_process}",
+               "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+        outs = [root / f"{name}_{i}.json" for i in range(len(process_env))]
+        procs = [subprocess.Popen([sys.executable, str(script), str(weights),
+                                   str(dataset["annotations"]), str(dataset["detections"]),
+                                   str(dataset["images"]), str(out)],
+                                  env={**env, **extra}, cwd=REPO)
+                 for out, extra in zip(outs, process_env)]
+        for proc in procs:
+            assert proc.wait(timeout=600) == 0
+        return [json.loads(out.read_text()) for out in outs]
+
+    return json.loads(json.dumps(one.results)), one.report.num_devices, launch
+
+
+def test_one_and_four_devices_identical(device_run):
     """Bit-identical results on 1 device (here) and on 4 host devices (a subprocess): with 4
     images, every step of the 1-device run and the single step of the 4-device run hold
     chunks with different people counts."""
-    weights = tmp_path / "weights.npz"
-    np.savez(weights, **reference.official_state_dict(models[0]))
-    script = tmp_path / "run.py"
-    script.write_text(_DEVICE_SCRIPT.format(model=MODEL, size=SIZE))
-    out = tmp_path / "results_4.json"
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
-           "JAX_PLATFORMS": "cpu",
-           "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
-    subprocess.run([sys.executable, str(script), str(weights), str(dataset["annotations"]),
-                    str(dataset["detections"]), str(dataset["images"]), str(out)],
-                   check=True, env=env, cwd=REPO, timeout=600)
-    four = json.loads(out.read_text())
-    one = ev.run_model(models[1], dataset["coco"], dataset["images"], dataset["poses"],
-                       _device_test_config(), mesh=single_device, progress=False)
-    assert (one.report.num_devices, four["devices"]) == (1, 4)
-    assert json.loads(json.dumps(one.results)) == four["results"]
-    assert len(one.results) >= 8
+    one, one_devices, launch = device_run
+    (four,) = launch("four", 4, [{}])
+    assert (one_devices, four["devices"], four["processes"]) == (1, 4, 1)
+    assert one == four["results"]
+    assert len(one) >= 8
+
+
+def test_two_processes_identical(device_run):
+    """Multi-host: 2 processes x 2 devices (jax.distributed on this machine, gloo collectives)
+    give every process the same, complete results as 1 device: each process feeds its own
+    devices' chunks and the results are gathered across processes."""
+    one, _, launch = device_run
+    with socket.socket() as sock:
+        sock.bind(("localhost", 0))
+        port = sock.getsockname()[1]
+    coordinator = f"localhost:{port}"
+    runs = launch("two_processes", 2, [{"P2S_TEST_PROCESS": str(i),
+                                        "P2S_TEST_COORDINATOR": coordinator} for i in range(2)])
+    for run in runs:
+        assert (run["devices"], run["processes"]) == (4, 2)
+        assert run["results"] == one
 
 
 # ------------------------------------------------------------------------------ bad inputs

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -148,23 +149,52 @@ def test_export_loads_in_the_official_model(tmp_path, env, uninterrupted):
     assert np.array_equal(state[key].numpy(), initial[key])
 
 
-def test_one_and_four_devices_give_the_same_update(tmp_path, env):
-    outs = {}
-    for devices in (1, 4):
-        environment = dict(env)
-        environment["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
-        out = tmp_path / f"params_{devices}.npz"
-        _run([sys.executable, str(RUNNER), "devices", str(tmp_path / f"wd{devices}"), str(out)],
-             environment)
-        outs[devices] = dict(np.load(out))
-    assert outs[1].keys() == outs[4].keys() and len(outs[1]) > 200
+@pytest.fixture(scope="module")
+def device_runs(tmp_path_factory, env):
+    """`train_runner.py devices` (2 toy steps of `tiny`) on a given layout, cached per layout:
+    (processes, devices per process) -> (flat params npz of process 0, metrics records)."""
+    cache = {}
+
+    def run(processes: int, devices: int):
+        if (processes, devices) not in cache:
+            root = tmp_path_factory.mktemp(f"devices_{processes}x{devices}")
+            environment = {**env, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
+            extra = [{}]
+            if processes > 1:
+                with socket.socket() as sock:
+                    sock.bind(("localhost", 0))
+                    port = sock.getsockname()[1]
+                extra = [{"P2S_TEST_PROCESS": str(i), "P2S_TEST_PROCESSES": str(processes),
+                          "P2S_TEST_COORDINATOR": f"localhost:{port}"} for i in range(processes)]
+            workdir = root / "wd"
+            procs = [subprocess.Popen([sys.executable, str(RUNNER), "devices", str(workdir),
+                                       str(root / f"params_{i}.npz")],
+                                      env={**environment, **e}, stdout=subprocess.PIPE,
+                                      stderr=subprocess.STDOUT, text=True)
+                     for i, e in enumerate(extra)]
+            for proc in procs:
+                out, _ = proc.communicate(timeout=600)
+                assert proc.returncode == 0, out[-3000:]
+            params = [dict(np.load(root / f"params_{i}.npz")) for i in range(processes)]
+            for other in params[1:]:  # every process ends with the same parameters
+                assert all(np.array_equal(other[k], params[0][k]) for k in params[0])
+            cache[processes, devices] = params[0], read_jsonl(workdir / "metrics.jsonl")
+        return cache[processes, devices]
+
+    return run
+
+
+def _assert_same_training(a, b):
+    """Two runs of the same 2 steps on different device layouts agree."""
+    (params_a, records_a), (params_b, records_b) = a, b
+    assert params_a.keys() == params_b.keys() and len(params_a) > 200
     diff2 = update2 = 0.0
     moved = 0
-    for key in outs[1]:
+    for key in params_a:
         if key.startswith("initial"):
             continue
-        one, four, initial = outs[1][key], outs[4][key], outs[1]["initial" + key]
-        update, diff = np.linalg.norm(one - initial), np.linalg.norm(four - one)
+        one, other, initial = params_a[key], params_b[key], params_a["initial" + key]
+        update, diff = np.linalg.norm(one - initial), np.linalg.norm(other - one)
         moved += update > 0
         diff2, update2 = diff2 + diff ** 2, update2 + update ** 2
         # equal up to the summation order of the gradient all-reduce, which Adam's per-element
@@ -176,12 +206,21 @@ def test_one_and_four_devices_give_the_same_update(tmp_path, env):
     assert moved > 100  # the two steps did move the parameters
     # the loss and the (pre-clip) gradient norm agree step by step: a missing or wrong
     # all-reduce (sum instead of mean) changes them, even where Adam hides it in the update
-    runs = {d: read_jsonl(tmp_path / f"wd{d}" / "metrics.jsonl") for d in (1, 4)}
-    assert [r["step"] for r in runs[1]] == [r["step"] for r in runs[4]] == [1, 2]
-    for a, b in zip(runs[1], runs[4]):
+    assert [r["step"] for r in records_a] == [r["step"] for r in records_b] == [1, 2]
+    for ra, rb in zip(records_a, records_b):
         for name in ("core_loss", "loss_mask", "loss_dice", "loss_iou", "loss_class",
                      "grad_norm", "iou_after_point_3"):
-            assert b[name] == pytest.approx(a[name], rel=1e-4, abs=1e-6), name
+            assert rb[name] == pytest.approx(ra[name], rel=1e-4, abs=1e-6), name
+
+
+def test_one_and_four_devices_give_the_same_update(device_runs):
+    _assert_same_training(device_runs(1, 1), device_runs(1, 4))
+
+
+def test_two_processes_give_the_same_update(device_runs):
+    """Multi-host: 2 processes x 2 devices (jax.distributed on this machine, gloo collectives),
+    each feeding its half of the batch, train as 1 process on 1 device does."""
+    _assert_same_training(device_runs(1, 1), device_runs(2, 2))
 
 
 def test_workdir_guards(uninterrupted, env):

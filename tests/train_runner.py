@@ -1,6 +1,7 @@
 """Runs training in a separate process for the trainer tests (device count, SIGKILL, NaN).
 
     python tests/train_runner.py devices WORKDIR OUT.npz  # 2 toy steps of `tiny`, params -> npz
+                                                          # (P2S_TEST_PROCESS etc.: multi-host)
     python tests/train_runner.py pause WORKDIR STEP       # `tiny` on its real data, blocking
                                                           # forever before STEP (to be killed)
     python tests/train_runner.py overfit WORKDIR          # one fixed toy batch, 40 steps
@@ -12,6 +13,7 @@ Every mode of one kind compiles the same program, so a persistent compilation ca
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from pathlib import Path
@@ -67,8 +69,14 @@ class PausingLoader:
 def main(argv) -> int:
     mode, workdir = argv[1], argv[2]
     if mode == "devices":
+        if "P2S_TEST_PROCESS" in os.environ:  # one of several processes (multi-host)
+            jax.config.update("jax_cpu_collectives_implementation", "gloo")
+            jax.distributed.initialize(os.environ["P2S_TEST_COORDINATOR"],
+                                       num_processes=int(os.environ["P2S_TEST_PROCESSES"]),
+                                       process_id=int(os.environ["P2S_TEST_PROCESS"]))
         config = tiny()
-        loader = ToyLoader(config.global_batch_size, config.image_size)
+        loader = ToyLoader(config.global_batch_size, config.image_size,
+                           host_index=jax.process_index(), host_count=jax.process_count())
         result = train(config, workdir, loader=loader, progress=False, max_steps=2)
         from flax import nnx
 
