@@ -222,11 +222,10 @@ class Predictor:
         masks_in, has_mask = self._mask_arrays(mask_input, n, n_pad)
         low = self.config.low_res_mask_size
         up_y, up_x = upsample_matrices(tuple(self._orig_hw), low)
-        chunk = self.people_per_chunk
         out, _ = decode_prompts(self.graphdef, self.state, self._features, jnp.asarray(coords),
                                 jnp.asarray(labels), masks_in, has_mask,
                                 multimask_output=multimask_output,
-                                people_per_chunk=None if chunk is None else min(chunk, n_pad))
+                                people_per_chunk=self.people_per_chunk)
         masks = upsample_masks(out.low_res_logits, up_y, up_x)
         h, w = self._orig_hw
         return Prediction(masks=np.asarray(masks[:n, :, :h, :w]), iou=np.asarray(out.iou[:n]),

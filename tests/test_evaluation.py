@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -20,6 +19,7 @@ import numpy as np
 import pytest
 from pycocotools import mask as mask_utils
 
+import multihost
 import reference
 from conftest import coco_dataset, model_pair
 from p2s_jax import coco as coco_lib
@@ -209,18 +209,16 @@ def _device_test_config() -> ev.EvalConfig:
 
 
 _DEVICE_SCRIPT = """
-import json, os, sys
+import json, sys
+sys.path.insert(0, "tests")
+import multihost
+multihost.initialize()  # one of several processes (multi-host on one machine), if so
 import jax
 import numpy as np
-if "P2S_TEST_PROCESS" in os.environ:  # one of several processes (multi-host on one machine)
-    jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    jax.distributed.initialize(os.environ["P2S_TEST_COORDINATOR"], num_processes=2,
-                               process_id=int(os.environ["P2S_TEST_PROCESS"]))
 from p2s_jax import coco as coco_lib
 from p2s_jax.configs import get_config
 from p2s_jax.sam2 import abstract_model
 from weights_conversion import from_state_dict
-sys.path.insert(0, "tests")
 from test_evaluation import _device_test_config, ev
 
 weights, annotations, detections, images, out = sys.argv[1:6]
@@ -279,12 +277,7 @@ def test_two_processes_identical(device_run):
     give every process the same, complete results as 1 device: each process feeds its own
     devices' chunks and the results are gathered across processes."""
     one, _, launch = device_run
-    with socket.socket() as sock:
-        sock.bind(("localhost", 0))
-        port = sock.getsockname()[1]
-    coordinator = f"localhost:{port}"
-    runs = launch("two_processes", 2, [{"P2S_TEST_PROCESS": str(i),
-                                        "P2S_TEST_COORDINATOR": coordinator} for i in range(2)])
+    runs = launch("two_processes", 2, multihost.process_env(2))
     for run in runs:
         assert (run["devices"], run["processes"]) == (4, 2)
         assert run["results"] == one

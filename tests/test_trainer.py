@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -18,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import multihost
 import reference
 from p2s_jax.metrics import read_jsonl
 from p2s_jax.train_config import (TrainConfig, apply_overrides, from_dict, load_config,
@@ -159,13 +159,7 @@ def device_runs(tmp_path_factory, env):
         if (processes, devices) not in cache:
             root = tmp_path_factory.mktemp(f"devices_{processes}x{devices}")
             environment = {**env, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
-            extra = [{}]
-            if processes > 1:
-                with socket.socket() as sock:
-                    sock.bind(("localhost", 0))
-                    port = sock.getsockname()[1]
-                extra = [{"P2S_TEST_PROCESS": str(i), "P2S_TEST_PROCESSES": str(processes),
-                          "P2S_TEST_COORDINATOR": f"localhost:{port}"} for i in range(processes)]
+            extra = multihost.process_env(processes) if processes > 1 else [{}]
             workdir = root / "wd"
             procs = [subprocess.Popen([sys.executable, str(RUNNER), "devices", str(workdir),
                                        str(root / f"params_{i}.npz")],

@@ -1,7 +1,7 @@
 """Runs training in a separate process for the trainer tests (device count, SIGKILL, NaN).
 
     python tests/train_runner.py devices WORKDIR OUT.npz  # 2 toy steps of `tiny`, params -> npz
-                                                          # (P2S_TEST_PROCESS etc.: multi-host)
+                                                          # (multihost.process_env: one of several)
     python tests/train_runner.py pause WORKDIR STEP       # `tiny` on its real data, blocking
                                                           # forever before STEP (to be killed)
     python tests/train_runner.py overfit WORKDIR          # one fixed toy batch, 40 steps
@@ -13,7 +13,6 @@ Every mode of one kind compiles the same program, so a persistent compilation ca
 
 from __future__ import annotations
 
-import os
 import sys
 import time
 from pathlib import Path
@@ -27,6 +26,7 @@ import numpy as np  # noqa: E402
 from p2s_jax.samplers import pose_mask_refine, register_sampler  # noqa: E402
 from p2s_jax.train_config import tiny  # noqa: E402
 from p2s_jax.trainer import NonFiniteError, train  # noqa: E402
+import multihost  # noqa: E402
 from toy_data import ToyLoader  # noqa: E402
 
 NAN_MARKER = -7.0
@@ -69,11 +69,7 @@ class PausingLoader:
 def main(argv) -> int:
     mode, workdir = argv[1], argv[2]
     if mode == "devices":
-        if "P2S_TEST_PROCESS" in os.environ:  # one of several processes (multi-host)
-            jax.config.update("jax_cpu_collectives_implementation", "gloo")
-            jax.distributed.initialize(os.environ["P2S_TEST_COORDINATOR"],
-                                       num_processes=int(os.environ["P2S_TEST_PROCESSES"]),
-                                       process_id=int(os.environ["P2S_TEST_PROCESS"]))
+        multihost.initialize()  # one of several processes, when started as one
         config = tiny()
         loader = ToyLoader(config.global_batch_size, config.image_size,
                            host_index=jax.process_index(), host_count=jax.process_count())
