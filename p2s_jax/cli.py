@@ -13,6 +13,10 @@ cache folder (`P2S_CACHE`, else the platform's cache dir; see `p2s_jax.download`
 next to it and reused. `P2S_WEIGHTS_URL` overrides the download address (tests point it at a
 local server; a mirror works too).
 
+On Linux, `p2s` first sets glibc malloc to keep and reuse freed memory
+(`p2s_jax.allocator`: XLA's large per-call buffers are then not page-faulted in anew on every
+call); `P2S_MALLOC=default` leaves the allocator alone.
+
 Input errors (a missing or malformed file, a checkpoint that does not fit) end the command with
 one message naming the file and the reason, and exit status 2.
 """
@@ -500,6 +504,9 @@ COMMANDS = {"convert": cmd_convert, "evaluate": cmd_evaluate, "segment": cmd_seg
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `p2s` console script; returns the exit status."""
     args = build_parser().parse_args(argv)
+    from p2s_jax import allocator
+
+    allocator.keep_freed_memory_unless_disabled()  # before XLA's threads first allocate
     try:
         return COMMANDS[args.command](args)
     except _expected_errors() as err:

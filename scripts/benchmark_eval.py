@@ -33,6 +33,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
 import reference  # noqa: E402  (official model builder, torchvision stubs)
+from p2s_jax import allocator  # noqa: E402
 
 COCO_VAL_PERSON_IMAGES = 2693
 
@@ -103,7 +104,10 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=2, help="images per device per step")
     parser.add_argument("--people-chunk", type=int, default=4)
     parser.add_argument("--skip-official", action="store_true")
+    parser.add_argument("--malloc", default="kept", choices=allocator.MODES,
+                        help="glibc malloc of both sides (p2s_jax.allocator; `p2s` uses kept)")
     args = parser.parse_args()
+    allocator.set_mode(args.malloc)
 
     torch = reference.import_torch()
     import jax

@@ -22,6 +22,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
 import reference  # noqa: E402  (official model builder, torchvision stubs)
+from p2s_jax import allocator  # noqa: E402
 
 
 def best_of(fn, repeats: int) -> float:
@@ -41,7 +42,10 @@ def main() -> None:
     parser.add_argument("--points", type=int, default=3, help="positive points per person")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--malloc", default="kept", choices=allocator.MODES,
+                        help="glibc malloc of both sides (p2s_jax.allocator; `p2s` uses kept)")
     args = parser.parse_args()
+    allocator.set_mode(args.malloc)
 
     torch = reference.import_torch()
     import jax

@@ -56,6 +56,8 @@ from pathlib import Path
 
 import numpy as np
 
+from p2s_jax import allocator
+
 TESTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -379,6 +381,7 @@ def run_ours(spec: dict) -> dict:
 
 def _worker(spec_json: str, result_path: str) -> None:
     spec = json.loads(spec_json)
+    allocator.set_mode(spec["malloc"])
     result = run_official(spec) if spec["side"] == "official" else run_ours(spec)
     Path(result_path).write_text(json.dumps(result))
 
@@ -429,6 +432,8 @@ def main() -> None:
                         help="torch.set_num_threads on the official side (default: torch's own)")
     parser.add_argument("--skip-official", action="store_true",
                         help="time ours only (the official model is still built, for its weights)")
+    parser.add_argument("--malloc", default="kept", choices=allocator.MODES,
+                        help="glibc malloc of both sides (p2s_jax.allocator; `p2s` uses kept)")
     parser.add_argument("--json", help="write the results to this file")
     parser.add_argument("--_worker", help=argparse.SUPPRESS)
     parser.add_argument("--_result", help=argparse.SUPPRESS)
@@ -465,7 +470,7 @@ def main() -> None:
                     "objects": args.objects, "points": args.points, "sampler": args.sampler,
                     "dtype": args.dtype, "device": device, "devices": args.devices,
                     "warmup": args.warmup, "steps": args.steps,
-                    "torch_threads": args.torch_threads, "weights": str(tmp / "weights.npz")}
+                    "torch_threads": args.torch_threads, "malloc": args.malloc, "weights": str(tmp / "weights.npz")}
             print(f"# {size} px: official side ...", flush=True)
             official = _spawn({**spec, "side": "official",
                                "weights_only": args.skip_official}, tmp / "official.json")
@@ -522,7 +527,7 @@ def main() -> None:
         out = {"settings": {"device": device, "model": model_name, "image_sizes": args.image_size,
                             "images_per_step": args.images, "objects_per_image": args.objects,
                             "points": args.points, "sampler": args.sampler, "dtype": args.dtype,
-                            "jax_devices_used": args.devices, "torch_threads": args.torch_threads,
+                            "jax_devices_used": args.devices, "torch_threads": args.torch_threads, "malloc": args.malloc,
                             "warmup": args.warmup,
                             "steps": args.steps, "host": host},
                "versions": versions, "runs": runs}

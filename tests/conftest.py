@@ -13,6 +13,11 @@ sys.path.insert(0, os.path.dirname(__file__))
 
 import reference  # noqa: E402  (stubs torchvision before anything imports it)
 
+# `p2s` (cli.main, called in-process by the CLI tests) would switch this process's malloc to
+# keep freed memory (p2s_jax.allocator); the test process keeps glibc's defaults.
+# tests/test_allocator.py checks the setting in processes of its own.
+os.environ.setdefault("P2S_MALLOC", "default")
+
 
 @functools.lru_cache(maxsize=None)
 def model_pair(name: str, image_size: int = 1024):
