@@ -14,8 +14,13 @@ class Buffer(nnx.Variable):
 
 
 def gelu(x):
-    """torch.nn.GELU(): the exact erf form."""
-    return jax.nn.gelu(x, approximate=False)
+    """torch.nn.GELU(): x / 2 (1 + erf(x / sqrt 2)), the formula torch's CPU and CUDA kernels use.
+
+    `jax.nn.gelu(approximate=False)` computes x erfc(-x / sqrt 2) / 2 instead: the same function,
+    but XLA's erfc costs 2.6x its erf on CPU (22.6 vs 8.6 ms for 29 M values), which made the
+    Hiera MLPs' GELU 1.7x slower than torch's.
+    """
+    return x * 0.5 * (1.0 + jax.lax.erf(x * (0.5 ** 0.5)))
 
 
 def layer_norm(dim: int, eps: float, *, dtype, rngs: nnx.Rngs) -> nnx.LayerNorm:
