@@ -8,10 +8,11 @@ then page-faults the whole block in again and the kernel zeroes it, 4 KiB at a t
 PyTorch's eager ops pay the same way for every intermediate above glibc's mmap threshold.
 
 `keep_freed_memory()` makes every thread allocate from the main heap, never `mmap`, and never
-return freed memory to the OS, so from the second call on the blocks are reused without a
-single fault (b+ encoder: 5.2 -> 4.8 s; the official predictor in the same process: 5.3 ->
-4.5 s). The price: the process keeps its peak memory until it exits. `p2s` applies it at start
-(set `P2S_MALLOC=default` to keep glibc's defaults); the benchmarks apply it to both sides.
+return freed memory to the OS, so once the heap has grown to the peak (from the second call of
+the encoder on) the blocks are reused without a single fault (b+ encoder: 5.2 -> 4.8 s; the
+official predictor in the same process: 5.3 -> 4.5 s). The price: the process keeps its peak
+memory until it exits. `p2s` applies it at start (set `P2S_MALLOC=default` to keep glibc's
+defaults); the benchmarks apply it to both sides.
 
 It changes a process-wide setting, so it is only ever called explicitly, by an entry point,
 as early as possible: arenas that threads created before the call keep their behaviour.

@@ -128,7 +128,7 @@ def resize_image_numpy(image: np.ndarray, out_hw, method: str = "bilinear_aa") -
     """Resize an (H, W, C) float32 array on the host with torch's resampling -> (oh, ow, C).
 
     Equal to Wy @ image @ Wx^T per channel (`resize_matrices`) but applies only each output
-    pixel's taps: 160 -> 25 ms for a 480 x 640 photo to 1024 x 1024 (2 cores).
+    pixel's taps: 164 -> 46 ms for `preprocess_image` of a 480 x 640 photo (2 cores).
     """
     rows = _resize_axis(image.astype(np.float32), int(out_hw[0]), 0, method)
     return _resize_axis(rows, int(out_hw[1]), 1, method)

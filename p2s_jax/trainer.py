@@ -112,7 +112,7 @@ def _loss_fn(params, rest, graphdef, fpn, images, batch, keys, num_objects, conf
         return correction_loop(model, f, t, jax.random.wrap_key_data(k), config.correction,
                                config.loss, num_objects)
 
-    if keys.shape[0] == 1:  # one image per device (CPU): vmap over a batch of 1 costs 20 %
+    if keys.shape[0] == 1:  # one image per device (CPU): vmap over a batch of 1 costs 10-20 %
         out = jax.tree.map(lambda x: x[None], one_image(
             *jax.tree.map(lambda x: x[0], (features, targets, keys))))
     else:

@@ -470,7 +470,8 @@ def main() -> None:
                     "objects": args.objects, "points": args.points, "sampler": args.sampler,
                     "dtype": args.dtype, "device": device, "devices": args.devices,
                     "warmup": args.warmup, "steps": args.steps,
-                    "torch_threads": args.torch_threads, "malloc": args.malloc, "weights": str(tmp / "weights.npz")}
+                    "torch_threads": args.torch_threads, "malloc": args.malloc,
+                    "weights": str(tmp / "weights.npz")}
             print(f"# {size} px: official side ...", flush=True)
             official = _spawn({**spec, "side": "official",
                                "weights_only": args.skip_official}, tmp / "official.json")
@@ -527,8 +528,8 @@ def main() -> None:
         out = {"settings": {"device": device, "model": model_name, "image_sizes": args.image_size,
                             "images_per_step": args.images, "objects_per_image": args.objects,
                             "points": args.points, "sampler": args.sampler, "dtype": args.dtype,
-                            "jax_devices_used": args.devices, "torch_threads": args.torch_threads, "malloc": args.malloc,
-                            "warmup": args.warmup,
+                            "jax_devices_used": args.devices, "torch_threads": args.torch_threads,
+                            "malloc": args.malloc, "warmup": args.warmup,
                             "steps": args.steps, "host": host},
                "versions": versions, "runs": runs}
         Path(args.json).write_text(json.dumps(out, indent=2))

@@ -1,5 +1,5 @@
-"""`p2s_jax.allocator`: with it, a call's large buffers are reused (no page faults from the
-second call on); without it, glibc maps them afresh and every call faults them in again.
+"""`p2s_jax.allocator`: with it, a call's large buffers are reused (no page faults once the
+heap has grown to the peak); without it, glibc maps them afresh and every call faults them in again.
 
 Each case runs in its own process: the setting is process-wide and must come first.
 """
