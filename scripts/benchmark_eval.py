@@ -1,11 +1,11 @@
 """End-to-end evaluation speed: p2s_jax's batched, data-parallel evaluator vs the official
 per-person loop, same random weights, same prompts, same machine, one run each.
 
-The dataset is generated (`p2s_jax.synthetic`: real scikit-image photos at 480 x 640, about
+The dataset is generated (`p2s_jax.data.synthetic`: real scikit-image photos at 480 x 640, about
 8 drawn persons each, ProbPose-like detections). Both sides do the whole job per image: read
 the file, preprocess, encode, decode every person, and encode the masks as COCO RLE.
 
-- ours: `p2s_jax.evaluation.run_model` on all devices, compiled beforehand on a one-step
+- ours: `p2s_jax.evaluation.runner.run_dataset` on all devices, compiled beforehand on a one-step
   warm-up (printed separately; the small prompt / mask-merging steps of other people counts
   still compile during the timed run, a second or two each on a CPU);
 - official: `SAM2ImagePredictor.set_image` once per image, then `predict` once per person with
@@ -33,14 +33,14 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
 import reference  # noqa: E402  (official model builder, torchvision stubs)
-from p2s_jax import allocator  # noqa: E402
+from p2s_jax.utils import allocator  # noqa: E402
 
 COCO_VAL_PERSON_IMAGES = 2693
 
 
 def make_dataset(root: Path, num_images: int, people: int, height: int, width: int):
-    from p2s_jax.coco import load_coco, load_keypoint_detections
-    from p2s_jax.synthetic import make_coco_dataset, make_keypoint_detections
+    from p2s_jax.data.coco import load_coco, load_keypoint_detections
+    from p2s_jax.data.synthetic import make_coco_dataset, make_keypoint_detections
 
     spread = max(1, people // 4)
     annotations, images = make_coco_dataset(root, num_images, (people - spread, people + spread),
@@ -55,22 +55,21 @@ def run_ours(model, coco, images, poses, config):
     """-> (EvalOutput of the timed run, warm-up seconds)."""
     import jax
 
-    from p2s_jax import evaluation
-
+    from p2s_jax.evaluation import runner as evaluation
     first = sorted(poses, key=lambda i: (-len(poses[i]), i))
     warm = set(first[:config.images_per_device * jax.device_count()])
     start = time.perf_counter()
-    evaluation.run_model(model, coco, images, {i: p for i, p in poses.items() if i in warm},
+    evaluation.run_dataset(model, coco, images, {i: p for i, p in poses.items() if i in warm},
                          config, progress=False)
     warmup = time.perf_counter() - start
-    return evaluation.run_model(model, coco, images, poses, config, progress=True), warmup
+    return evaluation.run_dataset(model, coco, images, poses, config, progress=True), warmup
 
 
 def run_official(official, coco, images, prompts, device: str) -> tuple[float, int]:
     """The BBox-Mask-Pose loop on the same prompts; -> (seconds, masks)."""
     torch = reference.import_torch()
-    from p2s_jax.coco import encode_results
-    from p2s_jax.images import load_image
+    from p2s_jax.data.coco import encode_results
+    from p2s_jax.utils.images import load_image
 
     predictor = reference.official_predictor(official)
     count = 0
@@ -105,16 +104,16 @@ def main() -> None:
     parser.add_argument("--people-chunk", type=int, default=4)
     parser.add_argument("--skip-official", action="store_true")
     parser.add_argument("--malloc", default="kept", choices=allocator.MODES,
-                        help="glibc malloc of both sides (p2s_jax.allocator; `p2s` uses kept)")
+                        help="glibc malloc of both sides (p2s_jax.utils.allocator; `p2s` uses kept)")
     args = parser.parse_args()
     allocator.set_mode(args.malloc)
 
     torch = reference.import_torch()
     import jax
 
-    from p2s_jax import evaluation
-    from p2s_jax.configs import get_config
-    from p2s_jax.sam2 import abstract_model
+    from p2s_jax.evaluation import runner as evaluation
+    from p2s_jax.model.configs import get_config
+    from p2s_jax.model.sam2 import abstract_model
     from weights_conversion.convert import from_state_dict
 
     on_gpu = jax.default_backend() == "gpu"

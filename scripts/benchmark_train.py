@@ -8,7 +8,7 @@ from `get_next_point(gt, None, "uniform")`, `track_step` with `frames_to_add_cor
 then the official loss (`MultiStepMultiMasksAndIous`, the SAM 2.1 fine-tune weights), backward,
 global-norm clipping at 0.1 and an AdamW update.
 
-- ours: `p2s_jax.trainer.make_train_step` (data parallel over a mesh of `--devices` devices,
+- ours: `p2s_jax.train.step.make_train_step` (data parallel over a mesh of `--devices` devices,
   default 1, as the official side runs on one), compiled ahead of the timed steps (the compile
   time is printed separately);
 - official: `SAM2Train` in train mode, `image_encoder.*` frozen, `torch.optim.AdamW` with the
@@ -56,8 +56,7 @@ from pathlib import Path
 
 import numpy as np
 
-from p2s_jax import allocator
-
+from p2s_jax.utils import allocator
 TESTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -75,42 +74,13 @@ DEFAULTS = {
 
 # ------------------------------------------------------------------------------ data
 
-def _ellipse(size: int, cx, cy, rx, ry, angle) -> np.ndarray:
-    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
-    c, s = np.cos(angle), np.sin(angle)
-    u = (xx - cx) * c + (yy - cy) * s
-    v = -(xx - cx) * s + (yy - cy) * c
-    return (u / rx) ** 2 + (v / ry) ** 2 <= 1.0
-
-
 def make_batches(count: int, images: int, objects: int, size: int, seed: int = DATA_SEED):
-    """`count` batches of noise images with ellipse "people" (body + head) and 17 keypoints
-    drawn inside each mask.  Deterministic in the seed: both subprocesses build the same."""
+    """`count` batches of ellipse "people" on noise (`p2s_jax.data.synthetic.ellipse_batch`).
+    Deterministic in the seed: both subprocesses build the same."""
+    from p2s_jax.data.synthetic import ellipse_batch
+
     rng = np.random.default_rng(seed)
-    batches = []
-    for _ in range(count):
-        image = rng.integers(0, 256, (images, size, size, 3), dtype=np.uint8)
-        masks = np.zeros((images, objects, size, size), bool)
-        keypoints = np.zeros((images, objects, 17, 2), np.float32)
-        visibility = np.zeros((images, objects, 17), np.float32)
-        for i in range(images):
-            for j in range(objects):
-                cx, cy = rng.uniform(0.25, 0.75) * size, rng.uniform(0.4, 0.65) * size
-                rx, ry = rng.uniform(0.06, 0.14) * size, rng.uniform(0.16, 0.28) * size
-                angle = rng.uniform(-0.3, 0.3)
-                head_r = 0.6 * rx
-                hx = cx + np.sin(angle) * (ry + head_r)
-                hy = cy - np.cos(angle) * (ry + head_r)
-                mask = (_ellipse(size, cx, cy, rx, ry, angle)
-                        | _ellipse(size, hx, hy, head_r, head_r * 1.15, angle))
-                masks[i, j] = mask
-                ys, xs = np.nonzero(mask)
-                pick = rng.choice(len(xs), 17, replace=len(xs) < 17)
-                keypoints[i, j] = np.stack([xs[pick], ys[pick]], -1).astype(np.float32)
-                visibility[i, j] = rng.uniform(0.2, 1.0, 17)
-        batches.append({"image": image, "masks": masks, "keypoints": keypoints,
-                        "visibility": visibility, "valid": np.ones((images, objects), bool)})
-    return batches
+    return [ellipse_batch(rng, images, size, objects) for _ in range(count)]
 
 
 # ------------------------------------------------------------------------------ memory
@@ -298,12 +268,13 @@ def run_ours(spec: dict) -> dict:
     from flax import nnx
     from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-    from p2s_jax import trainer
-    from p2s_jax.configs import get_config
-    from p2s_jax.correction import CorrectionConfig
-    from p2s_jax.optim import make_optimizer, param_rules
-    from p2s_jax.sam2 import abstract_model
-    from p2s_jax.train_config import TrainConfig
+    from p2s_jax.parallel import DATA_AXIS
+    from p2s_jax.train import step as trainer
+    from p2s_jax.model.configs import get_config
+    from p2s_jax.train.correction import CorrectionConfig
+    from p2s_jax.train.optim import make_optimizer, param_rules
+    from p2s_jax.model.sam2 import abstract_model
+    from p2s_jax.train.config import TrainConfig
     from weights_conversion.convert import from_state_dict
 
     size = spec["image_size"]
@@ -316,32 +287,32 @@ def run_ours(spec: dict) -> dict:
         model=spec["model_name"], image_size=size, compute_dtype=spec["dtype"],
         freeze_image_encoder=True, global_batch_size=spec["images"], total_steps=1000,
         correction=CorrectionConfig(num_points=spec["points"], sampler=spec["sampler"]))
-    mesh = Mesh(np.array(devices), (trainer.AXIS,))
+    mesh = Mesh(np.array(devices), (DATA_AXIS,))
     model = abstract_model(get_config(config.model, size), trainer.compute_dtype(config))
     with np.load(spec["weights"]) as state_dict:
         from_state_dict(model, state_dict, source=spec["weights"])
-    graphdef, params, rest = nnx.split(model, trainer.trainable_filter(config), ...)
+    graphdef, params, frozen = nnx.split(model, trainer.trainable_filter(config), ...)
     tx = make_optimizer(config.optim, config.total_steps, *param_rules(model, params, config.optim))
     replicated = NamedSharding(mesh, P())
     state = jax.device_put(trainer.init_state(params, tx, config.seed), replicated)
-    rest = jax.device_put(rest, replicated)
+    frozen = jax.device_put(frozen, replicated)
     trained_leaves = jax.tree.leaves(params)
     trained = (len(trained_leaves), int(sum(x.size for x in trained_leaves)))
     del model, params, trained_leaves
-    data_sharding = NamedSharding(mesh, P(trainer.AXIS))
+    data_sharding = NamedSharding(mesh, P(DATA_AXIS))
     batches = make_batches(NUM_DISTINCT_BATCHES, spec["images"], spec["objects"], size)
 
     def put(batch):
         return {k: jax.make_array_from_process_local_data(data_sharding, batch[k])
-                for k in trainer.BATCH_KEYS}
+                for k in trainer.STEP_INPUTS}
 
     step_fn = trainer.make_train_step(graphdef, tx, config, mesh)
-    jax.block_until_ready((state, rest))
+    jax.block_until_ready((state, frozen))
     setup_s = time.perf_counter() - start
     rss_setup = rss_bytes()
 
     start = time.perf_counter()
-    compiled = step_fn.lower(state, rest, put(batches[0])).compile()
+    compiled = step_fn.lower(state, frozen, put(batches[0])).compile()
     compile_s = time.perf_counter() - start
     rss_compiled, peak_compile = rss_bytes(), peak_rss_bytes()
     flops = None
@@ -354,7 +325,7 @@ def run_ours(spec: dict) -> dict:
 
     def step(batch):
         nonlocal state
-        state, metrics = compiled(state, rest, put(batch))
+        state, metrics = compiled(state, frozen, put(batch))
         jax.block_until_ready((state, metrics))
         if not bool(metrics["finite"]):
             raise FloatingPointError("non-finite loss or gradient in our step")
@@ -405,7 +376,8 @@ def _mib(value) -> str:
     return "-" if value is None else f"{value / 2**20:.0f}"
 
 
-def main() -> None:
+def parse_args() -> tuple[argparse.Namespace, str | None]:
+    """The command line, with the device's defaults filled in; -> (args, device)."""
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "gpu"],
@@ -433,35 +405,26 @@ def main() -> None:
     parser.add_argument("--skip-official", action="store_true",
                         help="time ours only (the official model is still built, for its weights)")
     parser.add_argument("--malloc", default="kept", choices=allocator.MODES,
-                        help="glibc malloc of both sides (p2s_jax.allocator; `p2s` uses kept)")
+                        help="glibc malloc of both sides (p2s_jax.utils.allocator; `p2s` uses kept)")
     parser.add_argument("--json", help="write the results to this file")
     parser.add_argument("--_worker", help=argparse.SUPPRESS)
     parser.add_argument("--_result", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args._worker:
-        _worker(args._worker, args._result)
-        return
-
-    from p2s_jax.configs import get_config
-
+        return args, None
     device = _probe_backend() if args.device == "auto" else args.device
-    defaults = DEFAULTS[device]
-    for key, value in defaults.items():
+    for key, value in DEFAULTS[device].items():
         if getattr(args, key) is None:
             setattr(args, key, value)
     if args.steps < 1 or args.warmup < 0:
         parser.error("--steps must be >= 1 and --warmup >= 0")
     if args.points < 1:
         parser.error("--points must be >= 1")
-    if args.warmup == 0:
-        print("# warning: --warmup 0 times the official side's first step, with torch's one-time "
-              "kernel set-up in it (ours is compiled beforehand)", flush=True)
-    model_name = get_config(args.model).name
-    host = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
-    print(f"# host {host}; device {device}; {model_name}; {args.images} image(s) x "
-          f"{args.objects} object(s) per step, {args.points} points, sampler {args.sampler}; "
-          f"{args.dtype}; warmup {args.warmup}, timed steps {args.steps}", flush=True)
+    return args, device
 
+
+def run_sizes(args, device: str, model_name: str) -> list[dict]:
+    """Both sides at every image size, each in a fresh process."""
     runs = []
     for size in args.image_size:
         with tempfile.TemporaryDirectory() as tmp:
@@ -480,7 +443,11 @@ def main() -> None:
         ratio = (ours["images_per_s"] / official["images_per_s"]) if official else None
         runs.append({"image_size": size, "ours": ours, "official": official or None,
                      "ratio_ours_over_official": ratio})
+    return runs
 
+
+def print_report(runs: list[dict], device: str) -> dict:
+    """The markdown table and the summary lines; -> the versions of both sides."""
     first = runs[0]
     versions = {"jax": first["ours"]["jax"], "flax": first["ours"]["flax"],
                 "jax_devices": first["ours"]["jax_devices"],
@@ -524,6 +491,26 @@ def main() -> None:
         if run["ratio_ours_over_official"] is not None:
             print(f"{run['image_size']} px: ours / official images/s = "
                   f"{run['ratio_ours_over_official']:.2f}x")
+    return versions
+
+
+def main() -> None:
+    args, device = parse_args()
+    if args._worker:
+        _worker(args._worker, args._result)
+        return
+    from p2s_jax.model.configs import get_config
+
+    if args.warmup == 0:
+        print("# warning: --warmup 0 times the official side's first step, with torch's one-time "
+              "kernel set-up in it (ours is compiled beforehand)", flush=True)
+    model_name = get_config(args.model).name
+    host = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
+    print(f"# host {host}; device {device}; {model_name}; {args.images} image(s) x "
+          f"{args.objects} object(s) per step, {args.points} points, sampler {args.sampler}; "
+          f"{args.dtype}; warmup {args.warmup}, timed steps {args.steps}", flush=True)
+    runs = run_sizes(args, device, model_name)
+    versions = print_report(runs, device)
     if args.json:
         out = {"settings": {"device": device, "model": model_name, "image_sizes": args.image_size,
                             "images_per_step": args.images, "objects_per_image": args.objects,

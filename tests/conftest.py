@@ -14,7 +14,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 import reference  # noqa: E402  (stubs torchvision before anything imports it)
 
 # `p2s` (cli.main, called in-process by the CLI tests) would switch this process's malloc to
-# keep freed memory (p2s_jax.allocator); the test process keeps glibc's defaults.
+# keep freed memory (p2s_jax.utils.allocator); the test process keeps glibc's defaults.
 # tests/test_allocator.py checks the setting in processes of its own.
 os.environ.setdefault("P2S_MALLOC", "default")
 
@@ -22,8 +22,8 @@ os.environ.setdefault("P2S_MALLOC", "default")
 @functools.lru_cache(maxsize=None)
 def model_pair(name: str, image_size: int = 1024):
     """(official SAM2Base, our SAM2Image) with the same random weights."""
-    from p2s_jax.configs import get_config
-    from p2s_jax.sam2 import abstract_model
+    from p2s_jax.model.configs import get_config
+    from p2s_jax.model.sam2 import abstract_model
     from weights_conversion.convert import from_state_dict
 
     official = reference.official_model(name, image_size)
@@ -48,7 +48,7 @@ def photo(name: str) -> np.ndarray:
 def coco_dataset(root, num_images: int, seed: int):
     """Generated COCO-format persons (2-3 per 200x260 photo) and ProbPose-like detections:
     (annotations path, images dir, detections path)."""
-    from p2s_jax.synthetic import make_coco_dataset, make_keypoint_detections
+    from p2s_jax.data.synthetic import make_coco_dataset, make_keypoint_detections
 
     annotations, images = make_coco_dataset(root, num_images, (2, 3), seed=seed,
                                             image_size=(200, 260))

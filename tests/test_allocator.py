@@ -1,4 +1,4 @@
-"""`p2s_jax.allocator`: with it, a call's large buffers are reused (no page faults once the
+"""`p2s_jax.utils.allocator`: with it, a call's large buffers are reused (no page faults once the
 heap has grown to the peak); without it, glibc maps them afresh and every call faults them in again.
 
 Each case runs in its own process: the setting is process-wide and must come first.
@@ -14,7 +14,7 @@ import pytest
 
 SCRIPT = """
 import json, resource, sys, time
-from p2s_jax import allocator
+from p2s_jax.utils import allocator
 applied = allocator.keep_freed_memory() if sys.argv[1] == "tuned" else False
 import jax, jax.numpy as jnp
 # 64 MiB output and temporaries: above glibc's largest mmap threshold (32 MiB).
@@ -49,8 +49,13 @@ def test_keep_freed_memory_removes_the_page_faults_of_repeated_calls():
     assert max(tuned["faults"][-3:]) < PAGES_64_MIB // 50, tuned
 
 
-def test_disabled_by_the_environment(monkeypatch):
-    from p2s_jax import allocator
-
-    monkeypatch.setenv(allocator.DEFAULT_ENV, "default")
-    assert allocator.keep_freed_memory_unless_disabled() is False
+def test_cli_choice_of_mode():
+    from p2s_jax.utils import allocator
+    env = {allocator.DEFAULT_ENV: "default"}
+    assert allocator.choose_mode("auto", "evaluate", env) == "default"
+    assert allocator.choose_mode("auto", "evaluate", {}) == "kept"
+    assert allocator.choose_mode("auto", "train", {}) == "kept"
+    assert allocator.choose_mode("auto", "segment", {}) == "default"
+    assert allocator.choose_mode("auto", "segment", {allocator.DEFAULT_ENV: "kept"}) == "kept"
+    assert allocator.choose_mode("kept", "convert", env) == "kept"
+    assert allocator.choose_mode("default", "train", {}) == "default"

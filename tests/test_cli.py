@@ -5,6 +5,7 @@ local HTTP server on 127.0.0.1 (no real host is ever contacted)."""
 from __future__ import annotations
 
 import functools
+import sys
 import json
 import threading
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
@@ -18,13 +19,19 @@ from pycocotools import mask as mask_utils
 import reference
 from conftest import coco_dataset, model_pair
 from p2s_jax import cli
-from p2s_jax.download import SAM_POSE2SEG_FILENAME
+from p2s_jax.data.coco import CocoFormatError, load_image_poses
+from p2s_jax.inference.weights import WEIGHTS_URL_ENV
+from p2s_jax.utils.download import SAM_POSE2SEG_FILENAME
 from weights_conversion import VIDEO_MEMORY_PREFIXES, load_model
 
 pytestmark = pytest.mark.skipif(not reference.reference_available(),
                                 reason="needs torch, sam2 and hydra (the dev extra)")
 
 MODEL, SIZE = "sam2.1_hiera_t", 256
+
+ASSETS = Path(cli.__file__).parent / "assets"
+EXAMPLE_IMAGE = ASSETS / "example.jpg"  # the README's main-job photo
+EXAMPLE_KEYPOINTS = ASSETS / "example_keypoints.json"
 
 
 @pytest.fixture(scope="module")
@@ -50,8 +57,8 @@ def dataset(tmp_path_factory):
 
 
 def _segment_args(tmp_path, *extra):
-    return ["segment", "--image", str(cli.EXAMPLE_IMAGE), "--keypoints",
-            str(cli.EXAMPLE_KEYPOINTS), "--out", str(tmp_path / "overlay.png"),
+    return ["segment", "--image", str(EXAMPLE_IMAGE), "--keypoints",
+            str(EXAMPLE_KEYPOINTS), "--out", str(tmp_path / "overlay.png"),
             "--masks-out", str(tmp_path / "masks.json"), "--image-size", str(SIZE),
             "--no-progress", *extra]
 
@@ -92,7 +99,7 @@ def test_convert_errors_are_one_line(checkpoint, tmp_path, capsys):
 def test_segment_example(converted, tmp_path, capsys):
     assert cli.main(_segment_args(tmp_path, "--checkpoint", str(converted))) == 0
     assert "1 people, 1 masks (confidence scores, maxvis_3)" in capsys.readouterr().out
-    photo = Image.open(cli.EXAMPLE_IMAGE)
+    photo = Image.open(EXAMPLE_IMAGE)
     overlay = Image.open(tmp_path / "overlay.png")
     assert overlay.format == "PNG" and overlay.size == photo.size and overlay.mode == "RGB"
     assert np.any(np.asarray(overlay) != np.asarray(photo.convert("RGB")))
@@ -107,8 +114,8 @@ def test_segment_example(converted, tmp_path, capsys):
 
 def test_segment_matches_predictor(converted, tmp_path):
     """The CLI's masks are the Predictor's for the chosen prompts."""
-    from p2s_jax.images import load_image
-    from p2s_jax.predictor import Predictor
+    from p2s_jax.utils.images import load_image
+    from p2s_jax.inference.predictor import Predictor
 
     assert cli.main(_segment_args(tmp_path, "--checkpoint", str(converted), "--selection",
                                   "maxspread", "--num-points", "4")) == 0
@@ -116,7 +123,7 @@ def test_segment_matches_predictor(converted, tmp_path):
     (person,) = saved["people"]
     assert len(person["prompt"]) == 4
     predictor = Predictor.from_checkpoint(converted)
-    predictor.set_image(load_image(cli.EXAMPLE_IMAGE))
+    predictor.set_image(load_image(EXAMPLE_IMAGE))
     points = np.asarray(person["prompt"])
     expected = predictor.predict(point_coords=points[None, :, :2],
                                  point_labels=points[None, :, 2].astype(np.int32))
@@ -158,7 +165,7 @@ def test_segment_downloads_and_converts_once(weights_server, tmp_path, monkeypat
     url, requests, stop = weights_server
     cache = tmp_path / "cache"
     monkeypatch.setenv("P2S_CACHE", str(cache))
-    monkeypatch.setenv(cli.WEIGHTS_URL_ENV, url)
+    monkeypatch.setenv(WEIGHTS_URL_ENV, url)
     assert cli.main(_segment_args(tmp_path)) == 0
     assert requests == [f"/{SAM_POSE2SEG_FILENAME}"]
     converted = cache / Path(SAM_POSE2SEG_FILENAME).stem
@@ -181,7 +188,7 @@ def test_segment_offline_says_what_to_download(tmp_path, monkeypatch, capsys):
         port = s.getsockname()[1]
     cache = tmp_path / "cache"
     monkeypatch.setenv("P2S_CACHE", str(cache))
-    monkeypatch.setenv(cli.WEIGHTS_URL_ENV, f"http://127.0.0.1:{port}/{SAM_POSE2SEG_FILENAME}")
+    monkeypatch.setenv(WEIGHTS_URL_ENV, f"http://127.0.0.1:{port}/{SAM_POSE2SEG_FILENAME}")
     assert cli.main(_segment_args(tmp_path)) == 2
     err = capsys.readouterr().err
     assert err.startswith("p2s segment: error: could not download")
@@ -195,7 +202,7 @@ def test_segment_input_errors(converted, tmp_path, capsys):
     args[args.index("--keypoints") + 1] = str(bad)
     assert cli.main(args) == 2
     err = capsys.readouterr().err
-    assert "bad.json: person 0 'keypoints' must hold 51 numbers" in err
+    assert "bad.json: person 0: 'keypoints' must hold 51 numbers" in err
     args[args.index("--image") + 1] = str(tmp_path / "missing.jpg")
     assert cli.main(args) == 2
     assert "missing.jpg: image file not found" in capsys.readouterr().err
@@ -207,7 +214,7 @@ def test_load_pose_file_formats(tmp_path):
     triplets[16] = 0  # COCO's "not labelled"
     plain = tmp_path / "plain.json"
     plain.write_text(json.dumps([triplets.tolist()]))
-    poses, score = cli.load_pose_file(plain)
+    poses, score = load_image_poses(plain)
     assert score == "confidence" and poses.boxes is None and len(poses) == 1
     assert np.isnan(poses.keypoints[0, 16]).all() and poses.keypoints[0, 3].tolist() == [3, 6]
 
@@ -215,16 +222,16 @@ def test_load_pose_file_formats(tmp_path):
     entry = {"image_id": 7, "category_id": 1, "keypoints": triplets.ravel().tolist(),
              "score": 0.8, "visibility": [0.5] * 17, "bbox": [1, 2, 10, 20]}
     results.write_text(json.dumps([entry, entry]))
-    poses, score = cli.load_pose_file(results)
+    poses, score = load_image_poses(results)
     assert score == "visibility" and len(poses) == 2
     np.testing.assert_allclose(poses.boxes[0], [1, 2, 11, 22])
     np.testing.assert_allclose(poses.det_score, [0.8, 0.8])
-    with pytest.raises(cli.UsageError, match="needs 'presence' for every person"):
-        cli.load_pose_file(results, "presence")
+    with pytest.raises(CocoFormatError, match="needs 'presence' for every person"):
+        load_image_poses(results, "presence")
     broken = tmp_path / "broken.json"
     broken.write_text("[{")
-    with pytest.raises(cli.UsageError, match="broken.json: invalid JSON"):
-        cli.load_pose_file(broken)
+    with pytest.raises(CocoFormatError, match="broken.json: invalid JSON"):
+        load_image_poses(broken)
 
 
 # ------------------------------------------------------------------------------ evaluate
@@ -277,3 +284,32 @@ def test_evaluate_errors(converted, dataset, tmp_path, capsys):
                   "--checkpoint", str(converted), "--out", str(tmp_path / "r.json")])
     assert exit_info.value.code == 2
     capsys.readouterr()
+
+
+def test_only_the_projects_errors_become_one_line(monkeypatch, capsys, tmp_path):
+    """An input error is one line and exit 2; any other exception (a bug) keeps its traceback."""
+    from p2s_jax.utils.errors import InputError
+
+    def bad_input(args):
+        raise InputError("first line\ndetail 1\ndetail 2")
+
+    def bug(args):
+        raise ValueError("a bug")
+
+    args = ["convert", str(tmp_path / "x.pt"), str(tmp_path / "out")]
+    monkeypatch.setitem(cli.COMMANDS, "convert", bad_input)
+    assert cli.main(args) == 2
+    assert capsys.readouterr().err == "p2s convert: error: first line detail 1; detail 2\n"
+    monkeypatch.setitem(cli.COMMANDS, "convert", bug)
+    with pytest.raises(ValueError, match="a bug"):
+        cli.main(args)
+
+
+def test_generated_data_without_scikit_image_says_what_to_install(monkeypatch, tmp_path, capsys):
+    for name in ("skimage", "skimage.data", "skimage.measure"):
+        monkeypatch.setitem(sys.modules, name, None)  # import fails as if not installed
+    assert cli.main(["train", "--config", "tiny", "--workdir", str(tmp_path / "tiny"),
+                     "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("p2s train: error: ") and "pip install scikit-image" in err
+    assert len(err.strip().splitlines()) == 1

@@ -1,21 +1,23 @@
-"""p2s_jax.coco (with p2s_jax.synthetic): pycocotools is the reference for masks and AP."""
+"""p2s_jax.data.coco (with p2s_jax.data.synthetic): pycocotools is the reference for masks and AP."""
 
 from __future__ import annotations
 
 import copy
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 from pycocotools import mask as mask_utils
 
-from p2s_jax.coco import (
-    NUM_KEYPOINTS, CocoFormatError, PoseInstances, encode_results, evaluate_segm,
-    ground_truth_poses, load_coco, load_keypoint_detections)
-from p2s_jax.images import load_image
-from p2s_jax.synthetic import make_coco_dataset, make_keypoint_detections
+from p2s_jax.data.coco import (CocoFormatError, PoseInstances, encode_results, ground_truth_poses,
+                               load_coco, load_image_poses, load_keypoint_detections)
+from p2s_jax.data.synthetic import make_coco_dataset, make_keypoint_detections
+from p2s_jax.evaluation.metrics import evaluate_segm
+from p2s_jax.keypoints import NUM_KEYPOINTS
+from p2s_jax.utils.images import load_image
 
 SIZE = (240, 320)
 # pycocotools' mask.decode trips NumPy 2's __array__(copy=...) deprecation; not ours to fix.
@@ -473,3 +475,30 @@ def test_pose_instances_validation():
     picked = poses.select(poses.det_score > 0.3)
     assert len(picked) == 2 and picked.keypoints[0, 0, 0] == 34
     np.testing.assert_array_equal(PoseInstances(np.zeros((1, 17, 2)), {}).det_score, [1.0])
+
+
+def test_keypoint_files_share_one_absent_rule(tmp_path, dataset, coco):
+    """Both keypoint-file readers: a triplet [0, 0, 0] is absent (NaN), anything else is kept as
+    written, even with a zero score; the two readers give the same arrays for the same entry."""
+    entries = json.loads(Path(dataset[2]).read_text())
+    entry = dict(entries[0])
+    triplets = np.asarray(entry["keypoints"], np.float64).reshape(NUM_KEYPOINTS, 3)
+    triplets[3] = 0.0  # COCO's "not labelled"
+    triplets[5, 2] = 0.0  # a located keypoint with zero confidence: kept
+    entry["keypoints"] = triplets.ravel().tolist()
+    detections = tmp_path / "detections.json"
+    detections.write_text(json.dumps([entry]))
+    one_image = tmp_path / "one_image.json"
+    one_image.write_text(json.dumps([entry]))
+    poses = load_keypoint_detections(detections, coco)[entry["image_id"]]
+    image_poses, _ = load_image_poses(one_image, "confidence")
+    for read in (poses, image_poses):
+        assert np.isnan(read.keypoints[0, 3]).all()
+        np.testing.assert_array_equal(read.keypoints[0, 5], triplets[5, :2].astype(np.float32))
+        others = np.delete(np.arange(NUM_KEYPOINTS), 3)
+        np.testing.assert_array_equal(read.keypoints[0, others],
+                                      triplets[others, :2].astype(np.float32))
+    np.testing.assert_array_equal(poses.keypoints, image_poses.keypoints)
+    for name in poses.scores:
+        np.testing.assert_array_equal(poses.scores[name], image_poses.scores[name])
+    np.testing.assert_array_equal(poses.boxes, image_poses.boxes)

@@ -11,8 +11,8 @@ import pytest
 
 import reference
 from conftest import model_pair, rel_err
-from p2s_jax.configs import CONFIGS, get_config
-from p2s_jax.sam2 import abstract_model
+from p2s_jax.model.configs import CONFIGS, get_config
+from p2s_jax.model.sam2 import abstract_model
 from weights_conversion import (CheckpointError, VIDEO_MEMORY_PREFIXES, convert_checkpoint,
                                 detect_model_name, from_state_dict, load_model, load_torch_state_dict,
                                 save_orbax, save_torch_checkpoint, to_state_dict)

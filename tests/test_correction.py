@@ -13,11 +13,11 @@ from flax import nnx
 
 import reference
 from conftest import photo, rel_err
-from p2s_jax import losses
-from p2s_jax.configs import get_config
-from p2s_jax.correction import CorrectionConfig, LoopTargets, correction_loop, decode_step
-from p2s_jax.predictor import preprocess_image
-from p2s_jax.sam2 import abstract_model
+from p2s_jax.train import losses
+from p2s_jax.model.configs import get_config
+from p2s_jax.train.correction import CorrectionConfig, LoopTargets, correction_loop, decode_step
+from p2s_jax.inference.preprocess import preprocess_image
+from p2s_jax.model.sam2 import abstract_model
 
 SIZE = 256
 NAME = "sam2.1_hiera_t"
@@ -210,7 +210,7 @@ def test_scan_equals_python_loop():
     key = jax.random.key(11)
     out = jax.jit(lambda: _run_ours(ours, image, targets, config, 11))()
 
-    from p2s_jax.correction import _sample  # the loop's own sampler call
+    from p2s_jax.train.correction import _sample  # the loop's own sampler call
 
     features = jax.tree.map(lambda x: x[0], ours.encode_image(jnp.asarray(image[None])))
     p = 2

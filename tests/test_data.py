@@ -1,6 +1,6 @@
 """p2s_jax.data: the tfds builder (no TensorFlow), the augmentations and the training loader.
 
-The dataset is `p2s_jax.synthetic` (persons drawn on scikit-image photos, COCO format) with
+The dataset is `p2s_jax.data.synthetic` (persons drawn on scikit-image photos, COCO format) with
 ProbPose-like detections; pycocotools is the reference for masks.
 """
 
@@ -18,14 +18,16 @@ import pytest
 from PIL import Image
 from pycocotools import mask as mask_utils
 
-from p2s_jax.coco import KEYPOINT_NAMES, CocoFormatError, load_coco, person_category_id
+from p2s_jax.data.coco import CocoFormatError, load_coco, person_category_id
+from p2s_jax.keypoints import KEYPOINT_NAMES
 from p2s_jax.data import augment as aug
-from p2s_jax.data.builder import (PersonSegmentationConfig, box_iou, load_source,
-                                  match_detections, prepare)
-from p2s_jax.data.loader import (DataError, TrainLoader, batch_positions, decode_image,
+from p2s_jax.data.builder import PersonSegmentationConfig, load_source, prepare
+from p2s_jax.data.matching import box_iou, match_detections
+from p2s_jax.utils.images import decode_image
+from p2s_jax.data.loader import (DataError, TrainLoader, batch_positions,
                                  decode_masks, make_sample, position_records)
-from p2s_jax.images import load_image
-from p2s_jax.synthetic import make_coco_dataset, make_keypoint_detections
+from p2s_jax.utils.images import load_image
+from p2s_jax.data.synthetic import make_coco_dataset, make_keypoint_detections
 
 SIZE = (48, 64)  # (H, W) of the synthetic photos
 # pycocotools' mask.decode trips NumPy 2's __array__(copy=...) deprecation; not ours to fix.

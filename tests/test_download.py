@@ -1,4 +1,4 @@
-"""p2s_jax.download against a local HTTP server on 127.0.0.1 (no real host is ever contacted)."""
+"""p2s_jax.utils.download against a local HTTP server on 127.0.0.1 (no real host is ever contacted)."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from p2s_jax import download
-from p2s_jax.download import ChecksumError, DownloadError, cache_dir, fetch
+from p2s_jax.utils import download
+from p2s_jax.utils.download import ChecksumError, DownloadError, cache_dir, fetch
 
 PAYLOAD = np.random.default_rng(0).integers(0, 256, 300_000, dtype=np.uint8).tobytes()
 SHA = hashlib.sha256(PAYLOAD).hexdigest()

@@ -1,6 +1,6 @@
-"""p2s_jax.evaluation against the official SAM2ImagePredictor run person by person.
+"""p2s_jax.evaluation.runner against the official SAM2ImagePredictor run person by person.
 
-The dataset is generated (`p2s_jax.synthetic`: real scikit-image photos with drawn persons and
+The dataset is generated (`p2s_jax.data.synthetic`: real scikit-image photos with drawn persons and
 ProbPose-like detections); the model is the official SAM 2.1 tiny at 256 px with seeded random
 weights (tests/reference.py) and its converted twin. Everything is compiled once per module.
 """
@@ -22,10 +22,13 @@ from pycocotools import mask as mask_utils
 import multihost
 import reference
 from conftest import coco_dataset, model_pair
-from p2s_jax import coco as coco_lib
-from p2s_jax import evaluation as ev
-from p2s_jax.images import load_image
-from p2s_jax.prompting import PromptConfig, exclusive_masks, select_prompts
+from p2s_jax.data import coco as coco_lib
+from p2s_jax.evaluation import runner as ev
+from p2s_jax.evaluation.metrics import METRIC_NAMES, evaluate_segm
+from p2s_jax.evaluation.report import format_report
+from p2s_jax.inference.prompting import PromptConfig, exclusive_masks, select_prompts
+from p2s_jax.parallel import make_mesh
+from p2s_jax.utils.images import load_image
 
 pytestmark = pytest.mark.skipif(not reference.reference_available(),
                                 reason="needs torch, sam2 and hydra (the dev extra)")
@@ -52,12 +55,12 @@ def models():
 
 @pytest.fixture(scope="module")
 def single_device():
-    return ev.make_mesh(jax.devices()[:1])
+    return make_mesh(jax.devices()[:1])
 
 
 @pytest.fixture(scope="module")
 def run(dataset, models, single_device):
-    return ev.run_model(models[1], dataset["coco"], dataset["images"], dataset["poses"],
+    return ev.run_dataset(models[1], dataset["coco"], dataset["images"], dataset["poses"],
                         ev.EvalConfig(images_per_device=2), mesh=single_device, progress=False)
 
 
@@ -157,16 +160,16 @@ def test_ap_matches_official(dataset, run, official_run):
 
     for gt in (dataset["coco"], coco_lib.load_coco(anchored_path)):
         for coco_star in (False, True):
-            ours = coco_lib.evaluate_segm(gt, run.results, coco_star=coco_star)
-            theirs = coco_lib.evaluate_segm(gt, official_results, coco_star=coco_star)
-            assert {k: ours[k] for k in coco_lib.METRIC_NAMES} == \
-                {k: theirs[k] for k in coco_lib.METRIC_NAMES}
+            ours = evaluate_segm(gt, run.results, coco_star=coco_star)
+            theirs = evaluate_segm(gt, official_results, coco_star=coco_star)
+            assert {k: ours[k] for k in METRIC_NAMES} == \
+                {k: theirs[k] for k in METRIC_NAMES}
     assert ours["AP"] > 0.05  # the anchored ground truth makes AP informative
 
 
 def test_exclusive_masks_and_result_scores(dataset, models, single_device, run):
     config = ev.EvalConfig(images_per_device=2, exclusive=True, result_score="iou")
-    exclusive = ev.run_model(models[1], dataset["coco"], dataset["images"], dataset["poses"],
+    exclusive = ev.run_dataset(models[1], dataset["coco"], dataset["images"], dataset["poses"],
                              config, mesh=single_device, progress=False)
     plain, excl = _by_image(run.results), _by_image(exclusive.results)
     for image_id, results in plain.items():
@@ -215,9 +218,9 @@ import multihost
 multihost.initialize()  # one of several processes (multi-host on one machine), if so
 import jax
 import numpy as np
-from p2s_jax import coco as coco_lib
-from p2s_jax.configs import get_config
-from p2s_jax.sam2 import abstract_model
+from p2s_jax.data import coco as coco_lib
+from p2s_jax.model.configs import get_config
+from p2s_jax.model.sam2 import abstract_model
 from weights_conversion import from_state_dict
 from test_evaluation import _device_test_config, ev
 
@@ -227,7 +230,7 @@ model = abstract_model(get_config("{model}", {size}))
 from_state_dict(model, dict(np.load(weights)))
 coco = coco_lib.load_coco(annotations)
 poses = coco_lib.load_keypoint_detections(detections, coco)
-output = ev.run_model(model, coco, images, poses, _device_test_config(), progress=False)
+output = ev.run_dataset(model, coco, images, poses, _device_test_config(), progress=False)
 json.dump({{"results": output.results, "devices": output.report.num_devices,
            "processes": output.report.num_processes}}, open(out, "w"))
 """
@@ -241,7 +244,7 @@ def device_run(dataset, models, single_device, tmp_path_factory):
     np.savez(weights, **reference.official_state_dict(models[0]))
     script = root / "run.py"
     script.write_text(_DEVICE_SCRIPT.format(model=MODEL, size=SIZE))
-    one = ev.run_model(models[1], dataset["coco"], dataset["images"], dataset["poses"],
+    one = ev.run_dataset(models[1], dataset["coco"], dataset["images"], dataset["poses"],
                        _device_test_config(), mesh=single_device, progress=False)
 
     def launch(name: str, devices_per_process: int, process_env: list[dict]) -> list[dict]:
@@ -310,7 +313,7 @@ def test_missing_and_unreadable_images_are_skipped(dataset, models, single_devic
         np.concatenate([base.boxes, outside.boxes]),
         np.concatenate([base.det_score, outside.det_score]))
 
-    out = ev.run_model(models[1], coco, images, poses, ev.EvalConfig(images_per_device=2),
+    out = ev.run_dataset(models[1], coco, images, poses, ev.EvalConfig(images_per_device=2),
                        mesh=single_device, progress=False)
     report = out.report
     skipped = {s["image_id"]: s for s in report.skipped_images}
@@ -325,9 +328,9 @@ def test_missing_and_unreadable_images_are_skipped(dataset, models, single_devic
     assert report.num_results == len(base)
     assert report.num_people == len(base) + 1
     assert report.num_images == 4
-    lines = ev.format_report(report)
+    lines = format_report(report)
     assert "skipped 3 image(s)" in lines and names[2] in lines and "no usable keypoint" in lines
-    coco_lib.evaluate_segm(coco, out.results)  # the run still evaluates
+    evaluate_segm(coco, out.results)  # the run still evaluates
 
 
 def test_malformed_files_stop_at_once(dataset, tmp_path):
@@ -354,13 +357,13 @@ def test_bad_poses_name_the_image(dataset, models, single_device):
     scores["visibility"][1, 5] = np.nan
     poses[2] = coco_lib.PoseInstances(bad.keypoints, scores, bad.boxes, bad.det_score)
     with pytest.raises(ValueError, match="image 2: person index 1 has non-finite"):
-        ev.run_model(models[1], dataset["coco"], dataset["images"], poses,
+        ev.run_dataset(models[1], dataset["coco"], dataset["images"], poses,
                      mesh=single_device, progress=False)
     with pytest.raises(ValueError, match="no 'presence' keypoint scores|presence"):
         plain = {i: coco_lib.PoseInstances(p.keypoints, {"confidence": p.scores["confidence"]},
                                            p.boxes, p.det_score)
                  for i, p in dataset["poses"].items()}
-        ev.run_model(models[1], dataset["coco"], dataset["images"], plain,
+        ev.run_dataset(models[1], dataset["coco"], dataset["images"], plain,
                      ev.EvalConfig(keypoint_score="presence"), mesh=single_device,
                      progress=False)
 

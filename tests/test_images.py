@@ -1,4 +1,4 @@
-"""p2s_jax.images: conversions against NumPy references, file decoding and its errors."""
+"""p2s_jax.utils.images: conversions against NumPy references, file decoding and its errors."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from p2s_jax.images import ImageError, load_image, to_rgb_uint8
+from p2s_jax.utils.images import ImageError, load_image, to_rgb_uint8
 
 
 @pytest.fixture

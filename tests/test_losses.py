@@ -1,20 +1,79 @@
-"""Tests of p2s_jax.losses against the official training.loss_fns.MultiStepMultiMasksAndIous."""
+"""Tests of p2s_jax.train.losses against the official training.loss_fns.MultiStepMultiMasksAndIous."""
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from p2s_jax.losses import CORE_LOSS_KEY, LOSS_KEYS, LossConfig, multistep_losses, step_losses
+from p2s_jax.train.losses import (CORE_LOSS_KEY, LOSS_KEYS, LossConfig, _num_objects, reduce_loss,
+                                  step_loss_terms)
 from reference import import_torch, reference_available
+
+Array = jax.Array
 
 needs_reference = pytest.mark.skipif(not reference_available(),
                                      reason="official sam2 not installed")
 ALL_KEYS = (*LOSS_KEYS, CORE_LOSS_KEY)
+# The official loss over several steps, composed from the package's per-step terms and
+# reduction exactly as the correction loop composes them (the loop sums the terms of its steps).
+def step_losses(pred_masks: Array, pred_ious: Array, object_score_logits: Array,
+                target_masks: Array, num_objects: float | Array | None = None,
+                config: LossConfig = LossConfig()) -> dict[str, Array]:
+    """:func:`step_loss_terms` plus ``core_loss`` for a single step."""
+    terms = step_loss_terms(pred_masks, pred_ious, object_score_logits, target_masks,
+                            num_objects, config)
+    return {**terms, CORE_LOSS_KEY: reduce_loss(terms, config)}
+
+
+def _groups(pred_masks, pred_ious, object_score_logits):
+    """Normalises the multistep inputs to a list of (masks, ious, scores) groups."""
+    if isinstance(pred_masks, (list, tuple)):
+        if not (len(pred_masks) == len(pred_ious) == len(object_score_logits)):
+            raise ValueError("pred_masks, pred_ious and object_score_logits differ in length")
+        return list(zip(pred_masks, pred_ious, object_score_logits))
+    return [(pred_masks, pred_ious, object_score_logits)]
+
+
+def multistep_losses(pred_masks: Array | Sequence[Array], pred_ious: Array | Sequence[Array],
+                     object_score_logits: Array | Sequence[Array], target_masks: Array,
+                     num_objects: float | Array | None = None,
+                     config: LossConfig = LossConfig()) -> dict[str, Array]:
+    """Official ``MultiStepMultiMasksAndIous`` for one frame: terms summed over steps.
+
+    Each of the first three arguments is either one array with a leading step axis
+    (pred_masks (S, N, M, H, W), pred_ious (S, N, M), object_score_logits (S, N, 1)), or a
+    sequence whose items are single steps (no step axis) or stacked steps (with one), e.g. the
+    multimask first step followed by the ``lax.scan`` output of the correction steps::
+
+        multistep_losses([masks0, masks_scan], [ious0, ious_scan], [obj0, obj_scan], gt)
+
+    Args:
+      target_masks: (N, H, W) bool, the same for every step.
+      num_objects, config: as :func:`step_loss_terms`.
+    Returns:
+      {"loss_mask", "loss_dice", "loss_iou", "loss_class", "core_loss"}: float32 scalars.
+    """
+    num = _num_objects(target_masks, num_objects)
+    totals = {k: jnp.zeros((), jnp.float32) for k in LOSS_KEYS}
+    for masks, ious, scores in _groups(pred_masks, pred_ious, object_score_logits):
+        if masks.ndim == 4:
+            terms = step_loss_terms(masks, ious, scores, target_masks, num, config)
+        elif masks.ndim == 5:
+            per_step = jax.vmap(lambda mk, io, sc: step_loss_terms(
+                mk, io, sc, target_masks, num, config))(masks, ious, scores)
+            terms = {k: jnp.sum(v) for k, v in per_step.items()}
+        else:
+            raise ValueError(
+                f"pred_masks must be (N, M, H, W) or (S, N, M, H, W), got {masks.shape}")
+        totals = {k: totals[k] + terms[k] for k in LOSS_KEYS}
+    return {**totals, CORE_LOSS_KEY: reduce_loss(totals, config)}
+
+
 MULTISTEP = jax.jit(multistep_losses, static_argnames="config")  # compiled once per shape / config
 
 

@@ -124,7 +124,7 @@ def test_mask_decoder(pair, torch_module, multimask):
         torch.from_numpy(nchw(embed)), official.sam_prompt_encoder.get_dense_pe(), sparse_t,
         dense_t, multimask_output=multimask, repeat_image=True,
         high_res_features=[torch.from_numpy(nchw(s0)), torch.from_numpy(nchw(s1))])
-    from p2s_jax.sam2 import ImageFeatures
+    from p2s_jax.model.sam2 import ImageFeatures
 
     feats = ImageFeatures(jnp.asarray(embed[0]), jnp.asarray(s0[0]), jnp.asarray(s1[0]))
     out = ours.decode(feats, jnp.asarray(coords), jnp.asarray(labels), multimask_output=multimask)

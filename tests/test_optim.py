@@ -13,10 +13,10 @@ from flax import nnx
 
 
 from conftest import model_pair
-from p2s_jax.optim import OptimConfig, lr_schedule, make_optimizer, param_rules
-from p2s_jax.train_config import tiny
-from p2s_jax.trainer import trainable_filter
-from weights_conversion.mapping import torch_key
+from p2s_jax.train.optim import OptimConfig, lr_schedule, make_optimizer, param_rules
+from p2s_jax.train.config import tiny
+from p2s_jax.train.step import trainable_filter
+from p2s_jax.model.param_names import torch_key
 
 
 def _flat_by_torch_name(tree) -> dict:

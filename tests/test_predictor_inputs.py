@@ -10,7 +10,7 @@ from conftest import model_pair, photo
 
 @pytest.fixture(scope="module")
 def predictor():
-    from p2s_jax.predictor import Predictor
+    from p2s_jax.inference.predictor import Predictor
 
     _, ours = model_pair("sam2.1_hiera_t", 256)
     pred = Predictor(ours)
@@ -19,7 +19,7 @@ def predictor():
 
 
 def test_predict_before_set_image():
-    from p2s_jax.predictor import Predictor
+    from p2s_jax.inference.predictor import Predictor
 
     with pytest.raises(RuntimeError, match="set_image"):
         Predictor(model_pair("sam2.1_hiera_t", 256)[1]).predict(np.zeros((1, 1, 2)), np.ones((1, 1), int))
@@ -73,7 +73,7 @@ def test_grayscale_and_rgba_equal_their_rgb(predictor):
     """set_image(gray) == set_image(gray repeated to RGB); set_image(RGBA) == set_image(RGB)."""
     import jax
 
-    from p2s_jax.predictor import Predictor
+    from p2s_jax.inference.predictor import Predictor
 
     other = Predictor(model_pair("sam2.1_hiera_t", 256)[1])
     gray = photo("camera")[..., 0][:200, :300]

@@ -21,7 +21,7 @@ class Scene:
     """One image set in both predictors."""
 
     def __init__(self, name, image_name):
-        from p2s_jax.predictor import Predictor
+        from p2s_jax.inference.predictor import Predictor
 
         official, ours = model_pair(name)
         self.image = photo(image_name)
@@ -153,7 +153,7 @@ def test_people_per_chunk_does_not_change_results(scene):
     import jax
     import jax.numpy as jnp
 
-    from p2s_jax.predictor import Predictor
+    from p2s_jax.inference.predictor import Predictor
 
     sets, coords, labels = _padded_point_sets(scene, seed=5, count=3)
     first = scene.ours.predict(coords, labels)

@@ -1,4 +1,4 @@
-"""Tests of p2s_jax.prompting against a loop-based NumPy reference.
+"""Tests of p2s_jax.inference.prompting against a loop-based NumPy reference.
 
 The reference below transcribes the authors' keypoint selection (BBoxMaskPose `sam2_utils.py`,
 `_select_keypoints`: `k_most_visible` and `distance+confidence`, with the literal
@@ -16,16 +16,15 @@ import jax
 import numpy as np
 import pytest
 
-from p2s_jax.prompting import (
-    NUM_KEYPOINTS,
+from p2s_jax.inference.prompting import (
     PromptConfig,
     Prompts,
     _percentile_cutoff_ranks,
-    coco_keypoints_to_arrays,
     exclusive_masks,
     select_prompts,
     validate_pose_inputs,
 )
+from p2s_jax.keypoints import NUM_KEYPOINTS, labelled_points
 
 # --------------------------------------------------------------------------------------------
 # Loop-based reference.
@@ -353,24 +352,24 @@ def test_ground_truth_ties_rank_lower_index_first():
     coco[0, 15] = (30, 95, 1)  # left ankle: as far from the nose as the right ankle
     coco[0, 16] = (70, 95, 2)  # right ankle: farther from the left ankle than the hip is
     coco[0, 3] = (0, 0, 0)  # unlabelled, at the COCO origin
-    keypoints, scores = coco_keypoints_to_arrays(coco)
+    keypoints, scores = labelled_points(coco)
     assert positives(run("ground_truth", keypoints, scores)) == [[50, 10], [30, 95], [70, 95]]
     coco[0, 11], coco[0, 12] = (40, 50, 2), (60, 50, 2)  # equally far from the nose
     coco[0, 15, 2] = coco[0, 16, 2] = 0
-    keypoints, scores = coco_keypoints_to_arrays(coco)
+    keypoints, scores = labelled_points(coco)
     assert positives(run("ground_truth", keypoints, scores)) == [[50, 10], [40, 50], [60, 50]]
 
 
 def test_coco_conversion_marks_unlabelled_points_absent():
     coco = np.arange(2 * NUM_KEYPOINTS * 3, dtype=np.float32).reshape(2, NUM_KEYPOINTS, 3)
     coco[..., 2] = np.tile([0, 1, 2], (2, 6))[:, :NUM_KEYPOINTS]
-    keypoints, scores = coco_keypoints_to_arrays(coco.reshape(2, -1))
+    keypoints, scores = labelled_points(coco.reshape(2, -1))
     assert keypoints.shape == (2, NUM_KEYPOINTS, 2) and scores.dtype == np.float32
     np.testing.assert_array_equal(scores, coco[..., 2] > 0)
     assert np.isnan(keypoints[coco[..., 2] == 0]).all()
     np.testing.assert_array_equal(keypoints[coco[..., 2] > 0], coco[..., :2][coco[..., 2] > 0])
     with pytest.raises(ValueError, match=r"\(2, 17, 2\)"):
-        coco_keypoints_to_arrays(np.zeros((2, NUM_KEYPOINTS, 2)))
+        labelled_points(np.zeros((2, NUM_KEYPOINTS, 2)))
 
 
 def test_unusable_keypoints_are_never_prompts():

@@ -1,4 +1,4 @@
-"""Host-side resampling (`p2s_jax.resize`) against torch and against its own matrices."""
+"""Host-side resampling (`p2s_jax.model.resample`) against torch and against its own matrices."""
 
 from __future__ import annotations
 
@@ -14,7 +14,8 @@ SHAPES = [((480, 640), (1024, 1024)), ((1100, 1501), (1024, 1024)), ((33, 50), (
 @pytest.mark.parametrize("method", ["bilinear_aa", "bilinear", "bicubic"])
 @pytest.mark.parametrize("in_hw,out_hw", SHAPES)
 def test_taps_equal_the_matrix_product(method, in_hw, out_hw):
-    from p2s_jax.resize import resize_image_numpy, resize_matrices
+    from p2s_jax.inference.preprocess import resize_image_numpy
+    from p2s_jax.model.resample import resize_matrices
 
     image = np.random.default_rng(0).random((*in_hw, 3), dtype=np.float32)
     wy, wx = resize_matrices(out_hw, in_hw, method)
@@ -30,7 +31,7 @@ def test_taps_equal_the_matrix_product(method, in_hw, out_hw):
                                                    ("bicubic", "bicubic", False)])
 @pytest.mark.parametrize("in_hw,out_hw", SHAPES)
 def test_matches_torch_interpolate(method, mode, antialias, in_hw, out_hw):
-    from p2s_jax.resize import resize_image_numpy
+    from p2s_jax.inference.preprocess import resize_image_numpy
 
     torch = reference.import_torch()
     image = np.random.default_rng(1).random((*in_hw, 3), dtype=np.float32)
@@ -45,7 +46,7 @@ def test_matches_torch_interpolate(method, mode, antialias, in_hw, out_hw):
 def test_preprocess_matches_the_official_transforms(name):
     from sam2.utils.transforms import SAM2Transforms
 
-    from p2s_jax.predictor import preprocess_image
+    from p2s_jax.inference.preprocess import preprocess_image
 
     reference.import_torch()
     image = (np.random.default_rng(2).integers(0, 256, (1100, 1501, 3), dtype=np.uint8)

@@ -1,4 +1,4 @@
-"""Tests of p2s_jax.samplers against the official sam2 samplers and by construction."""
+"""Tests of p2s_jax.train.samplers against the official sam2 samplers and by construction."""
 
 from __future__ import annotations
 
@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 from scipy import ndimage, stats
 
-from p2s_jax import samplers
-from p2s_jax.samplers import (available_samplers, distance_transform, get_sampler,
+from p2s_jax.train import samplers
+from p2s_jax.train.samplers import (available_samplers, distance_transform, get_sampler,
                               keypoint_pixels, register_sampler, sample_point_from_error_center,
                               squared_distance_transform)
 from reference import import_torch, reference_available

@@ -19,8 +19,8 @@ import pytest
 
 import multihost
 import reference
-from p2s_jax.metrics import read_jsonl
-from p2s_jax.train_config import (TrainConfig, apply_overrides, from_dict, load_config,
+from p2s_jax.train.metrics_writer import read_jsonl
+from p2s_jax.train.config import (TrainConfig, apply_overrides, from_dict, load_config,
                                   parse_overrides, tiny, to_dict)
 
 HERE = Path(__file__).parent
@@ -139,7 +139,7 @@ def test_export_loads_in_the_official_model(tmp_path, env, uninterrupted):
     assert missing and all(k.startswith(memory) for k in missing), missing
     # and it holds the fine-tuned weights, not the initial ones
     config = from_dict(json.loads((uninterrupted / "config.json").read_text()))
-    from p2s_jax.trainer import build_training_model
+    from p2s_jax.train.step import build_training_model
     from weights_conversion.convert import to_state_dict
 
     initial = to_state_dict(build_training_model(config))

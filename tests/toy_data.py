@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from p2s_jax.data.synthetic import ellipse_batch
+
 
 class ToyLoader:
     """``iterate(start)`` -> (step, batch) in the trainer's batch format; ``fixed``: every step
@@ -22,28 +24,11 @@ class ToyLoader:
 
     def global_batch(self, step: int) -> dict:
         rng = np.random.default_rng([self.seed, 0 if self.fixed else step])
-        b, s, p = self.global_batch_size, self.size, self.objects
-        yy, xx = np.mgrid[0:s, 0:s]
-        image = rng.integers(0, 256, (b, s, s, 3), dtype=np.uint8)
-        masks = np.zeros((b, p, s, s), bool)
-        keypoints = np.zeros((b, p, 17, 2), np.float32)
-        visibility = np.zeros((b, p, 17), np.float32)
-        for i in range(b):
-            for j in range(p):
-                cx, cy = rng.uniform(0.25 * s, 0.75 * s, 2)
-                rx, ry = rng.uniform(0.1 * s, 0.25 * s, 2)
-                mask = ((xx - cx) / rx) ** 2 + ((yy - cy) / ry) ** 2 <= 1
-                masks[i, j] = mask & ~masks[i, :j].any(0)
-                image[i][mask] = 60 + 150 * j // max(p - 1, 1)
-                ys, xs = np.nonzero(masks[i, j])
-                pick = rng.choice(len(xs), 17)
-                keypoints[i, j] = np.stack([xs[pick], ys[pick]], -1)
-                visibility[i, j] = rng.uniform(0.05, 1.0, 17)
+        b = self.global_batch_size
+        out = ellipse_batch(rng, b, self.size, self.objects)
         if step in self.poison:
-            visibility[..., 0] = self.poison[step]
-        valid = masks.any((-2, -1))
-        return {"image": image, "masks": masks, "keypoints": keypoints, "visibility": visibility,
-                "valid": valid, "image_id": np.arange(b) + 1000 * step,
+            out["visibility"][..., 0] = self.poison[step]
+        return {**out, "image_id": np.arange(b) + 1000 * step,
                 "record_index": (np.arange(b) + step * b) % self.num_records}
 
     def batch(self, step: int) -> dict:

@@ -23,9 +23,9 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from p2s_jax.samplers import pose_mask_refine, register_sampler  # noqa: E402
-from p2s_jax.train_config import tiny  # noqa: E402
-from p2s_jax.trainer import NonFiniteError, train  # noqa: E402
+from p2s_jax.train.samplers import pose_mask_refine, register_sampler  # noqa: E402
+from p2s_jax.train.config import tiny  # noqa: E402
+from p2s_jax.train.loop import NonFiniteError, train  # noqa: E402
 import multihost  # noqa: E402
 from toy_data import ToyLoader  # noqa: E402
 
@@ -76,7 +76,7 @@ def main(argv) -> int:
         result = train(config, workdir, loader=loader, progress=False, max_steps=2)
         from flax import nnx
 
-        from p2s_jax.trainer import build_training_model, trainable_filter
+        from p2s_jax.train.step import build_training_model, trainable_filter
 
         _, initial, _ = nnx.split(build_training_model(config), trainable_filter(config), ...)
         initial = {"initial" + k: v for k, v in flat_params({"params": initial}).items()}

@@ -2,6 +2,7 @@
 
 from weights_conversion.convert import (
     CheckpointError,
+    METADATA_FILE,
     convert_checkpoint,
     VIDEO_MEMORY_PREFIXES,
     detect_model_name,
@@ -15,7 +16,7 @@ from weights_conversion.convert import (
 )
 
 __all__ = [
-    "CheckpointError", "convert_checkpoint", "VIDEO_MEMORY_PREFIXES", "detect_model_name", "from_state_dict",
+    "CheckpointError", "METADATA_FILE", "convert_checkpoint", "VIDEO_MEMORY_PREFIXES", "detect_model_name", "from_state_dict",
     "load_model", "load_torch_state_dict", "save_orbax", "load_orbax", "to_state_dict",
     "save_torch_checkpoint",
 ]

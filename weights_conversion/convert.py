@@ -11,21 +11,21 @@
 
 from __future__ import annotations
 
-import json
 import os
 import re
-import shutil
 import tempfile
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
-import jax
 import jax.numpy as jnp
 import numpy as np
+import orbax.checkpoint as ocp
 from flax import nnx
 
-from p2s_jax.configs import CONFIGS, get_config
-from p2s_jax.sam2 import SAM2Image, abstract_model
+from p2s_jax.model.configs import CONFIGS, get_config
+from p2s_jax.model.sam2 import SAM2Image, abstract_model
+from p2s_jax.utils.errors import InputError
+from p2s_jax.utils.files import read_json, write_json
 from weights_conversion.mapping import iter_rules, torch_shape_of
 
 VIDEO_MEMORY_PREFIXES = (
@@ -35,7 +35,7 @@ VIDEO_MEMORY_PREFIXES = (
 METADATA_FILE = "p2s_model.json"
 
 
-class CheckpointError(ValueError):
+class CheckpointError(InputError):
     """A checkpoint that cannot be loaded: the message names the file, key and shapes."""
 
 
@@ -140,8 +140,6 @@ def save_torch_checkpoint(model: SAM2Image, path, base_state_dict: Optional[Dict
 
 def save_orbax(model: SAM2Image, out_dir, source: str = "") -> Path:
     """Saves the weights (Orbax, atomic) and `p2s_model.json` (model name, image size)."""
-    import orbax.checkpoint as ocp
-
     out_dir = Path(out_dir).absolute()
     if (out_dir / "weights").exists():
         raise CheckpointError(f"{out_dir / 'weights'} exists already; choose an empty folder")
@@ -149,25 +147,18 @@ def save_orbax(model: SAM2Image, out_dir, source: str = "") -> Path:
     with ocp.StandardCheckpointer() as checkpointer:
         checkpointer.save(out_dir / "weights", nnx.state(model))
     meta = {"model": model.config.name, "image_size": model.config.image_size, "source": str(source)}
-    tmp = out_dir / (METADATA_FILE + ".tmp")
-    tmp.write_text(json.dumps(meta, indent=2))
-    os.replace(tmp, out_dir / METADATA_FILE)
+    write_json(out_dir / METADATA_FILE, meta, indent=2)
     return out_dir
 
 
 def load_orbax(path, model_name: Optional[str] = None, image_size: Optional[int] = None,
                dtype=jnp.float32) -> SAM2Image:
-    import orbax.checkpoint as ocp
-
     path = Path(path).absolute()
     meta_file = path / METADATA_FILE
     if not meta_file.is_file() or not (path / "weights").is_dir():
         raise CheckpointError(f"{path} is not a converted p2s_jax checkpoint "
                               f"(expected {METADATA_FILE} and weights/)")
-    try:
-        meta = json.loads(meta_file.read_text())
-    except json.JSONDecodeError as err:
-        raise CheckpointError(f"{meta_file} is corrupt: {err}") from err
+    meta = read_json(meta_file, "converted checkpoint metadata", CheckpointError)
     if model_name is not None and get_config(model_name).name != meta["model"]:
         raise CheckpointError(f"{path} is a {meta['model']} checkpoint, but the model "
                               f"{get_config(model_name).name} was requested")

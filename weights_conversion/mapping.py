@@ -8,27 +8,13 @@ and the leaf renamed (kernel/scale/embedding -> weight). Layout changes depend o
 from __future__ import annotations
 
 import re
-from typing import Callable, Dict, Iterator, Tuple
+from typing import Callable, Iterator, Tuple
 
 import numpy as np
 from flax import nnx
 
-from p2s_jax.layers import ConvTranspose2x2
-
-# (regex on the dotted Flax module path, replacement) applied in order.
-MODULE_RENAMES = [
-    (r"mask_downscaling\.conv1", "mask_downscaling.0"),
-    (r"mask_downscaling\.norm1", "mask_downscaling.1"),
-    (r"mask_downscaling\.conv2", "mask_downscaling.3"),
-    (r"mask_downscaling\.norm2", "mask_downscaling.4"),
-    (r"mask_downscaling\.conv3", "mask_downscaling.6"),
-    (r"output_upscaling\.deconv1", "output_upscaling.0"),
-    (r"output_upscaling\.norm", "output_upscaling.1"),
-    (r"output_upscaling\.deconv2", "output_upscaling.3"),
-    (r"neck\.convs\.(\d+)", r"neck.convs.\1.conv"),
-]
-LEAF_RENAMES = {"kernel": "weight", "scale": "weight", "embedding": "weight",
-                "gaussian": "pe_layer.positional_encoding_gaussian_matrix"}
+from p2s_jax.model.layers import ConvTranspose2x2
+from p2s_jax.model.param_names import modules_by_path, torch_key
 
 # Official 1x1 convolutions that we run as Linear layers: torch weight (out, in, 1, 1).
 CONV1X1_KEYS = re.compile(r"(neck\.convs\.\d+\.conv|conv_s0|conv_s1|mask_downscaling\.6)\.weight$")
@@ -58,20 +44,6 @@ def _rule_for(module, leaf: str, key: str) -> Rule:
     if leaf in ("pos_embed", "pos_embed_window"):
         return Rule(key, lambda w: w.transpose(0, 2, 3, 1), lambda k: k.transpose(0, 3, 1, 2))
     return Rule(key, _identity, _identity)
-
-
-def torch_key(path: Tuple) -> str:
-    module_path = ".".join(str(p) for p in path[:-1])
-    for pattern, replacement in MODULE_RENAMES:
-        module_path = re.sub(pattern, replacement, module_path)
-    leaf = LEAF_RENAMES.get(path[-1], path[-1])
-    return f"{module_path}.{leaf}" if module_path else leaf
-
-
-def modules_by_path(model: nnx.Module) -> Dict[Tuple, nnx.Module]:
-    """Every submodule of ``model`` (itself under ``()``) keyed by its Flax path tuple."""
-    return {tuple(path): node for path, node in nnx.iter_graph(model)
-            if isinstance(node, nnx.Module)}
 
 
 def iter_rules(model: nnx.Module) -> Iterator[Tuple[Tuple, nnx.Variable, Rule]]:

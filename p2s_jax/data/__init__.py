@@ -1,18 +1,14 @@
-"""Training data: a tfds builder of person records, augmentations and the batch loader.
+"""Data: COCO-format person files and the training data pipeline.
 
-- `p2s_jax.data.builder`: `prepare` (COCO-format files -> array_record, no TensorFlow) and
-  `load_source` (the records through tfds' `as_data_source`).
-- `p2s_jax.data.augment`: flip, affine, resize and colour steps on image, masks and keypoints.
-- `p2s_jax.data.loader`: `TrainLoader`, deterministic per-step batches with host sharding,
-  thread prefetching and exact resume.
+- `coco`: COCO-format ground truth, keypoint files (ground truth and detections) and mask RLE.
+- `matching`: detections <-> ground-truth persons (box IoU, Hungarian matching).
+- `builder`: `prepare` (COCO-format files -> array_record, no TensorFlow) and `load_source`
+  (the records through tfds' `as_data_source`).
+- `augment`: flip, affine, resize and colour steps on image, masks and keypoints.
+- `loader`: `TrainLoader`, deterministic per-step batches with host sharding, thread
+  prefetching and exact resume; `pipeline` builds it from a training config.
+- `synthetic`: generated COCO-format person datasets (tests, benchmarks, the `tiny` preset).
 
-See docs/data.md.
+Modules are imported one by one (`from p2s_jax.data.loader import TrainLoader`), so that
+reading a COCO file does not load tensorflow-datasets. See docs/data.md.
 """
-
-from p2s_jax.data.augment import NO_AUGMENT, AugmentConfig
-from p2s_jax.data.builder import (PersonSegmentation, PersonSegmentationConfig, load_source,
-                                  prepare)
-from p2s_jax.data.loader import DataError, TrainLoader
-
-__all__ = ["NO_AUGMENT", "AugmentConfig", "PersonSegmentation",
-           "PersonSegmentationConfig", "load_source", "prepare", "DataError", "TrainLoader"]

@@ -19,7 +19,7 @@ ImageNet normalisation is left to the device: the image stays uint8.
 
 Conventions. Images are (H, W, 3) uint8, masks (M, H, W) bool, keypoints (P, 17, 2) float
 (x, y) with visibility (P, 17) float (<= 0: unavailable). A point with integer coordinates
-(x, y) is the CENTRE of pixel mask[y, x] (as in `p2s_jax.samplers`), so the pixel under a
+(x, y) is the CENTRE of pixel mask[y, x] (as in `p2s_jax.train.samplers`), so the pixel under a
 keypoint is (floor(x + 0.5), floor(y + 0.5)) and a keypoint lies in the image when
 -0.5 <= x < W - 0.5 and -0.5 <= y < H - 0.5. Every geometric step moves image, masks and
 keypoints with one map:
@@ -43,11 +43,9 @@ import math
 import numpy as np
 from PIL import Image, ImageEnhance
 
-from p2s_jax.coco import NUM_KEYPOINTS
+from p2s_jax.keypoints import FLIP_PERMUTATION, NUM_KEYPOINTS
+from p2s_jax.utils.errors import InputError
 
-# Slot j of a flipped pose holds the mirrored keypoint FLIP_PERMUTATION[j] (COCO order: nose, then
-# left / right pairs of eyes, ears, shoulders, elbows, wrists, hips, knees, ankles).
-FLIP_PERMUTATION = (0, 2, 1, 4, 3, 6, 5, 8, 7, 10, 9, 12, 11, 14, 13, 16, 15)
 # The official RandomAffine fills the uncovered border with the ImageNet mean in uint8.
 IMAGE_FILL = (123, 116, 103)
 # Colour operations a jitter applies, in the order given by `ColorJitterParams.order`.
@@ -86,20 +84,20 @@ class AugmentConfig:
         for name in ("flip_p", "grayscale_p"):
             value = getattr(self, name)
             if not 0.0 <= value <= 1.0:
-                raise ValueError(f"AugmentConfig.{name} must be a probability in [0, 1], "
+                raise InputError(f"AugmentConfig.{name} must be a probability in [0, 1], "
                                  f"got {value}")
         if not 0.0 <= self.degrees <= 180.0:
-            raise ValueError(f"AugmentConfig.degrees must be in [0, 180], got {self.degrees}")
+            raise InputError(f"AugmentConfig.degrees must be in [0, 180], got {self.degrees}")
         if not 0.0 <= self.shear < 90.0:
-            raise ValueError(f"AugmentConfig.shear must be in [0, 90) degrees, got {self.shear}")
+            raise InputError(f"AugmentConfig.shear must be in [0, 90) degrees, got {self.shear}")
         if self.affine_tries < 1:
-            raise ValueError(f"AugmentConfig.affine_tries must be >= 1, got {self.affine_tries}")
+            raise InputError(f"AugmentConfig.affine_tries must be >= 1, got {self.affine_tries}")
         if len(self.fill) != 3 or not all(0 <= v <= 255 for v in self.fill):
-            raise ValueError(f"AugmentConfig.fill must be 3 values in [0, 255], got {self.fill}")
+            raise InputError(f"AugmentConfig.fill must be 3 values in [0, 255], got {self.fill}")
         for name in ("jitter", "jitter_after_grayscale"):
             value = getattr(self, name)
             if len(value) != 3 or min(value) < 0:
-                raise ValueError(f"AugmentConfig.{name} must be 3 non-negative strengths "
+                raise InputError(f"AugmentConfig.{name} must be 3 non-negative strengths "
                                  f"(brightness, contrast, saturation), got {value}")
 
 

@@ -36,29 +36,25 @@ from __future__ import annotations
 
 import collections
 import functools
-import io
 import itertools
 from collections.abc import Iterator, Mapping, Sequence
 from concurrent import futures
 from typing import Any
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
 from pycocotools import mask as mask_utils
 
-from p2s_jax.coco import NUM_KEYPOINTS
 from p2s_jax.data.augment import AugmentConfig, augment
-from p2s_jax.images import ImageError, to_rgb_uint8
+from p2s_jax.keypoints import NUM_KEYPOINTS
+from p2s_jax.utils.errors import Error
+from p2s_jax.utils.images import ImageError, decode_image
 
 # Distinct SeedSequence streams for the epoch order and the per-sample randomness.
 _ORDER_STREAM, _SAMPLE_STREAM = 0, 1
-# PIL modes NumPy takes as they are (to_rgb_uint8 finishes them) and modes PIL converts to RGB.
-_ARRAY_MODES = ("L", "LA", "RGB", "RGBA")
-_CONVERTED_MODES = ("1", "P", "PA", "CMYK", "YCbCr", "LAB", "HSV", "RGBX", "RGBa", "La")
 BATCH_KEYS = ("image", "masks", "keypoints", "visibility", "valid", "image_id", "record_index")
 
 
-class DataError(RuntimeError):
+class DataError(Error, RuntimeError):
     """A training sample that could not be made (the message names step, record and image)."""
 
 
@@ -99,26 +95,6 @@ def sample_rng(seed: int, epoch: int, record_index: int) -> np.random.Generator:
 
 # ----------------------------------------------------------------------------------------------
 # One sample
-
-
-def decode_image(data: bytes, name: str = "image") -> np.ndarray:
-    """Encoded JPEG / PNG bytes -> (H, W, 3) uint8 RGB (gray replicated, alpha dropped).
-
-    Raises:
-      ImageError: undecodable data or a high-bit-depth image, naming `name`.
-    """
-    try:
-        with Image.open(io.BytesIO(data)) as image:
-            image.load()
-            if image.mode in _CONVERTED_MODES:
-                has_alpha = image.mode in ("PA", "La", "RGBa") or "transparency" in image.info
-                image = image.convert("RGBA" if has_alpha else "RGB")
-            elif image.mode not in _ARRAY_MODES:
-                raise ImageError(f"{name}: unsupported image mode {image.mode!r} (e.g. 16-bit); "
-                                 "expected 8-bit gray, RGB, RGBA or palette")
-            return to_rgb_uint8(np.asarray(image), name)
-    except (UnidentifiedImageError, OSError, SyntaxError) as e:
-        raise ImageError(f"{name}: cannot decode image ({type(e).__name__}: {e})") from e
 
 
 def decode_masks(rles: Sequence[bytes], height: int, width: int) -> np.ndarray:

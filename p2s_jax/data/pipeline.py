@@ -9,9 +9,11 @@ from pathlib import Path
 
 import jax
 
+from p2s_jax.utils.errors import InputError, MissingFileError
 from p2s_jax.data.augment import NO_AUGMENT, AugmentConfig
 from p2s_jax.data.builder import PersonSegmentationConfig, load_source, prepare
 from p2s_jax.data.loader import TrainLoader
+from p2s_jax.data.synthetic import make_coco_dataset, make_keypoint_detections
 
 
 class ConcatSource:
@@ -41,7 +43,7 @@ def _prepared(data_dir: str, name: str, manual_dir: str, config=None):
         return load_source(data_dir, name)
     except FileNotFoundError:
         if not manual_dir:
-            raise FileNotFoundError(
+            raise MissingFileError(
                 f"dataset '{name}' is not prepared under {data_dir!r} and no data.manual_dir "
                 f"is given to prepare it from (see docs/data.md)") from None
         prepare(manual_dir, data_dir, config or name)
@@ -50,8 +52,6 @@ def _prepared(data_dir: str, name: str, manual_dir: str, config=None):
 
 def synthetic_source(workdir: Path, num_images: int, seed: int):
     """Generated COCO-format persons on scikit-image photos, prepared once under workdir."""
-    from p2s_jax.synthetic import make_coco_dataset, make_keypoint_detections
-
     root = Path(workdir) / "synthetic"
     data_dir = root / "tfds"
     name = f"synthetic_{num_images}_{seed}"
@@ -71,7 +71,7 @@ def source_from_config(config, workdir):
     if data.synthetic_images > 0:
         return synthetic_source(Path(workdir), data.synthetic_images, config.seed)
     if not data.data_dir:
-        raise ValueError("set data.data_dir (the tfds data folder), or data.synthetic_images")
+        raise InputError("set data.data_dir (the tfds data folder), or data.synthetic_images")
     if data.annotations:
         custom = PersonSegmentationConfig(name=data.custom_name, annotations=data.annotations,
                                           images=data.images,

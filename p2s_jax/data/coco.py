@@ -1,0 +1,476 @@
+"""COCO-format person files: ground truth, keypoint files, poses and mask RLE (pycocotools).
+
+pycocotools is the reference throughout: annotations are indexed by `pycocotools.coco.COCO` and
+masks are encoded with `pycocotools.mask`. This module adds input validation (errors that name
+the file, the entry and the key) and one reader for every keypoint file.
+
+Keypoint files (`load_keypoint_detections` for a dataset, `load_image_poses` for one photo)
+share one parser with one rule: a keypoint triplet [0, 0, 0] is COCO's "not labelled" and the
+keypoint is absent (NaN coordinates), whatever the score names; any other triplet is kept as
+written. Ground-truth annotations use their visibility flag instead (v = 0: absent,
+`keypoints.labelled_points`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import io
+import math
+import os
+import warnings
+from collections import defaultdict
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+from pycocotools import mask as mask_utils
+from pycocotools.coco import COCO
+
+from p2s_jax.keypoints import NUM_KEYPOINTS
+from p2s_jax.utils.errors import InputError
+from p2s_jax.utils.files import read_json
+
+# Per-keypoint score arrays a PoseInstances may carry ('confidence' is the s of each [x, y, s]).
+SCORE_NAMES = ("visibility", "presence", "expected_oks", "confidence")
+# Optional per-keypoint arrays of a detection entry, as ProbPose writes them.
+_DETECTION_SCORE_KEYS = ("visibility", "presence", "expected_oks")
+SMALL_AREA = 32.0**2
+
+_IMAGE_KEYS = ("id", "width", "height", "file_name")
+_CATEGORY_KEYS = ("id", "name")
+_ANNOTATION_KEYS = ("id", "image_id", "category_id", "segmentation", "area", "bbox", "iscrowd")
+
+
+class CocoFormatError(InputError):
+    """A COCO-format file or a results list that does not have the expected structure."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Ground truth
+
+
+def quiet():
+    """pycocotools prints progress on stdout; this silences it."""
+    return contextlib.redirect_stdout(io.StringIO())
+
+
+def _check_entries(path: Path, entries: Any, section: str, required: Sequence[str]) -> set:
+    """Checks that `entries` is a list of objects with `required` keys and unique ids; -> ids."""
+    if not isinstance(entries, list):
+        raise CocoFormatError(f"{path}: '{section}' must be a list, got {type(entries).__name__}")
+    ids = set()
+    for i, entry in enumerate(entries):
+        if not isinstance(entry, dict):
+            raise CocoFormatError(f"{path}: {section}[{i}] must be an object, "
+                                  f"got {type(entry).__name__}")
+        missing = [k for k in required if k not in entry]
+        if missing:
+            raise CocoFormatError(f"{path}: {section}[{i}] (id={entry.get('id')}) lacks key(s) "
+                                  f"{missing}; each entry of '{section}' needs {list(required)}")
+        if entry["id"] in ids:
+            raise CocoFormatError(f"{path}: {section}[{i}] repeats id {entry['id']}")
+        ids.add(entry["id"])
+    return ids
+
+
+def _check_segmentation(path: Path, index: int, ann: dict) -> None:
+    """A polygon list or an RLE dict, as pycocotools' annToRLE accepts them."""
+    seg = ann["segmentation"]
+    is_polygons = isinstance(seg, list) and len(seg) > 0 and all(
+        isinstance(p, list) and len(p) > 0 for p in seg)
+    is_rle = isinstance(seg, dict) and "size" in seg and "counts" in seg
+    if not (is_polygons or is_rle):
+        raise CocoFormatError(
+            f"{path}: annotations[{index}] (id={ann['id']}): 'segmentation' must be a non-empty "
+            f"list of polygons or an RLE object with 'size' and 'counts', got {str(seg)[:80]}")
+
+
+def _validate_ground_truth(path: Path, data: Any) -> None:
+    if not isinstance(data, dict):
+        raise CocoFormatError(f"{path}: expected a JSON object with 'images', 'annotations' and "
+                              f"'categories', got a JSON {type(data).__name__}")
+    for key in ("images", "annotations", "categories"):
+        if key not in data:
+            raise CocoFormatError(
+                f"{path}: missing top-level key '{key}' (found {sorted(data)}); a COCO "
+                "ground-truth file needs 'images', 'annotations' and 'categories'")
+    image_ids = _check_entries(path, data["images"], "images", _IMAGE_KEYS)
+    category_ids = _check_entries(path, data["categories"], "categories", _CATEGORY_KEYS)
+    _check_entries(path, data["annotations"], "annotations", _ANNOTATION_KEYS)
+    for i, ann in enumerate(data["annotations"]):
+        where = f"{path}: annotations[{i}] (id={ann['id']})"
+        if ann["id"] == 0:  # COCOeval stores matches as ids with 0 meaning "unmatched"
+            raise CocoFormatError(f"{where}: annotation id 0 is not allowed (pycocotools reads a "
+                                  "match with id 0 as no match)")
+        if ann["image_id"] not in image_ids:
+            raise CocoFormatError(f"{where}: image_id {ann['image_id']} is not in 'images'")
+        if ann["category_id"] not in category_ids:
+            raise CocoFormatError(f"{where}: category_id {ann['category_id']} is not in "
+                                  "'categories'")
+        _check_segmentation(path, i, ann)
+
+
+def load_coco(path: str | os.PathLike) -> COCO:
+    """Loads a COCO-format ground-truth file (COCO, OCHuman, CIHP) as a pycocotools COCO.
+
+    The file is validated before indexing, so a malformed file stops here with an error naming the
+    file and the reason rather than deep inside an evaluation.
+
+    Raises:
+      FileNotFoundError: the file does not exist.
+      CocoFormatError: invalid JSON (with line / column), a missing top-level key ('images',
+        'annotations', 'categories'), an entry lacking a required key, a repeated id, a dangling
+        image / category reference or an unusable segmentation.
+    """
+    path = Path(path)
+    data = read_json(path, "COCO annotation file", CocoFormatError)
+    _validate_ground_truth(path, data)
+    coco = COCO()
+    coco.dataset = data
+    with quiet():
+        coco.createIndex()
+    return coco
+
+
+def person_category_id(coco: COCO) -> int:
+    """Id of the category named 'person'."""
+    ids = coco.getCatIds(catNms=["person"])
+    if len(ids) != 1:
+        names = [c["name"] for c in coco.dataset.get("categories", [])]
+        raise CocoFormatError(f"expected exactly one category named 'person', found {len(ids)} "
+                              f"among categories {names}")
+    return int(ids[0])
+
+
+def check_image_id(coco: COCO, image_id: int) -> int:
+    if image_id not in coco.imgs:
+        raise KeyError(f"image_id {image_id} is not in the ground truth "
+                       f"({len(coco.imgs)} images)")
+    return image_id
+
+
+# ----------------------------------------------------------------------------------------------
+# Pose prompts
+
+
+def xywh_to_xyxy(boxes: np.ndarray) -> np.ndarray:
+    """(..., 4) [x, y, w, h] -> (..., 4) [x0, y0, x1, y1], float32."""
+    boxes = np.asarray(boxes, np.float32)
+    return np.concatenate([boxes[..., :2], boxes[..., :2] + boxes[..., 2:]], axis=-1)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class PoseInstances:
+    """The P person poses of one image: the prompts of SAM-pose2seg.
+
+    Attributes:
+      keypoints: (P, 17, 2) float32 x, y in image pixels, COCO keypoint order (`KEYPOINT_NAMES`).
+      scores: name -> (P, 17) float32 per-keypoint scores, names among `SCORE_NAMES`:
+        'visibility' (ProbPose's visibility, or binary v > 0 for ground truth; 0 = unusable),
+        'presence' (probability that the keypoint lies in the image), 'expected_oks' (predicted
+        localisation quality) and 'confidence' (the s of each [x, y, s] triplet).
+      boxes: (P, 4) float32 [x0, y0, x1, y1] person boxes, or None.
+      det_score: (P,) float32 instance scores (1.0 for ground truth; ones when not given).
+      ann_ids: (P,) int64 ground-truth annotation ids, or None for detections.
+    """
+
+    keypoints: np.ndarray
+    scores: Mapping[str, np.ndarray]
+    boxes: np.ndarray | None = None
+    det_score: np.ndarray | None = None
+    ann_ids: np.ndarray | None = None
+
+    def __post_init__(self):
+        keypoints = np.asarray(self.keypoints, np.float32)
+        if keypoints.ndim != 3 or keypoints.shape[1:] != (NUM_KEYPOINTS, 2):
+            raise ValueError(f"keypoints must have shape (P, {NUM_KEYPOINTS}, 2), "
+                             f"got {keypoints.shape}")
+        num = keypoints.shape[0]
+        scores = {}
+        for name, value in self.scores.items():
+            if name not in SCORE_NAMES:
+                raise ValueError(f"unknown keypoint score {name!r}; expected one of {SCORE_NAMES}")
+            scores[name] = _shaped(value, (num, NUM_KEYPOINTS), f"scores[{name!r}]", np.float32)
+        boxes = None if self.boxes is None else _shaped(self.boxes, (num, 4), "boxes", np.float32)
+        det_score = (np.ones(num, np.float32) if self.det_score is None
+                     else _shaped(self.det_score, (num,), "det_score", np.float32))
+        ann_ids = None if self.ann_ids is None else _shaped(self.ann_ids, (num,), "ann_ids",
+                                                            np.int64)
+        for field, value in (("keypoints", keypoints), ("scores", scores), ("boxes", boxes),
+                             ("det_score", det_score), ("ann_ids", ann_ids)):
+            object.__setattr__(self, field, value)
+
+    def __len__(self) -> int:
+        return self.keypoints.shape[0]
+
+    @classmethod
+    def empty(cls, score_names: Iterable[str] = (), with_boxes: bool = False) -> PoseInstances:
+        """No person (P = 0), with the given score names (and boxes), so that shapes line up."""
+        return cls(np.zeros((0, NUM_KEYPOINTS, 2), np.float32),
+                   {n: np.zeros((0, NUM_KEYPOINTS), np.float32) for n in score_names},
+                   np.zeros((0, 4), np.float32) if with_boxes else None)
+
+    def select(self, index: np.ndarray | Sequence[int]) -> PoseInstances:
+        """The persons picked by integer indices or a (P,) boolean mask, in that order."""
+        index = np.asarray(index)
+        return PoseInstances(
+            self.keypoints[index], {k: v[index] for k, v in self.scores.items()},
+            None if self.boxes is None else self.boxes[index], self.det_score[index],
+            None if self.ann_ids is None else self.ann_ids[index])
+
+
+def _shaped(value: Any, shape: tuple[int, ...], name: str, dtype) -> np.ndarray:
+    array = np.asarray(value, dtype)
+    if array.shape != shape:
+        raise ValueError(f"{name} must have shape {shape}, got {array.shape}")
+    return array
+
+
+def ground_truth_poses(coco: COCO, image_id: int, include_crowd: bool = False) -> PoseInstances:
+    """Ground-truth person poses of one image, as prompts (the paper's Table 3 setting).
+
+    visibility is binary: 1.0 where the annotation has v > 0 (labelled, visible or occluded),
+    0.0 where v = 0 (not labelled: those keypoints, at (0, 0) in COCO, are unusable as prompts).
+    Persons without any annotated keypoint (small persons in COCO; datasets without keypoints)
+    are kept with all-zero visibility so that they still line up with the ground truth; boxes come
+    from the annotation's bbox, det_score is 1.0 and ann_ids are the annotation ids.
+
+    Args:
+      coco: ground truth from `load_coco`.
+      image_id: an image of `coco`.
+      include_crowd: also return iscrowd=1 regions (off by default: they are not persons).
+
+    Returns:
+      PoseInstances with P = number of person annotations, in file order.
+    """
+    check_image_id(coco, image_id)
+    ann_ids = coco.getAnnIds(imgIds=[image_id], catIds=[person_category_id(coco)])
+    anns = [a for a in coco.loadAnns(ann_ids) if include_crowd or not a.get("iscrowd", 0)]
+    triplets = np.zeros((len(anns), NUM_KEYPOINTS, 3), np.float32)
+    for i, ann in enumerate(anns):
+        if ann.get("keypoints"):
+            values = np.asarray(ann["keypoints"], np.float32)
+            if values.shape != (3 * NUM_KEYPOINTS,):
+                raise CocoFormatError(f"annotation id {ann['id']}: 'keypoints' must hold "
+                                      f"{3 * NUM_KEYPOINTS} numbers, got {values.size}")
+            triplets[i] = values.reshape(NUM_KEYPOINTS, 3)
+    boxes = np.asarray([a["bbox"] for a in anns], np.float32).reshape(len(anns), 4)
+    return PoseInstances(
+        keypoints=triplets[..., :2],
+        scores={"visibility": (triplets[..., 2] > 0).astype(np.float32)},
+        boxes=xywh_to_xyxy(boxes),
+        det_score=np.ones(len(anns), np.float32),
+        ann_ids=np.asarray([a["id"] for a in anns], np.int64),
+    )
+
+
+def _numbers(where: str, value: Any, key: str, length: int) -> np.ndarray:
+    """`value` (entry[key], flat or nested lists) as a finite float64 array of `length`; errors
+    name the place, the key and the lengths."""
+    try:
+        array = np.asarray(value, np.float64).ravel()
+    except (TypeError, ValueError):
+        raise CocoFormatError(f"{where}: '{key}' must be a list of {length} numbers, got "
+                              f"{str(value)[:60]}") from None
+    if np.ndim(value) == 0:
+        raise CocoFormatError(f"{where}: '{key}' must be a list of {length} numbers, "
+                              f"got {type(value).__name__}")
+    if array.size != length:
+        raise CocoFormatError(f"{where}: '{key}' must hold {length} numbers, got {array.size}")
+    if not np.all(np.isfinite(array)):
+        bad = int(np.flatnonzero(~np.isfinite(array))[0])
+        raise CocoFormatError(f"{where}: '{key}' holds a non-finite value ({array[bad]}) at "
+                              f"position {bad}")
+    return array
+
+
+class _Person(NamedTuple):
+    """One person of a keypoint file."""
+
+    keypoints: np.ndarray  # (17, 2) float32, NaN where the triplet is [0, 0, 0]
+    scores: dict  # name -> (17,) float32
+    box: np.ndarray | None  # (4,) xyxy
+    score: float  # instance score
+
+
+def _parse_person(where: str, entry: Any, optional: Sequence[str],
+                  default_score: float | None = None) -> _Person:
+    """One person of a keypoint file: a COCO keypoint result object ({"keypoints": [x, y, s] *
+    17, "score", optional per-keypoint "visibility", "presence", "expected_oks" and "bbox"
+    [x, y, w, h]}), or a bare list of 17 [x, y, s] triplets. `optional`: keys that must be
+    present; `default_score`: the score when the entry has none (None: "score" is required)."""
+    if not isinstance(entry, dict):
+        if not isinstance(entry, list):
+            raise CocoFormatError(f"{where} must be an object or a list of keypoint triplets, "
+                                  f"got {type(entry).__name__}")
+        entry = {"keypoints": entry}
+    required = ["keypoints", *optional] + (["score"] if default_score is None else [])
+    for key in required:
+        if key not in entry:
+            extra = (f" (entry 0 has it: every entry must carry the same optional fields "
+                     f"{list(optional)})" if key in optional else "")
+            raise CocoFormatError(f"{where}: missing key '{key}'{extra}")
+    score = entry.get("score", default_score)
+    if not isinstance(score, int | float) or isinstance(score, bool) or not math.isfinite(score):
+        raise CocoFormatError(f"{where}: 'score' must be a finite number, got {score!r}")
+    triplets = _numbers(where, entry["keypoints"], "keypoints", 3 * NUM_KEYPOINTS).reshape(-1, 3)
+    absent = np.all(triplets == 0, axis=1)
+    keypoints = np.where(absent[:, None], np.nan, triplets[:, :2]).astype(np.float32)
+    scores = {"confidence": triplets[:, 2]}
+    for key in _DETECTION_SCORE_KEYS:
+        if key in entry:
+            scores[key] = _numbers(where, entry[key], key, NUM_KEYPOINTS)
+    box = None
+    if "bbox" in entry:
+        box = xywh_to_xyxy(_numbers(where, entry["bbox"], "bbox", 4))
+    return _Person(keypoints, scores, box, float(score))
+
+
+def _stack_people(people: Sequence[_Person], score_names: Sequence[str],
+                  with_boxes: bool) -> PoseInstances:
+    if not people:
+        return PoseInstances.empty(score_names, with_boxes)
+    return PoseInstances(
+        keypoints=np.stack([p.keypoints for p in people]),
+        scores={n: np.stack([p.scores[n] for p in people]) for n in score_names},
+        boxes=np.stack([p.box for p in people]) if with_boxes else None,
+        det_score=np.asarray([p.score for p in people]))
+
+
+def load_keypoint_detections(path: str | os.PathLike, coco: COCO) -> dict[int, PoseInstances]:
+    """Reads person keypoint detections in the COCO keypoint results format (ProbPose output).
+
+    Each entry: {"image_id", "category_id", "keypoints": [x, y, s] * 17, "score"}, optionally with
+    per-keypoint "visibility", "presence", "expected_oks" (17 floats each) and "bbox" ([x, y, w,
+    h]) as ProbPose writes them. Which optional fields are present is read from the first entry
+    and required of every entry, so that all images carry the same score names. 'confidence' is
+    the s of each triplet; boxes are converted to [x0, y0, x1, y1].
+
+    Entries whose image is not in `coco` are dropped with a warning (a detection file for all of
+    val2017 may be used with a ground-truth subset); if no entry matches, that is an error.
+
+    Args:
+      path: the JSON file.
+      coco: the ground truth the detections belong to (`load_coco`).
+
+    Returns:
+      image_id -> PoseInstances for every image of `coco` (P = 0 where nothing was detected), the
+      persons in file order, det_score = "score", ann_ids None.
+
+    Raises:
+      FileNotFoundError, CocoFormatError: naming the file, the entry index, the key and the
+        expected vs. actual length; NaN / infinite values name the image and the entry.
+    """
+    path = Path(path)
+    entries = read_json(path, "keypoint detection file", CocoFormatError)
+    if not isinstance(entries, list):
+        raise CocoFormatError(f"{path}: expected a JSON list of detections (COCO keypoint results "
+                              f"format), got a JSON {type(entries).__name__}")
+    person = person_category_id(coco)
+    optional = [k for k in (*_DETECTION_SCORE_KEYS, "bbox")
+                if entries and isinstance(entries[0], dict) and k in entries[0]]
+    per_image = defaultdict(list)
+    unknown = 0
+    for index, entry in enumerate(entries):
+        where = f"{path}: entry {index}"
+        if not isinstance(entry, dict):
+            raise CocoFormatError(f"{where} must be an object, got {type(entry).__name__}")
+        where += f" (image_id={entry.get('image_id')})"
+        for key in ("image_id", "category_id"):
+            if key not in entry:
+                raise CocoFormatError(f"{where}: missing key '{key}'")
+        parsed = _parse_person(where, entry, optional)
+        if entry["category_id"] != person:
+            raise CocoFormatError(f"{where}: category_id {entry['category_id']} is not the "
+                                  f"person category ({person})")
+        if entry["image_id"] not in coco.imgs:
+            unknown += 1
+            continue
+        per_image[entry["image_id"]].append(parsed)
+    if entries and unknown == len(entries):
+        raise CocoFormatError(f"{path}: none of the {len(entries)} detections refers to an image "
+                              "of the ground truth; wrong split or dataset?")
+    if unknown:
+        warnings.warn(f"{path}: dropped {unknown} of {len(entries)} detections whose image is not "
+                      "in the ground truth", stacklevel=2)
+    score_names = ("confidence", *[k for k in _DETECTION_SCORE_KEYS if k in optional])
+    return {image_id: _stack_people(per_image.get(image_id, []), score_names, "bbox" in optional)
+            for image_id in coco.getImgIds()}
+
+
+def load_image_poses(path: str | os.PathLike,
+                     score_type: str | None = None) -> tuple[PoseInstances, str]:
+    """The people of one photo from a keypoint file -> (`PoseInstances`, score name used).
+
+    Accepted JSON: a list with one entry per person (or one object), each a COCO keypoint
+    result object or a plain list of 17 [x, y, s] triplets (or 51 numbers); "score" defaults to
+    1.0, "image_id" and "category_id" are not needed. Triplets [0, 0, 0] are absent keypoints.
+    score_type None: 'visibility' when every person carries it, else 'confidence' (the s).
+    """
+    path = Path(path)
+    entries = read_json(path, "keypoint file", CocoFormatError)
+    if isinstance(entries, dict) and "keypoints" in entries:
+        entries = [entries]
+    if not isinstance(entries, list):
+        raise CocoFormatError(f"{path}: expected a JSON list with one entry per person, got a "
+                              f"JSON {type(entries).__name__}")
+    people = [_parse_person(f"{path}: person {i}", entry, (), default_score=1.0)
+              for i, entry in enumerate(entries)]
+    complete = [n for n in SCORE_NAMES if people and all(n in p.scores for p in people)]
+    if score_type is None:
+        score_type = "visibility" if "visibility" in complete else "confidence"
+    if people and score_type not in complete:
+        raise CocoFormatError(f"{path}: --score-type {score_type} needs '{score_type}' for every "
+                              f"person; available: {complete}")
+    with_boxes = bool(people) and all(p.box is not None for p in people)
+    return _stack_people(people, complete or ["confidence"], with_boxes), score_type
+
+
+# ----------------------------------------------------------------------------------------------
+# Results and evaluation
+
+
+def encode_results(image_id: int, masks: np.ndarray, scores: np.ndarray,
+                   category_id: int = 1) -> list[dict]:
+    """Predicted masks of one image -> COCO segmentation results (compressed RLE, JSON-ready).
+
+    Args:
+      image_id: the image the masks belong to.
+      masks: (P, H, W) bool, one mask per predicted person.
+      scores: (P,) finite instance scores (AP ranks predictions by them).
+      category_id: the person category id of the ground truth.
+
+    Returns:
+      P dicts {"image_id", "category_id", "segmentation": {"size": [H, W], "counts": str},
+      "score"}; encoded with pycocotools.mask.encode on a Fortran-ordered uint8 (H, W, P) array.
+    """
+    masks = np.asarray(masks)
+    scores = np.asarray(scores, np.float64)
+    if masks.ndim != 3:
+        raise ValueError(f"masks must have shape (P, H, W), got {masks.shape}")
+    if masks.dtype != np.bool_:
+        raise ValueError(f"masks must be boolean (threshold the logits first), got dtype "
+                         f"{masks.dtype}")
+    if scores.shape != (masks.shape[0],):
+        raise ValueError(f"scores must have shape ({masks.shape[0]},) to match masks "
+                         f"{masks.shape}, got {scores.shape}")
+    if not np.all(np.isfinite(scores)):
+        raise ValueError(f"image {image_id}: scores must be finite, got {scores}")
+    if masks.shape[0] == 0:
+        return []
+    return [{"image_id": int(image_id), "category_id": int(category_id), "segmentation": rle,
+             "score": float(score)}
+            for rle, score in zip(masks_to_rle(masks), scores)]
+
+
+def masks_to_rle(masks: np.ndarray) -> list[dict]:
+    """(P, H, W) bool masks -> P compressed RLEs {"size": [H, W], "counts": str}, JSON-ready
+    (pycocotools.mask.encode on a Fortran-ordered uint8 (H, W, P) array)."""
+    masks = np.asarray(masks)
+    if masks.shape[0] == 0:
+        return []
+    rles = mask_utils.encode(np.asfortranarray(masks.transpose(1, 2, 0).astype(np.uint8)))
+    return [{"size": [int(s) for s in rle["size"]], "counts": rle["counts"].decode("ascii")}
+            for rle in rles]

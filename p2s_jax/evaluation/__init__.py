@@ -1,0 +1,1 @@
+"""Dataset evaluation: the data-parallel runner, COCOeval mask AP, run reports."""

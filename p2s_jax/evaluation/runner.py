@@ -1,0 +1,595 @@
+"""Batched, data-parallel pose-to-mask evaluation on COCO-format datasets (COCO, OCHuman, CIHP).
+
+For every image that has people, SAM-pose2seg turns each person's pose into a prompt
+(`p2s_jax.inference.prompting.select_prompts`) and decodes one mask per person; the masks go to COCO segm
+results (compressed RLE) and to pycocotools' mask AP (`p2s_jax.data.coco.evaluate_segm`).
+
+How the work is laid out
+    * Host threads (`concurrent.futures`) read, check and preprocess the images a few steps ahead
+      of the device (`EvalConfig.num_workers`, `prefetch_steps`).
+    * The images with people are sorted by their number of people (most first, then by id), so
+      that images batched together need about the same padding, and cut into *chunks* of
+      `images_per_device` images. A *step* hands one chunk to every device of a 1-D
+      `jax.sharding.Mesh` with the axis 'data' (the last step is padded with empty chunks).
+    * Per step, through `jax.shard_map` over 'data' (each device works on its own chunk):
+      `encode_images` on the chunk's images; `select_prompts` on all people of each image
+      (people padded to whole chunks of `people_per_chunk`, NaN keypoints for padding);
+      `decode_prompts` vmapped over the images, on `people_per_chunk` people of every image at
+      a time; masks upsampled straight to a canvas of the largest image of the run and cropped
+      on the host. These are the predictor's own jitted functions (`p2s_jax.inference.predictor`).
+    * Multi-host: every process builds the same plan, feeds the chunks of its own devices
+      (`jax.make_array_from_process_local_data`), reads back its own shards, and the per-process
+      results are all-gathered at the end.
+
+Determinism: a chunk's images, and every array shape a device computes on, depend on
+`images_per_device` and `people_per_chunk` but not on the number of devices or processes, so
+the results are identical on one device and on many (tested with 1 and 4 host devices).
+
+People and images that produce no mask
+    * A person without any usable keypoint (none inside the image) gets no prompt and no mask;
+      such people are counted in `EvalReport.people_without_prompt`.
+    * An image that is missing, unreadable, or whose pixel size differs from its annotation is
+      reported by name, skipped (its people count as missed by COCOeval), and listed at the end.
+    * A malformed annotation or keypoint file stops the run at once (`p2s_jax.data.coco` raises).
+
+Result score (`EvalConfig.result_score`): COCOeval ranks all masks of the dataset by their
+score. "detection" uses the pose detector's instance score, "iou" SAM's predicted mask IoU, and
+"product" (the default) their product. The default is the product because the two carry
+complementary information: the detection score says whether the person exists at all (it
+demotes false-positive detections, which SAM still segments confidently) and the predicted IoU
+says how good the mask is (it demotes failed masks of real people); multiplying them is the
+mask-scoring rule of Mask Scoring R-CNN. With ground-truth poses the detection score is 1.0 and
+the product is the predicted IoU.
+"""
+
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+import dataclasses
+import functools
+import itertools
+import time
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding
+from pycocotools.coco import COCO
+from tqdm.auto import tqdm
+
+from p2s_jax.data import coco as coco_lib
+from p2s_jax.evaluation.metrics import evaluate_segm
+from p2s_jax.evaluation.report import EvalReport
+from p2s_jax.inference.predictor import decode_prompts, encode_images
+from p2s_jax.inference.preprocess import bucket, preprocess_image, upsample_matrix
+from p2s_jax.inference.prompting import (PromptConfig, exclusive_masks, select_prompts,
+                                         validate_pose_inputs)
+from p2s_jax.keypoints import NUM_KEYPOINTS, labelled_points
+from p2s_jax.model.sam2 import SAM2Image
+from p2s_jax.parallel import (DATA, REPLICATED, all_gather_json, host_to_global, local_positions,
+                              local_rows, make_mesh)
+from p2s_jax.utils.errors import MissingFileError
+from p2s_jax.utils.files import write_json
+from p2s_jax.utils.images import ImageError, load_image
+from p2s_jax.utils.errors import InputError
+from weights_conversion import load_model
+
+RESULT_SCORES = ("product", "detection", "iou")
+DEFAULT_RESULT_SCORE = "product"
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalConfig:
+    """Everything that decides the evaluation's results and its speed.
+
+    Attributes:
+      prompt: how a pose becomes a prompt (`PromptConfig.sam_pose2seg()`: MaxVis_3).
+      keypoint_score: the per-keypoint score that ranks keypoints, one of `coco.SCORE_NAMES`
+        ('visibility' by default: ProbPose's visibility, or binary for ground-truth poses).
+      result_score: 'product' (default, see the module docstring), 'detection' or 'iou'.
+      exclusive: each pixel keeps only the covering mask with the highest predicted IoU.
+      images_per_device: images encoded together on one device (the chunk size).
+      people_per_chunk: people of an image decoded together; more are decoded in further passes.
+      num_workers: host threads that read and preprocess images.
+      prefetch_steps: steps of images prepared ahead of the device.
+    """
+
+    prompt: PromptConfig = PromptConfig.sam_pose2seg()
+    keypoint_score: str = "visibility"
+    result_score: str = DEFAULT_RESULT_SCORE
+    exclusive: bool = False
+    images_per_device: int = 2
+    people_per_chunk: int = 4
+    num_workers: int = 4
+    prefetch_steps: int = 2
+
+    def __post_init__(self):
+        if self.keypoint_score not in coco_lib.SCORE_NAMES:
+            raise InputError(f"keypoint_score must be one of {coco_lib.SCORE_NAMES}, "
+                             f"got {self.keypoint_score!r}")
+        if self.result_score not in RESULT_SCORES:
+            raise InputError(f"result_score must be one of {RESULT_SCORES}, "
+                             f"got {self.result_score!r}")
+        for name in ("images_per_device", "people_per_chunk", "num_workers", "prefetch_steps"):
+            if getattr(self, name) < 1:
+                raise InputError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+class ImagePrompts(NamedTuple):
+    """The prompts used for the P people of one image (original-image pixels)."""
+
+    coords: np.ndarray  # (P, K, 2) float32
+    labels: np.ndarray  # (P, K) int32, -1 padding
+    has_prompt: np.ndarray  # (P,) bool
+
+
+class EvalOutput(NamedTuple):
+    results: list  # COCO segm results, by image id, then person order; people with a prompt only
+    report: EvalReport
+    prompts: dict  # image_id -> ImagePrompts (images that were run and not skipped)
+
+
+# ------------------------------------------------------------------------------ poses per image
+
+
+class _Poses(NamedTuple):
+    """One image's people as arrays for the device."""
+
+    keypoints: np.ndarray  # (P, 17, 2) float32, NaN = absent
+    scores: np.ndarray  # (P, 17) float32
+    boxes: np.ndarray | None  # (P, 4) float32 xyxy
+    det_score: np.ndarray  # (P,) float32
+
+
+def ground_truth_prompt_poses(coco: COCO) -> dict[int, coco_lib.PoseInstances]:
+    """Ground-truth poses of every image (`coco.ground_truth_poses`), with the unlabelled
+    keypoints (v = 0, stored at (0, 0)) set to NaN so that no prompt rule can ever use them."""
+    poses = {}
+    for image_id in sorted(coco.getImgIds()):
+        gt = coco_lib.ground_truth_poses(coco, image_id)
+        triplets = np.concatenate([gt.keypoints, gt.scores["visibility"][..., None]], axis=-1)
+        keypoints, _ = labelled_points(triplets)
+        poses[image_id] = coco_lib.PoseInstances(keypoints, gt.scores, gt.boxes, gt.det_score,
+                                                 gt.ann_ids)
+    return poses
+
+
+def _pose_arrays(image_id: int, poses: coco_lib.PoseInstances, config: EvalConfig) -> _Poses:
+    if config.keypoint_score not in poses.scores:
+        raise InputError(f"image {image_id}: the poses carry no {config.keypoint_score!r} "
+                         f"keypoint scores (they have {sorted(poses.scores)}); choose another "
+                         "score type (e.g. --score-type confidence for plain COCO keypoint "
+                         "results)")
+    scores = poses.scores[config.keypoint_score]
+    needs_boxes = config.prompt.box != "none"
+    if needs_boxes and poses.boxes is None:
+        raise InputError(f"image {image_id}: box prompts ({config.prompt.box!r}) need person "
+                         "boxes, but the poses have none (a detection file needs 'bbox')")
+    validate_pose_inputs(poses.keypoints, scores, image_id, poses.boxes)
+    return _Poses(poses.keypoints, scores, poses.boxes, poses.det_score)
+
+
+# ------------------------------------------------------------------------------ the plan
+
+
+class _Item(NamedTuple):
+    """One image to run."""
+
+    image_id: int
+    path: Path
+    hw: tuple  # (H, W) from the annotation file
+    poses: _Poses
+
+
+def _items(coco: COCO, images_dir, poses: Mapping[int, coco_lib.PoseInstances],
+           config: EvalConfig) -> list[_Item]:
+    """The images with at least one person, most people first (then by id)."""
+    images_dir = Path(images_dir)
+    items = []
+    for image_id in sorted(coco.getImgIds()):
+        pose = poses.get(image_id)
+        if pose is None or len(pose) == 0:
+            continue
+        info = coco.imgs[image_id]
+        items.append(_Item(image_id, images_dir / info["file_name"],
+                           (int(info["height"]), int(info["width"])),
+                           _pose_arrays(image_id, pose, config)))
+    items.sort(key=lambda item: (-len(item.poses.det_score), item.image_id))
+    return items
+
+
+def plan_steps(num_items: int, images_per_device: int, num_devices: int) -> np.ndarray:
+    """(steps, num_devices, images_per_device) int item indices, -1 for padding.
+
+    Chunk c holds items [c B, (c + 1) B); step s gives chunk s D + d to device d. A chunk's
+    content depends on B only, never on D: the root of the device-count invariance.
+    """
+    chunk = images_per_device
+    num_chunks = -(-num_items // chunk)
+    num_steps = -(-num_chunks // num_devices)
+    index = np.arange(num_steps * num_devices * chunk)
+    return np.where(index < num_items, index, -1).reshape(num_steps, num_devices, chunk)
+
+
+def _step_people(step: np.ndarray, items: Sequence[_Item], people_per_chunk: int) -> int:
+    """People slots P per image in a step: the most people, rounded up to a power of two of
+    whole chunks, so that a run compiles the decoder for a handful of P only."""
+    most = max((len(items[i].poses.det_score) for i in step.ravel() if i >= 0), default=1)
+    return people_per_chunk * bucket(-(-most // people_per_chunk))
+
+
+def _canvas_hw(items: Sequence[_Item]) -> tuple[int, int]:
+    """(H, W) covering every image of the run: masks are upsampled onto it and cropped."""
+    return (max(item.hw[0] for item in items), max(item.hw[1] for item in items))
+
+
+# ------------------------------------------------------------------------------ device steps
+
+
+def _prompts_shard(keypoints, scores, boxes, image_hw, *, prompt: PromptConfig, image_size: int):
+    """keypoints (B, P, 17, 2), scores (B, P, 17), boxes (B, P, 4) or None, image_hw (B, 2) ->
+    model coords (B, P, K, 2), pixel coords (B, P, K, 2), labels (B, P, K), has_prompt (B, P)."""
+    prompts = jax.vmap(lambda k, s, hw, b: select_prompts(k, s, hw, prompt, b))(
+        keypoints, scores, image_hw, boxes)
+    width_height = image_hw[:, ::-1].astype(jnp.float32)[:, None, None, :]
+    # as `predictor.to_model_coords`: x / W, y / H, then * S, in float32.
+    model_coords = prompts.coords / width_height * jnp.float32(image_size)
+    return model_coords, prompts.coords, prompts.labels, prompts.has_prompt
+
+
+def _decode_shard(graphdef, state, features, coords, labels, has_prompt, up_y, up_x, *,
+                  people_per_chunk: int, exclusive: bool):
+    """features (B, ...), coords (B, P, K, 2), labels (B, P, K), has_prompt (B, P),
+    up_y (B, Hc, low), up_x (B, Wc, low) -> masks (B, P, Hc, Wc) bool, iou (B, P).
+
+    The P people of an image are decoded `people_per_chunk` at a time inside the decoder
+    (`SAM2Image.decode`); people without a prompt get empty masks; with `exclusive`, every
+    pixel goes to one mask (`exclusive_masks`)."""
+
+    def one_image(image_features, image_coords, image_labels, image_up_y, image_up_x):
+        out, masks = decode_prompts(graphdef, state, image_features, image_coords, image_labels,
+                                    None, None, image_up_y, image_up_x, multimask_output=False,
+                                    people_per_chunk=people_per_chunk)
+        return masks[:, 0], out.iou[:, 0]
+
+    masks, iou = jax.vmap(one_image)(features, coords, labels, up_y, up_x)
+    masks = masks & has_prompt[:, :, None, None]
+    if exclusive:
+        masks = jax.vmap(exclusive_masks)(masks, jnp.where(has_prompt, iou, 0.0))
+    return masks, iou
+
+
+# The three steps as jitted `shard_map`s over 'data': weights replicated, everything else split
+# by image. Module-level and static in (graphdef, mesh, settings), so that jit's own cache
+# reuses their compilations across runs.
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _encode_step(graphdef, mesh: Mesh, state, pixels):
+    fn = functools.partial(encode_images, graphdef)  # pixels (B, S, S, 3) -> features (B, ...)
+    return jax.shard_map(fn, mesh=mesh, in_specs=(REPLICATED, DATA), out_specs=DATA)(
+        state, pixels)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2))
+def _prompts_step(mesh: Mesh, prompt: PromptConfig, image_size: int, keypoints, scores, boxes,
+                  image_hw):
+    fn = functools.partial(_prompts_shard, prompt=prompt, image_size=image_size)
+    # check_vma=False: MaxSpread's fori_loop starts from constant carries, which shard_map's
+    # varying-axis type check rejects; every value here is per device anyway.
+    return jax.shard_map(fn, mesh=mesh, in_specs=DATA, out_specs=DATA, check_vma=False)(
+        keypoints, scores, boxes, image_hw)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3))
+def _decode_step(graphdef, mesh: Mesh, people_per_chunk: int, exclusive: bool, state, features,
+                 coords, labels, has_prompt, up_y, up_x):
+    fn = functools.partial(_decode_shard, graphdef, people_per_chunk=people_per_chunk,
+                           exclusive=exclusive)
+    specs = (REPLICATED, DATA, DATA, DATA, DATA, DATA, DATA)
+    return jax.shard_map(fn, mesh=mesh, in_specs=specs, out_specs=DATA)(
+        state, features, coords, labels, has_prompt, up_y, up_x)
+
+
+# ------------------------------------------------------------------------------ host side
+
+
+def _load_pixels(item: _Item, image_size: int) -> tuple[np.ndarray | None, str | None]:
+    """-> ((S, S, 3) float32, None), or (None, reason) for a missing / unreadable image."""
+    try:
+        image = load_image(item.path)
+    except ImageError as err:
+        return None, str(err)
+    if image.shape[:2] != item.hw:
+        return None, (f"{item.path}: image is {image.shape[1]}x{image.shape[0]} (WxH) but the "
+                      f"annotation file says {item.hw[1]}x{item.hw[0]}")
+    return preprocess_image(image, image_size), None
+
+
+def _prefetch(pool: concurrent.futures.Executor, fn, args: Iterable[tuple],
+              depth: int) -> Iterator[concurrent.futures.Future]:
+    """Futures of fn(*a) in order, at most `depth` submitted ahead."""
+    args = iter(args)
+    pending = collections.deque(pool.submit(fn, *a) for a in itertools.islice(args, depth))
+    while pending:
+        future = pending.popleft()
+        for a in itertools.islice(args, 1):
+            pending.append(pool.submit(fn, *a))
+        yield future
+
+
+class _HostBatch(NamedTuple):
+    pixels: np.ndarray  # (L, S, S, 3)
+    keypoints: np.ndarray  # (L, P, 17, 2)
+    scores: np.ndarray  # (L, P, 17)
+    boxes: np.ndarray | None  # (L, P, 4)
+    image_hw: np.ndarray  # (L, 2) int32
+    up_y: np.ndarray  # (L, Hc, low)
+    up_x: np.ndarray  # (L, Wc, low)
+
+
+def _host_batch(slots: Sequence[_Item | None], pixels: Sequence[np.ndarray | None],
+                num_people: int, image_size: int, low: int, canvas: tuple[int, int],
+                with_boxes: bool) -> _HostBatch:
+    """Stacks this process's slots; empty slots (padding, skipped images) have no people."""
+    n = len(slots)
+    batch = _HostBatch(
+        pixels=np.zeros((n, image_size, image_size, 3), np.float32),
+        keypoints=np.full((n, num_people, NUM_KEYPOINTS, 2), np.nan, np.float32),
+        scores=np.zeros((n, num_people, NUM_KEYPOINTS), np.float32),
+        boxes=np.zeros((n, num_people, 4), np.float32) if with_boxes else None,
+        image_hw=np.ones((n, 2), np.int32),
+        up_y=np.zeros((n, canvas[0], low), np.float32),
+        up_x=np.zeros((n, canvas[1], low), np.float32),
+    )
+    for row, (item, image) in enumerate(zip(slots, pixels)):
+        if item is None or image is None:
+            continue
+        people = len(item.poses.det_score)
+        batch.pixels[row] = image
+        batch.keypoints[row, :people] = item.poses.keypoints
+        batch.scores[row, :people] = item.poses.scores
+        if with_boxes:
+            batch.boxes[row, :people] = item.poses.boxes
+        batch.image_hw[row] = item.hw
+        batch.up_y[row] = upsample_matrix(item.hw[0], low, canvas[0])
+        batch.up_x[row] = upsample_matrix(item.hw[1], low, canvas[1])
+    return batch
+
+
+def _result_scores(det_score: np.ndarray, iou: np.ndarray, kind: str) -> np.ndarray:
+    """(P,), (P,) -> (P,) float64 COCO result scores."""
+    det_score, iou = np.asarray(det_score, np.float64), np.asarray(iou, np.float64)
+    if kind == "detection":
+        return det_score
+    if kind == "iou":
+        return iou
+    return det_score * iou
+
+
+class _ImageResult(NamedTuple):
+    image_id: int
+    results: list
+    prompts: ImagePrompts
+    num_people: int
+    without_prompt: int
+
+
+def _image_result(item: _Item, masks: np.ndarray, iou: np.ndarray, coords: np.ndarray,
+                  labels: np.ndarray, has_prompt: np.ndarray, config: EvalConfig,
+                  category_id: int) -> _ImageResult:
+    """One image's device rows (P slots) -> its COCO results (people with a prompt only)."""
+    people = len(item.poses.det_score)
+    height, width = item.hw
+    has_prompt = has_prompt[:people]
+    scores = _result_scores(item.poses.det_score, iou[:people], config.result_score)
+    kept = np.flatnonzero(has_prompt)
+    results = coco_lib.encode_results(item.image_id, masks[kept, :height, :width], scores[kept],
+                                      category_id)
+    prompts = ImagePrompts(coords[:people], labels[:people], has_prompt)
+    return _ImageResult(item.image_id, results, prompts, people, int(people - kept.size))
+
+
+# ------------------------------------------------------------------------------ the run
+
+
+def run_dataset(model: SAM2Image, coco: COCO, images_dir, poses: Mapping[int, Any],
+              config: EvalConfig = EvalConfig(), *, mesh: Mesh | None = None,
+              progress: bool = True) -> EvalOutput:
+    """Masks for every person of every image of `coco` that has poses.
+
+    Args:
+      model: a loaded `SAM2Image` (`weights_conversion.load_model`).
+      coco: the ground truth (`coco.load_coco`); its images' file names and sizes are used.
+      images_dir: folder the images' `file_name`s are relative to.
+      poses: image_id -> `coco.PoseInstances` (`coco.load_keypoint_detections`, or
+        `ground_truth_prompt_poses`); images without an entry or without people are not run.
+      config: prompts, scores and batching.
+      mesh: a 1-D mesh with axis 'data' (`make_mesh()`, all devices, by default).
+      progress: show a tqdm bar (images/s and ETA).
+
+    Returns:
+      `EvalOutput`: COCO segm results of all processes, the report, and the prompts used.
+    """
+    mesh = make_mesh() if mesh is None else mesh
+    num_devices = mesh.devices.size
+    items = _items(coco, images_dir, poses, config)
+    category_id = coco_lib.person_category_id(coco)
+    plan = plan_steps(len(items), config.images_per_device, num_devices)
+    positions = local_positions(mesh)
+    local_plan = plan[:, positions[0]:positions[-1] + 1].reshape(len(plan), -1)  # (steps, L)
+    graphdef, state = nnx.split(model)
+    state = jax.device_put(state, NamedSharding(mesh, REPLICATED))
+    image_size = model.config.image_size
+    canvas = _canvas_hw(items) if items else (1, 1)
+    with_boxes = bool(items) and items[0].poses.boxes is not None
+
+    outputs, skipped = [], []
+    start = time.perf_counter()
+    local_items = [items[i] for i in local_plan.ravel() if i >= 0]
+    bar = tqdm(total=len(local_items), unit="img", desc="evaluate", dynamic_ncols=True,
+               disable=not progress or jax.process_index() != 0)
+    with concurrent.futures.ThreadPoolExecutor(config.num_workers) as pool:
+        loads = _prefetch(pool, functools.partial(_load_pixels, image_size=image_size),
+                          ((item,) for item in local_items),
+                          config.prefetch_steps * local_plan.shape[1])
+        in_flight = None
+        for step_index, local_step in enumerate(local_plan):
+            slots, pixels = _read_step(
+                [items[i] if i >= 0 else None for i in local_step], loads, skipped, bar)
+            num_people = _step_people(plan[step_index], items, config.people_per_chunk)
+            batch = _host_batch(slots, pixels, num_people, image_size,
+                                model.config.low_res_mask_size, canvas, with_boxes)
+            device_out = _run_step(graphdef, state, mesh, batch, config, image_size)
+            if in_flight is not None:
+                outputs += _collect(*in_flight, config, category_id, bar)
+            in_flight = (slots, device_out)
+        if in_flight is not None:
+            outputs += _collect(*in_flight, config, category_id, bar)
+    bar.close()
+    seconds = time.perf_counter() - start
+    gathered = all_gather_json({"outputs": [_output_to_json(o) for o in outputs],
+                                "skipped": skipped})
+    return _assemble(gathered, len(items), seconds, num_devices)
+
+
+def _read_step(slots: Sequence[_Item | None], loads: Iterator[concurrent.futures.Future],
+               skipped: list, bar) -> tuple[list, list]:
+    """The preprocessed images of one step's slots, from the prefetch queue -> (slots, pixels);
+    an image that cannot be used is added to `skipped` and its slot emptied."""
+    pixels = []
+    for item in slots:
+        if item is None:
+            pixels.append(None)
+            continue
+        image, reason = next(loads).result()
+        if reason is not None:
+            skipped.append({"image_id": item.image_id, "file_name": str(item.path),
+                            "reason": reason})
+            bar.write(f"skipped image {item.path}: {reason}")
+        pixels.append(image)
+    return [s if p is not None else None for s, p in zip(slots, pixels)], pixels
+
+
+def _run_step(graphdef, state, mesh: Mesh, batch: _HostBatch, config: EvalConfig,
+              image_size: int):
+    """Dispatches one step (asynchronously); -> device arrays (masks, iou, coords, labels, has)."""
+    features = _encode_step(graphdef, mesh, state, host_to_global(mesh, batch.pixels))
+    model_coords, coords, labels, has_prompt = _prompts_step(
+        mesh, config.prompt, image_size, *(host_to_global(mesh, a) for a in (
+            batch.keypoints, batch.scores, batch.boxes, batch.image_hw)))
+    masks, iou = _decode_step(graphdef, mesh, config.people_per_chunk, config.exclusive, state,
+                              features, model_coords, labels, has_prompt,
+                              host_to_global(mesh, batch.up_y), host_to_global(mesh, batch.up_x))
+    return masks, iou, coords, labels, has_prompt
+
+
+def _collect(slots: Sequence[_Item | None], device_out, config: EvalConfig, category_id: int,
+             bar) -> list[_ImageResult]:
+    """Reads one step's local rows back and encodes the masks of its real images."""
+    masks, iou, coords, labels, has_prompt = (local_rows(a) for a in device_out)
+    results = [_image_result(item, masks[row], iou[row], coords[row], labels[row],
+                             has_prompt[row], config, category_id)
+               for row, item in enumerate(slots) if item is not None]
+    bar.update(sum(item is not None for item in slots))
+    return results
+
+
+# ------------------------------------------------------------------------------ gathering
+
+
+def _output_to_json(output: _ImageResult) -> dict:
+    return {"image_id": output.image_id, "results": output.results,
+            "coords": output.prompts.coords.tolist(), "labels": output.prompts.labels.tolist(),
+            "has_prompt": output.prompts.has_prompt.tolist(), "num_people": output.num_people,
+            "without_prompt": output.without_prompt}
+
+
+def _assemble(payloads: Sequence[dict], num_images: int, seconds: float,
+              num_devices: int) -> EvalOutput:
+    outputs = sorted((o for p in payloads for o in p["outputs"]), key=lambda o: o["image_id"])
+    skipped = sorted((s for p in payloads for s in p["skipped"]), key=lambda s: s["image_id"])
+    skipped_ids = {s["image_id"] for s in skipped}
+    outputs = [o for o in outputs if o["image_id"] not in skipped_ids]
+    results = [r for o in outputs for r in o["results"]]
+    prompts = {o["image_id"]: ImagePrompts(np.asarray(o["coords"], np.float32).reshape(
+        len(o["has_prompt"]), -1, 2), np.asarray(o["labels"], np.int32).reshape(
+        len(o["has_prompt"]), -1), np.asarray(o["has_prompt"], bool)) for o in outputs}
+    report = EvalReport(
+        num_images=num_images,
+        num_people=sum(o["num_people"] for o in outputs),
+        num_results=len(results),
+        people_without_prompt=sum(o["without_prompt"] for o in outputs),
+        skipped_images=skipped, seconds=seconds, num_devices=num_devices,
+        num_processes=jax.process_count())
+    return EvalOutput(results, report, prompts)
+
+
+# ------------------------------------------------------------------------------ files in, files out
+
+
+def run_evaluation(annotations, images_dir, checkpoint, *, keypoints=None,
+                   gt_keypoints: bool = False, model_name: str | None = None,
+                   image_size: int = 1024, config: EvalConfig = EvalConfig(),
+                   coco_star: bool = False, out=None, summary_path=None,
+                   progress: bool = True, mesh: Mesh | None = None,
+                   model: SAM2Image | None = None) -> dict:
+    """`p2s evaluate`: files in, COCO segm results + AP table + JSON summary out.
+
+    Args:
+      annotations: COCO-format ground truth with person masks.
+      images_dir: the images' folder.
+      checkpoint: official `.pt` or converted folder (ignored when `model` is given).
+      keypoints: keypoint detections (COCO keypoint results); or `gt_keypoints=True`.
+      model_name, image_size: the model (`model_name` None: read from the checkpoint).
+      config: see `EvalConfig`.
+      coco_star: the paper's COCO* protocol (`coco.evaluate_segm`).
+      out: where to write the results JSON (None: not written); the summary goes to
+        `summary_path`, by default next to it as `<out stem>.summary.json`.
+      model: an already loaded model (tests, notebooks).
+
+    Returns:
+      The summary dict (settings, metrics incl. "table", report).
+    """
+    if (keypoints is None) == (not gt_keypoints):
+        raise InputError("give exactly one of keypoints (a detection file) and gt_keypoints")
+    coco = coco_lib.load_coco(annotations)
+    if not Path(images_dir).is_dir():
+        raise MissingFileError(f"image folder not found: {images_dir}")
+    poses = (ground_truth_prompt_poses(coco) if gt_keypoints
+             else coco_lib.load_keypoint_detections(keypoints, coco))
+    if model is None:
+        model = load_model(checkpoint, model_name, image_size)
+    output = run_dataset(model, coco, images_dir, poses, config, mesh=mesh, progress=progress)
+    metrics = evaluate_segm(coco, output.results, coco_star=coco_star)
+    summary = {
+        "settings": {
+            "annotations": str(annotations), "images": str(images_dir),
+            "keypoints": "ground truth" if gt_keypoints else str(keypoints),
+            "checkpoint": None if checkpoint is None else str(checkpoint),
+            "model": model.config.name, "image_size": model.config.image_size,
+            "coco_star": coco_star, **config.to_dict(),
+        },
+        "metrics": {k: v for k, v in metrics.items() if k != "table"},
+        "table": metrics["table"],
+        "report": output.report.to_dict(),
+        "jax": {"version": jax.__version__, "backend": jax.default_backend(),
+                "devices": output.report.num_devices, "processes": jax.process_count()},
+    }
+    if out is not None and jax.process_index() == 0:
+        out = Path(out)
+        write_json(out, output.results)
+        summary_path = (out.with_name(out.stem + ".summary.json") if summary_path is None
+                        else Path(summary_path))
+        summary["results_file"] = str(out)
+        write_json(summary_path, summary, indent=2)
+        summary["summary_file"] = str(summary_path)
+    return summary

@@ -1,0 +1,1 @@
+"""Inference: preprocessing, the batched predictor, pose prompting, one-photo segmentation."""

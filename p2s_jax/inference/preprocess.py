@@ -1,0 +1,107 @@
+"""From a photo to the model's input and from the model's logits back to the photo.
+
+Everything here reproduces the official `SAM2Transforms` and `SAM2ImagePredictor` numerics:
+- images are resized to S x S (not aspect preserving) with torchvision's antialiased bilinear
+  resize (`resize_image_numpy`, torch-exact taps of `p2s_jax.model.resample`) and
+  ImageNet-normalised;
+- point coordinates are scaled from the original width / height (`to_model_coords`);
+- low-res logits are upsampled bilinearly (align_corners=False) to the original size
+  (`upsample_matrix` / `upsample_logits`) and thresholded at 0; low-res logits returned to the
+  caller are clamped to [-LOW_RES_CLAMP, LOW_RES_CLAMP].
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Optional, Tuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from p2s_jax.model.resample import bilinear_matrix, resize_taps
+
+IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
+IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
+LOW_RES_CLAMP = 32.0
+
+
+def _resize_axis(x: np.ndarray, out_size: int, axis: int, method: str) -> np.ndarray:
+    """x resized along `axis` by its tap band: the matrix product, without the zeros."""
+    index, weights = resize_taps(out_size, x.shape[axis], method)
+    shape = [1] * x.ndim
+    shape[axis] = out_size
+    out = np.take(x, index[:, 0], axis=axis) * weights[:, 0].reshape(shape)
+    for t in range(1, index.shape[1]):
+        out += np.take(x, index[:, t], axis=axis) * weights[:, t].reshape(shape)
+    return out
+
+
+def resize_image_numpy(image: np.ndarray, out_hw, method: str = "bilinear_aa") -> np.ndarray:
+    """Resize an (H, W, C) float32 array on the host with torch's resampling -> (oh, ow, C).
+
+    Equal to Wy @ image @ Wx^T per channel (`resize_matrices`) but applies only each output
+    pixel's taps: 164 -> 46 ms for `preprocess_image` of a 480 x 640 photo (2 cores).
+    """
+    rows = _resize_axis(image.astype(np.float32), int(out_hw[0]), 0, method)
+    return _resize_axis(rows, int(out_hw[1]), 1, method)
+
+
+def preprocess_image(image: np.ndarray, image_size: int) -> np.ndarray:
+    """(H, W, 3) uint8 RGB -> (S, S, 3) float32: /255, antialiased bilinear resize, ImageNet norm."""
+    pixels = image.astype(np.float32) / np.float32(255)
+    pixels = resize_image_numpy(pixels, (image_size, image_size), "bilinear_aa")
+    return imagenet_normalize(pixels)
+
+
+def imagenet_normalize(pixels):
+    """(..., 3) float RGB in [0, 1] -> ImageNet-normalised (NumPy or JAX arrays alike)."""
+    return (pixels - IMAGENET_MEAN) / IMAGENET_STD
+
+
+def to_model_coords(coords: np.ndarray, orig_hw: Tuple[int, int], image_size: int) -> np.ndarray:
+    """(..., 2) pixels (x, y) of the original image -> model-input pixels, as `transform_coords`."""
+    h, w = orig_hw
+    coords = np.array(coords, np.float32, copy=True)
+    coords[..., 0] = coords[..., 0] / np.float32(w)
+    coords[..., 1] = coords[..., 1] / np.float32(h)
+    return coords * np.float32(image_size)
+
+
+def bucket(n: int, minimum: int = 1) -> int:
+    """The next power of two >= max(n, minimum)."""
+    n = max(n, minimum)
+    return 1 << (n - 1).bit_length()
+
+
+def upsample_matrix(size: int, low_res: int, padded_size: Optional[int] = None) -> np.ndarray:
+    """(padded_size, low_res) float32: torch bilinear (align_corners=False) from `low_res` to
+    `size` pixels, `F.interpolate(..., "bilinear")` as a matrix; rows past `size` are zero, so
+    masks of several image sizes share one canvas (and one compilation)."""
+    padded_size = size if padded_size is None else padded_size
+    if padded_size < size:
+        raise ValueError(f"padded_size {padded_size} < size {size}")
+    matrix = np.zeros((padded_size, low_res), np.float32)
+    matrix[:size] = bilinear_matrix(size, low_res)
+    return matrix
+
+
+@functools.lru_cache(maxsize=32)
+def upsample_matrices(orig_hw: Tuple[int, int], low_res: int, multiple: int = 64):
+    """(up_y (Hp, low_res), up_x (Wp, low_res)) device arrays for an image of `orig_hw`, the
+    output padded up to a multiple of `multiple` so that image sizes share compilations."""
+    return tuple(jnp.asarray(upsample_matrix(size, low_res, -(-size // multiple) * multiple))
+                 for size in orig_hw)
+
+
+def upsample_logits(logits: jax.Array, upsample_y: jax.Array, upsample_x: jax.Array) -> jax.Array:
+    """(..., h, w) logits -> (..., Hp, Wp) float32 through the torch-bilinear (align_corners=False)
+    matrices upsample_y (Hp, h) and upsample_x (Wp, w): `F.interpolate(..., "bilinear")`."""
+    rows = jnp.einsum("yh,...hw->...yw", upsample_y, logits.astype(jnp.float32))
+    return jnp.einsum("xw,...yw->...yx", upsample_x, rows)
+
+
+@jax.jit
+def upsample_masks(logits: jax.Array, upsample_y: jax.Array, upsample_x: jax.Array) -> jax.Array:
+    """(..., h, w) unclamped logits -> (..., Hp, Wp) bool masks (`upsample_logits` > 0)."""
+    return upsample_logits(logits, upsample_y, upsample_x) > 0

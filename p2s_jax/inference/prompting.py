@@ -1,0 +1,451 @@
+"""Human poses to SAM prompts (SAM-pose2seg, Sec. 3.3 and 4.3.2-4.3.3, Tables 3-5, Supp. A).
+
+Every person of an image becomes one prompt: a fixed number K of slots, each a point in
+original-image pixels (x, y) with a SAM label: 1 positive keypoint, 0 negative keypoint,
+2 / 3 top-left / bottom-right box corner, -1 padding.  Real prompts come first, in the order the
+official `SAM2ImagePredictor` concatenates them (box corners, positives, negatives); padding
+fills the rest, with coordinates 0.  One compiled function therefore serves every pose, and the
+functions here are pure, jit-able (the `PromptConfig` is static) and vmapped over the people.
+
+Which keypoints may be used
+    A keypoint is *usable* when its coordinates are finite and inside the image
+    (0 <= x < W, 0 <= y < H); other keypoints never become prompts, not even negatives, and take
+    part in no rule below (they are treated as absent).  A usable keypoint is *visible* when
+    its score is >= `visibility_threshold` (0.5).  The score is whatever the caller passes:
+    ProbPose visibility by default (Supp. Tab. 6), or the binary 0 / 1 of ground-truth poses
+    (`p2s_jax.keypoints.labelled_points`, Tab. 3; COCO v = 0 points get NaN coordinates, so they are
+    never used).  As in the authors' code, the visible set is used only when some usable
+    keypoint scores strictly above the threshold; otherwise (and that is our rule, the authors
+    emit no point) the single best-scoring usable keypoint is the only positive prompt, and a
+    person with no usable keypoint at all gets `has_prompt = False` and nothing but padding.
+
+MaxVis_n (Sec. 4.3.2, the SAM-pose2seg prompt with n = 3; BMP `k_most_visible`)
+    The n visible keypoints with the highest scores, best first.  No face rule.
+
+MaxSpread_n (Sec. 4.3.2, from BBox-Mask-Pose; BMP `distance+confidence`)
+    1. Face rule: of nose and both eyes only the best-scoring usable one stays (ears stay).
+    2. Candidates: the visible keypoints, ranked by score, best first.
+    3. The first pick is the best candidate.  Each next pick is the candidate farthest (Euclidean,
+       pixels) from its nearest already-picked point (k-means++ seeding, ref. [4]).
+    4. The authors' percentile rule (`spread_percentile`, 80; None switches it off): before each
+       pick, the candidates' "remaining scores" are taken, with -1 for points already picked,
+       and every candidate whose remaining score is below `np.percentile(remaining, 80)`
+       (linear interpolation) is excluded (its distance is set to -1).  In exact arithmetic that
+       percentile excludes precisely the scores below the sorted remaining score at index
+       ceil(0.8 (m - 1)) of the m candidates, which is what is computed here (no float
+       interpolation; numpy interpolates in float32 and can differ only when two scores are a
+       couple of float32 ulps apart).  Picked points are excluded only through their -1 score,
+       as in the authors' code: once the percentile itself is -1 a point can be picked again,
+       which happens only when every remaining candidate sits exactly on a picked point.
+       With the rule switched off, picked points are simply never picked again.
+    Tie-breaking: candidates are ranked by score, then by keypoint index (lower first); a
+    distance tie goes to the earlier-ranked candidate (numpy's first argmax, the authors' rule).
+    The authors rank with `np.argsort(score)[::-1]`, whose order for equal scores depends on
+    numpy's sort kernel (the SIMD kernels of numpy 2 are not stable), so the index rule is ours.
+
+Negative points (Supp. A.1, Tab. 5), `num_negatives` of them, label 0
+    * "closest_other": the visible keypoints of the other people of the image closest to this
+      person's centre: the centre of its box when `boxes` are passed (the authors measure to the
+      detection box centre), else the centre of the box around its usable keypoints.  Ties: lower
+      (person, keypoint) index.  (The authors' code also runs the face rule over the first three
+      entries of the concatenated other people's keypoints; that accident is not reproduced.)
+    * "least_visible_own": the person's own usable keypoints with the lowest scores that are not
+      positive prompts.  Ties: lower keypoint index.
+
+Boxes (Sec. 4.3.3, Tab. 4): "given" uses the box as passed (x0, y0, x1, y1); "inflated" scales it
+about its centre by `box_inflation` (2.0: every side pushed out by 50 % of the box size, 400 % of
+the area) and clips it to [0, W] x [0, H].
+
+`exclusive_masks` is the authors' post-processing (on in the SAM-pose2seg config): each pixel
+keeps only the covering mask with the highest predicted IoU.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Literal, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from p2s_jax.keypoints import NUM_FACE_KEYPOINTS, NUM_KEYPOINTS
+from p2s_jax.utils.errors import InputError
+
+
+LABEL_PADDING = -1
+LABEL_NEGATIVE = 0
+LABEL_POSITIVE = 1
+LABEL_BOX_TOP_LEFT = 2
+LABEL_BOX_BOTTOM_RIGHT = 3
+
+Selection = Literal["maxvis", "maxspread"]
+Negatives = Literal["none", "closest_other", "least_visible_own"]
+BoxMode = Literal["none", "given", "inflated"]
+
+
+@dataclasses.dataclass(frozen=True)
+class PromptConfig:
+    """How a pose becomes a prompt (hashable: pass it as a static argument).
+
+    Attributes:
+      selection: 'maxvis' (highest scores) or 'maxspread' (farthest apart), see above.
+      num_points: positive keypoints per person (n of MaxVis_n / MaxSpread_n).
+      visibility_threshold: a usable keypoint is visible when its score is >= this.
+      spread_percentile: MaxSpread's percentile rule; None disables it (MaxSpread only).
+      face_rule: keep only the best of nose and eyes; None: on for MaxSpread, off for MaxVis
+        (the authors' code).
+      negatives: 'none', 'closest_other' (other people's keypoints) or 'least_visible_own'.
+      num_negatives: negative points per person when `negatives` is not 'none'.
+      box: 'none', 'given' (the pose's box) or 'inflated' (scaled about its centre).
+      box_inflation: side-length factor of 'inflated'.
+      max_slots: K, the prompt length; None: just enough slots for this configuration.
+    """
+
+    selection: Selection = "maxvis"
+    num_points: int = 3
+    visibility_threshold: float = 0.5
+    spread_percentile: float | None = 80.0
+    face_rule: bool | None = None
+    negatives: Negatives = "none"
+    num_negatives: int = 1
+    box: BoxMode = "none"
+    box_inflation: float = 2.0
+    max_slots: int | None = None
+
+    def __post_init__(self):
+        if self.selection not in ("maxvis", "maxspread"):
+            raise InputError(f"selection must be 'maxvis' or 'maxspread', got {self.selection!r}")
+        if self.negatives not in ("none", "closest_other", "least_visible_own"):
+            raise InputError(f"unknown negatives mode {self.negatives!r}")
+        if self.box not in ("none", "given", "inflated"):
+            raise InputError(f"unknown box mode {self.box!r}")
+        if not 1 <= self.num_points <= NUM_KEYPOINTS:
+            raise InputError(f"num_points must be in [1, {NUM_KEYPOINTS}], got {self.num_points}")
+        if self.visibility_threshold < 0.0:  # scores are probabilities; -1 marks picked points
+            raise InputError(f"visibility_threshold must be >= 0, got {self.visibility_threshold}")
+        if self.num_negatives < 1:
+            raise InputError(f"num_negatives must be >= 1, got {self.num_negatives}")
+        if self.spread_percentile is not None and not 0.0 <= self.spread_percentile <= 100.0:
+            raise InputError(f"spread_percentile must be in [0, 100], got {self.spread_percentile}")
+        if self.box_inflation <= 0.0:
+            raise InputError(f"box_inflation must be positive, got {self.box_inflation}")
+        if self.max_slots is not None and self.max_slots < self.required_slots:
+            raise InputError(
+                f"max_slots={self.max_slots} < {self.required_slots} slots this configuration "
+                f"needs ({self.num_box_slots} box + {self.num_points} positive + "
+                f"{self.num_negative_slots} negative)")
+
+    @property
+    def uses_face_rule(self) -> bool:
+        return self.selection == "maxspread" if self.face_rule is None else self.face_rule
+
+    @property
+    def num_negative_slots(self) -> int:
+        return 0 if self.negatives == "none" else self.num_negatives
+
+    @property
+    def num_box_slots(self) -> int:
+        return 0 if self.box == "none" else 2
+
+    @property
+    def required_slots(self) -> int:
+        return self.num_box_slots + self.num_points + self.num_negative_slots
+
+    @property
+    def num_slots(self) -> int:
+        """K, the length of every prompt."""
+        return self.required_slots if self.max_slots is None else self.max_slots
+
+    @classmethod
+    def sam_pose2seg(cls, **overrides) -> PromptConfig:
+        """The paper's prompt for SAM-pose2seg on detected poses: MaxVis_3 (Sec. 4.3.2, Fig. 4)."""
+        return cls(**{"selection": "maxvis", "num_points": 3, **overrides})
+
+    @classmethod
+    def sam21_detected(cls, **overrides) -> PromptConfig:
+        """The paper's prompt for base SAM 2.1 on detected poses: MaxSpread_6 (Fig. 3, Tab. 2)."""
+        return cls(**{"selection": "maxspread", "num_points": 6, **overrides})
+
+    @classmethod
+    def ground_truth(cls, **overrides) -> PromptConfig:
+        """Ground-truth poses: MaxSpread_3 on binary visibility (Tab. 3); pair with
+        `p2s_jax.keypoints.labelled_points`."""
+        return cls(**{"selection": "maxspread", "num_points": 3, **overrides})
+
+
+class Prompts(NamedTuple):
+    """SAM prompts of the people of one image (K = `PromptConfig.num_slots`)."""
+
+    coords: jax.Array  # (P, K, 2) float32, (x, y) in original-image pixels; 0 in padding slots
+    labels: jax.Array  # (P, K) int32: 1 positive, 0 negative, 2 / 3 box corners, -1 padding
+    has_prompt: jax.Array  # (P,) bool: False when the person has no usable keypoint
+
+
+# --------------------------------------------------------------------------------------------
+# Host-side input handling.
+
+
+def validate_pose_inputs(keypoints, scores, image_id, boxes=None) -> None:
+    """Raises ValueError on malformed poses of one image, naming the image and the person.
+
+    keypoints (P, 17, 2), scores (P, 17) finite (NaN coordinates are allowed and mean "absent";
+    a NaN score is an error), boxes None or (P, 4).
+    """
+    keypoints, scores = np.asarray(keypoints), np.asarray(scores)
+    if keypoints.ndim != 3 or keypoints.shape[1:] != (NUM_KEYPOINTS, 2):
+        raise InputError(f"image {image_id}: keypoints must have shape (P, {NUM_KEYPOINTS}, 2), "
+                         f"got {keypoints.shape}")
+    if scores.shape != keypoints.shape[:2]:
+        raise InputError(f"image {image_id}: scores shape {scores.shape} does not match keypoints "
+                         f"shape {keypoints.shape} (expected {keypoints.shape[:2]})")
+    if boxes is not None and np.shape(boxes) != (keypoints.shape[0], 4):
+        raise InputError(f"image {image_id}: boxes must have shape ({keypoints.shape[0]}, 4), "
+                         f"got {np.shape(boxes)}")
+    bad_people = np.flatnonzero(~np.isfinite(scores).all(axis=1))
+    if bad_people.size:
+        person = int(bad_people[0])
+        raise InputError(f"image {image_id}: person index {person} has non-finite keypoint scores "
+                         f"{scores[person].tolist()} (people affected: {bad_people.tolist()})")
+
+
+# --------------------------------------------------------------------------------------------
+# Per-person rules (J keypoints of one person); vmapped over people by `select_prompts`.
+
+
+def _usable_keypoints(keypoints: jax.Array, image_hw: jax.Array) -> jax.Array:
+    """keypoints (..., 2) (x, y), image_hw (2,) -> (...) bool: finite and inside the image."""
+    x, y = keypoints[..., 0], keypoints[..., 1]
+    height, width = image_hw[0], image_hw[1]
+    return jnp.isfinite(x) & jnp.isfinite(y) & (x >= 0) & (y >= 0) & (x < width) & (y < height)
+
+
+def _rank(keys: jax.Array, candidates: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """keys (J,), candidates (J,) bool -> (order (J,) int32, count () int32).
+
+    Indices sorted by ascending key, candidates first, ties to the lower index.
+    """
+    indices = jnp.arange(keys.shape[0])
+    keys = jnp.where(candidates & (keys != 0), keys, 0.0)  # sorting tells -0.0 from +0.0
+    order = jnp.lexsort((indices, keys, ~candidates))
+    return order.astype(jnp.int32), candidates.sum(dtype=jnp.int32)
+
+
+def _face_rule_keep(scores: jax.Array, usable: jax.Array) -> jax.Array:
+    """(J,), (J,) -> (J,) bool: False for the face keypoints other than the best usable one."""
+    face_scores = jnp.where(usable[:NUM_FACE_KEYPOINTS], scores[:NUM_FACE_KEYPOINTS], -jnp.inf)
+    best_face = jnp.argmax(face_scores)  # first maximum: nose, then left eye, then right eye
+    index = jnp.arange(scores.shape[0])
+    return (index >= NUM_FACE_KEYPOINTS) | (index == best_face)
+
+
+def _pairwise_distance(points: jax.Array) -> jax.Array:
+    """(J, 2) -> (J, J) Euclidean distances."""
+    delta = points[:, None, :] - points[None, :, :]
+    return jnp.sqrt(jnp.sum(delta * delta, axis=-1))
+
+
+def _percentile_cutoff_ranks(num_keypoints: int, percentile: float) -> np.ndarray:
+    """(J + 1,) int32: for m candidates, the index into their ascending scores of the smallest
+    score not below their linear-interpolation `percentile` (numpy's default method), i.e. the
+    ceiling of numpy's virtual index (m - 1) q / 100.  A fractional part below 1e-9 is float64
+    noise (e.g. 4.000000000000001) that numpy's float32 interpolation cannot see either."""
+    ranks = [0]
+    for count in range(1, num_keypoints + 1):
+        virtual_index = (count - 1) * (percentile / 100.0)
+        floor = math.floor(virtual_index)
+        ranks.append(min(floor + (virtual_index - floor > 1e-9), count - 1))
+    return np.asarray(ranks, dtype=np.int32)
+
+
+def _max_vis(scores: jax.Array, visible: jax.Array, num_points: int):
+    """(J,), (J,) -> (indices (n,) int32, valid (n,) bool): the best-scoring visible keypoints."""
+    order, count = _rank(-scores, visible)
+    return order[:num_points], jnp.arange(num_points) < count
+
+
+def _max_spread(points: jax.Array, scores: jax.Array, visible: jax.Array, num_points: int,
+                percentile: float | None):
+    """(J, 2), (J,), (J,) -> (indices (n,) int32, valid (n,) bool): farthest-point picks.
+
+    Works in the score ranking, like the authors' code, so that `argmax` (first maximum) breaks
+    distance ties towards the better-ranked candidate.
+    """
+    order, count = _rank(-scores, visible)
+    ranked_points, ranked_scores, ranked_visible = points[order], scores[order], visible[order]
+    distances = _pairwise_distance(ranked_points)
+    if percentile is not None:
+        cutoff_ranks = jnp.asarray(_percentile_cutoff_ranks(scores.shape[0], percentile))
+
+    def pick_next(step, state):
+        picks, picked, remaining_scores, nearest_pick = state
+        if percentile is None:
+            excluded = picked
+        else:
+            ascending = jnp.sort(jnp.where(ranked_visible, remaining_scores, jnp.inf))
+            excluded = remaining_scores < ascending[cutoff_ranks[count]]
+        spread = jnp.where(ranked_visible, jnp.where(excluded, -1.0, nearest_pick), -jnp.inf)
+        pick = jnp.argmax(spread).astype(jnp.int32)
+        return (picks.at[step].set(pick), picked.at[pick].set(True),
+                remaining_scores.at[pick].set(-1.0), jnp.minimum(nearest_pick, distances[pick]))
+
+    first_pick = (
+        jnp.zeros(num_points, jnp.int32),  # picks, in ranking positions; the first is the best
+        jnp.zeros(scores.shape[0], bool).at[0].set(True),  # picked
+        ranked_scores.at[0].set(-1.0),  # the authors' "available scores": -1 once picked
+        distances[0],  # distance of every candidate to its nearest picked point
+    )
+    picks = jax.lax.fori_loop(1, num_points, pick_next, first_pick)[0]
+    return order[picks], jnp.arange(num_points) < count
+
+
+def _positive_keypoints(points: jax.Array, scores: jax.Array, usable: jax.Array,
+                        config: PromptConfig):
+    """One person: points (J, 2), scores (J,), usable (J,) -> (indices (n,), valid (n,))."""
+    threshold = config.visibility_threshold
+    visible = usable & (scores >= threshold)
+    if config.uses_face_rule:
+        visible &= _face_rule_keep(scores, usable)
+    if config.selection == "maxvis":
+        indices, valid = _max_vis(scores, visible, config.num_points)
+    else:
+        indices, valid = _max_spread(points, scores, visible, config.num_points,
+                                     config.spread_percentile)
+
+    # Fallback: no usable keypoint strictly above the threshold -> the single best usable one.
+    any_above = jnp.any(usable & (scores > threshold))
+    best = jnp.argmax(jnp.where(usable, scores, -jnp.inf)).astype(jnp.int32)
+    fallback_valid = (jnp.arange(config.num_points) == 0) & jnp.any(usable)
+    indices = jnp.where(any_above, indices, best)
+    valid = jnp.where(any_above, valid, fallback_valid)
+    return indices, valid
+
+
+def _least_visible_own(scores: jax.Array, usable: jax.Array, is_positive: jax.Array,
+                       num_negatives: int):
+    """(J,), (J,), (J,) -> (indices (m,), valid (m,)): own lowest-scoring non-positive points."""
+    order, count = _rank(scores, usable & ~is_positive)
+    return order[:num_negatives], jnp.arange(num_negatives) < count
+
+
+def _closest_other(person: jax.Array, centre: jax.Array, all_points: jax.Array,
+                   all_visible: jax.Array, num_negatives: int):
+    """person (), centre (2,), all_points (P, J, 2), all_visible (P, J) ->
+    (flat indices (m,) into P * J, valid (m,)): other people's visible points nearest `centre`."""
+    other = jnp.arange(all_visible.shape[0])[:, None] != person
+    candidates = (all_visible & other).reshape(-1)
+    delta = all_points.reshape(-1, 2) - centre
+    order, count = _rank(jnp.sqrt(jnp.sum(delta * delta, axis=-1)), candidates)
+    return order[:num_negatives], jnp.arange(num_negatives) < count
+
+
+def _pose_box_centre(points: jax.Array, usable: jax.Array) -> jax.Array:
+    """(J, 2), (J,) -> (2,): centre of the box around the usable keypoints (0 if none)."""
+    low = jnp.min(jnp.where(usable[:, None], points, jnp.inf), axis=0)
+    high = jnp.max(jnp.where(usable[:, None], points, -jnp.inf), axis=0)
+    return jnp.where(jnp.any(usable), (low + high) / 2, 0.0)
+
+
+def _box_corners(box: jax.Array, image_hw: jax.Array, config: PromptConfig) -> jax.Array:
+    """box (4,) xyxy -> (2, 2) corners [(x0, y0), (x1, y1)], inflated and clipped if asked."""
+    corners = box.reshape(2, 2)
+    if config.box == "inflated":
+        centre = corners.mean(axis=0)
+        half_size = (corners[1] - corners[0]) / 2 * config.box_inflation
+        image_max = jnp.stack([image_hw[1], image_hw[0]])  # (W, H)
+        corners = jnp.clip(jnp.stack([centre - half_size, centre + half_size]), 0.0, image_max)
+    return corners
+
+
+def _compact(coords: jax.Array, labels: jax.Array, num_slots: int):
+    """coords (S, 2), labels (S,) -> (K, 2), (K,): real prompts first (order kept), then padding."""
+    order = jnp.argsort(labels == LABEL_PADDING, stable=True)
+    coords, labels = coords[order], labels[order]
+    coords = jnp.where((labels == LABEL_PADDING)[:, None], 0.0, coords)
+    padding = num_slots - labels.shape[0]
+    return (jnp.pad(coords, ((0, padding), (0, 0))),
+            jnp.pad(labels, (0, padding), constant_values=LABEL_PADDING))
+
+
+# --------------------------------------------------------------------------------------------
+# Public entry points.
+
+
+def select_prompts(keypoints, scores, image_hw, config: PromptConfig, boxes=None) -> Prompts:
+    """Prompts for all people of one image.
+
+    keypoints (P, 17, 2) float (x, y) original-image pixels (NaN = absent); scores (P, 17) float,
+    finite (see `validate_pose_inputs`); image_hw (2,) = (H, W), Python ints or an array;
+    boxes None or (P, 4) xyxy (needed when config.box != "none"; when given, also the reference
+    point of "closest_other" negatives).  Jit with `config` static:
+    `jax.jit(select_prompts, static_argnames="config")`.  Returns `Prompts` with K slots.
+    """
+    keypoints = jnp.asarray(keypoints, jnp.float32)
+    scores = jnp.asarray(scores, jnp.float32)
+    image_hw = jnp.asarray(image_hw, jnp.float32)
+    if config.box != "none" and boxes is None:
+        raise ValueError(f"box mode {config.box!r} needs boxes (P, 4)")
+    num_people, num_joints = scores.shape
+    if keypoints.shape != (num_people, num_joints, 2) or num_joints < NUM_FACE_KEYPOINTS:
+        raise ValueError(f"keypoints {keypoints.shape} and scores {scores.shape} do not match")
+
+    usable = _usable_keypoints(keypoints, image_hw)  # (P, J)
+    points = jnp.where(usable[..., None], keypoints, 0.0)  # no NaN past this point
+    positive_index, positive_valid = jax.vmap(
+        lambda p, s, u: _positive_keypoints(p, s, u, config))(points, scores, usable)  # (P, n)
+    has_prompt = positive_valid[:, 0]
+    people = jnp.arange(num_people)[:, None]
+
+    coords = [points[people, positive_index]]
+    labels = [jnp.where(positive_valid, LABEL_POSITIVE, LABEL_PADDING)]
+
+    if config.negatives == "least_visible_own":
+        is_positive = jnp.zeros_like(usable).at[people, positive_index].max(positive_valid)
+        negative_index, negative_valid = jax.vmap(
+            lambda s, u, pos: _least_visible_own(s, u, pos, config.num_negatives))(
+                scores, usable, is_positive)
+        coords.append(points[people, negative_index])
+        labels.append(jnp.where(negative_valid, LABEL_NEGATIVE, LABEL_PADDING))
+    elif config.negatives == "closest_other":
+        if boxes is None:
+            centres = jax.vmap(_pose_box_centre)(points, usable)
+        else:
+            centres = jnp.asarray(boxes, jnp.float32).reshape(num_people, 2, 2).mean(axis=1)
+        visible = usable & (scores >= config.visibility_threshold)
+        flat_index, negative_valid = jax.vmap(
+            lambda person, centre: _closest_other(person, centre, points, visible,
+                                                  config.num_negatives))(
+                jnp.arange(num_people), centres)
+        coords.append(points.reshape(-1, 2)[flat_index])
+        labels.append(jnp.where(negative_valid, LABEL_NEGATIVE, LABEL_PADDING))
+
+    if config.box != "none":
+        corners = jax.vmap(lambda b: _box_corners(b, image_hw, config))(
+            jnp.asarray(boxes, jnp.float32))
+        coords.insert(0, corners)
+        labels.insert(0, jnp.broadcast_to(
+            jnp.array([LABEL_BOX_TOP_LEFT, LABEL_BOX_BOTTOM_RIGHT]), (num_people, 2)))
+
+    all_labels = jnp.where(has_prompt[:, None], jnp.concatenate(labels, axis=1), LABEL_PADDING)
+    prompt_coords, prompt_labels = jax.vmap(
+        lambda c, l: _compact(c, l, config.num_slots))(jnp.concatenate(coords, axis=1), all_labels)
+    return Prompts(coords=prompt_coords.astype(jnp.float32),
+                   labels=prompt_labels.astype(jnp.int32), has_prompt=has_prompt)
+
+
+def exclusive_masks(masks, iou) -> jax.Array:
+    """masks (P, H, W) bool, iou (P,) finite predicted IoUs -> (P, H, W) bool.
+
+    Each pixel keeps only the covering mask with the highest predicted IoU (ties: the lower
+    index, numpy's first argmax as in the authors' `_apply_exclusive_masks`); uncovered pixels
+    stay empty.  (The authors take the argmax of mask * iou, which hands a pixel to a
+    non-covering mask when every covering IoU is <= 0; the covering mask wins here.)
+    """
+    masks = jnp.asarray(masks, bool)
+    if masks.shape[0] == 0:
+        return masks
+    iou = jnp.asarray(iou, jnp.float32)
+    winner = jnp.argmax(jnp.where(masks, iou[:, None, None], -jnp.inf), axis=0)  # (H, W)
+    owners = jnp.arange(masks.shape[0])[:, None, None] == winner[None]
+    return owners & jnp.any(masks, axis=0)[None]

@@ -1,0 +1,78 @@
+"""The people of one photo: poses -> prompts -> masks with the interactive `Predictor`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import NamedTuple
+
+import jax
+import numpy as np
+
+from p2s_jax.data.coco import masks_to_rle
+from p2s_jax.inference.prompting import (PromptConfig, exclusive_masks, select_prompts,
+                                         validate_pose_inputs)
+from p2s_jax.utils.files import write_json
+
+
+class Segmentation(NamedTuple):
+    """The people of one image (`segment_people`)."""
+
+    masks: np.ndarray  # (P, H, W) bool; empty for people without a prompt
+    iou: np.ndarray  # (P,) float32 predicted IoU; 0 for people without a prompt
+    coords: np.ndarray  # (P, K, 2) float32 prompt points, original-image pixels
+    labels: np.ndarray  # (P, K) int32 prompt labels, -1 padding
+    has_prompt: np.ndarray  # (P,) bool
+
+
+_select_prompts = jax.jit(select_prompts, static_argnames="config")
+
+
+def segment_people(predictor, image: np.ndarray, keypoints, scores, config: PromptConfig,
+                   boxes=None, exclusive: bool = False) -> Segmentation:
+    """Masks of the people of one photo with the interactive `Predictor` (the same jitted
+    encoder / decoder as the dataset runner, one image at a time).
+
+    image (H, W, 3) uint8 RGB; keypoints (P, 17, 2) pixels (NaN = absent); scores (P, 17);
+    boxes None or (P, 4) xyxy.
+    """
+    image = np.asarray(image)
+    height, width = image.shape[:2]
+    validate_pose_inputs(keypoints, scores, "(segment)", boxes)
+    people = np.shape(keypoints)[0]
+    masks = np.zeros((people, height, width), bool)
+    iou = np.zeros(people, np.float32)
+    if people == 0:
+        empty = np.zeros((0, config.num_slots), np.int32)
+        return Segmentation(masks, iou, np.zeros((0, config.num_slots, 2), np.float32), empty,
+                            np.zeros(0, bool))
+    prompts = _select_prompts(np.asarray(keypoints, np.float32), np.asarray(scores, np.float32),
+                              (height, width), config=config,
+                              boxes=None if boxes is None else np.asarray(boxes, np.float32))
+    coords, labels = np.asarray(prompts.coords), np.asarray(prompts.labels)
+    has_prompt = np.asarray(prompts.has_prompt)
+    predictor.set_image(image)
+    kept = np.flatnonzero(has_prompt)
+    if kept.size:
+        prediction = predictor.predict(point_coords=coords[kept], point_labels=labels[kept])
+        masks[kept] = prediction.masks[:, 0]
+        iou[kept] = prediction.iou[:, 0]
+    if exclusive:
+        masks = np.asarray(exclusive_masks(masks, iou))
+    return Segmentation(masks, iou, coords, labels, has_prompt)
+
+
+def write_segmentation(path, image_path, result: Segmentation) -> Path:
+    """The people of one photo as JSON (atomic): per person the mask (COCO RLE, None without a
+    prompt), the predicted IoU and the prompt points [x, y, label]."""
+    rles = masks_to_rle(result.masks)
+    people = []
+    for i in range(len(result.iou)):
+        used = result.labels[i] != -1
+        people.append({
+            "person": i, "segmentation": rles[i] if result.has_prompt[i] else None,
+            "predicted_iou": float(result.iou[i]) if result.has_prompt[i] else None,
+            "prompt": [[float(x), float(y), int(label)] for (x, y), label
+                       in zip(result.coords[i][used], result.labels[i][used])]})
+    height, width = result.masks.shape[1:]
+    return write_json(path, {"image": str(image_path), "height": height, "width": width,
+                             "people": people})

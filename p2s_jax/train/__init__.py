@@ -1,0 +1,1 @@
+"""Fine-tuning: config, samplers, losses, the correction loop, optimiser, step, loop, checkpoints."""

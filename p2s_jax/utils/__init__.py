@@ -1,0 +1,1 @@
+"""Small services every room may use: error types, files, images, download, allocator."""
