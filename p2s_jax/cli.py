@@ -23,10 +23,12 @@ from p2s_jax.inference.prompting import PromptConfig
 from p2s_jax.inference.segment import segment_people, write_segmentation
 from p2s_jax.inference.weights import released_checkpoint
 from p2s_jax.data.coco import SCORE_NAMES, load_image_poses
-from p2s_jax.model.configs import ConfigError
+from p2s_jax.model.configs import COMPUTE_DTYPES, ConfigError, compute_dtype
+from p2s_jax.model.layers import ATTENTION_IMPLEMENTATIONS
 from p2s_jax.train.checkpoint import export_torch
 from p2s_jax.train.config import load_config, parse_overrides
 from p2s_jax.train.loop import train
+from p2s_jax.parallel import describe_devices
 from p2s_jax.utils import allocator
 from p2s_jax.utils.errors import Error, InputError
 from p2s_jax.utils.images import load_image
@@ -74,6 +76,11 @@ def _add_model_arguments(parser: argparse.ArgumentParser, checkpoint_required: b
                         help="model size (t, s, b+, l or full name); default: from the checkpoint")
     parser.add_argument("--image-size", type=int, default=None,
                         help="model input size (default: the checkpoint's, 1024 for .pt files)")
+    parser.add_argument("--dtype", choices=sorted(COMPUTE_DTYPES), default="float32",
+                        help="compute dtype (weights stay float32; default float32)")
+    parser.add_argument("--attention", choices=ATTENTION_IMPLEMENTATIONS, default="auto",
+                        help="attention implementation (default auto: chunked on CPU, cuDNN "
+                             "flash on GPU where it applies, XLA elsewhere)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -186,7 +193,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         args.annotations, args.images, args.checkpoint, keypoints=args.keypoints,
         gt_keypoints=args.gt_keypoints, model_name=args.model, image_size=args.image_size,
         config=config, coco_star=args.coco_star, out=args.out, summary_path=args.summary,
-        progress=not args.no_progress)
+        progress=not args.no_progress, dtype=args.dtype, attention=args.attention)
     print(format_report(EvalReport.from_dict(summary["report"])))
     print(summary["table"])
     if "results_file" in summary:
@@ -202,7 +209,8 @@ def cmd_segment(args: argparse.Namespace) -> int:
         raise UsageError(f"--box {config.box} needs a 'bbox' for every person in "
                          f"{args.keypoints}")
     checkpoint = args.checkpoint or released_checkpoint(progress=not args.no_progress)
-    predictor = Predictor.from_checkpoint(checkpoint, args.model, args.image_size)
+    predictor = Predictor.from_checkpoint(checkpoint, args.model, args.image_size,
+                                          compute_dtype(args.dtype), attention=args.attention)
     scores = poses.scores[score_type]
     result = segment_people(predictor, image, poses.keypoints, scores, config,
                             boxes=poses.boxes, exclusive=args.exclusive)
@@ -251,6 +259,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+COMPUTES = ("evaluate", "segment", "train")  # commands that say which devices they run on
 COMMANDS = {"convert": cmd_convert, "evaluate": cmd_evaluate, "segment": cmd_segment,
             "train": cmd_train, "export": cmd_export}
 
@@ -261,6 +270,8 @@ def main(argv: list[str] | None = None) -> int:
     if allocator.set_mode(allocator.choose_mode(args.malloc, args.command)):
         print(f"{PROG}: host memory: freed blocks are kept for reuse (--malloc default to turn "
               "off)", file=sys.stderr)
+    if args.command in COMPUTES:
+        print(f"{PROG}: {describe_devices()}", file=sys.stderr)
     try:
         return COMMANDS[args.command](args)
     except (Error, ConfigError) as err:

@@ -23,6 +23,15 @@ DATA = P(DATA_AXIS)  # split along the leading axis
 REPLICATED = P()
 
 
+def describe_devices() -> str:
+    """One line: JAX version, backend and the devices of all processes (kind and count)."""
+    devices = jax.devices()
+    kinds = sorted({d.device_kind for d in devices})
+    hosts = f" on {jax.process_count()} processes" if jax.process_count() > 1 else ""
+    return (f"jax {jax.__version__}, backend {jax.default_backend()}, {len(devices)} device(s)"
+            f"{hosts}: {', '.join(kinds)}")
+
+
 def make_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
     """A 1-D mesh with axis `DATA_AXIS` over `devices` (all devices of all processes by default)."""
     devices = jax.devices() if devices is None else list(devices)

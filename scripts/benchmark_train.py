@@ -270,7 +270,7 @@ def run_ours(spec: dict) -> dict:
 
     from p2s_jax.parallel import DATA_AXIS
     from p2s_jax.train import step as trainer
-    from p2s_jax.model.configs import get_config
+    from p2s_jax.model.configs import compute_dtype, get_config
     from p2s_jax.train.correction import CorrectionConfig
     from p2s_jax.train.optim import make_optimizer, param_rules
     from p2s_jax.model.sam2 import abstract_model
@@ -288,7 +288,7 @@ def run_ours(spec: dict) -> dict:
         freeze_image_encoder=True, global_batch_size=spec["images"], total_steps=1000,
         correction=CorrectionConfig(num_points=spec["points"], sampler=spec["sampler"]))
     mesh = Mesh(np.array(devices), (DATA_AXIS,))
-    model = abstract_model(get_config(config.model, size), trainer.compute_dtype(config))
+    model = abstract_model(get_config(config.model, size), compute_dtype(config.compute_dtype))
     with np.load(spec["weights"]) as state_dict:
         from_state_dict(model, state_dict, source=spec["weights"])
     graphdef, params, frozen = nnx.split(model, trainer.trainable_filter(config), ...)

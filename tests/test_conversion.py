@@ -12,7 +12,7 @@ import pytest
 import reference
 from conftest import model_pair, rel_err
 from p2s_jax.model.configs import CONFIGS, get_config
-from p2s_jax.model.sam2 import abstract_model
+from p2s_jax.model.sam2 import abstract_model, with_attention
 from weights_conversion import (CheckpointError, VIDEO_MEMORY_PREFIXES, convert_checkpoint,
                                 detect_model_name, from_state_dict, load_model, load_torch_state_dict,
                                 save_orbax, save_torch_checkpoint, to_state_dict)
@@ -43,11 +43,15 @@ def test_every_official_tensor_is_used_once(name):
     assert detect_model_name(state) == name
 
 
-@pytest.mark.parametrize("name", ["sam2.1_hiera_s", "sam2.1_hiera_l"])
-def test_reduced_resolution_parity(name, torch_module):
-    """s and l at 256 px: encoder features and decoder outputs equal the official model's."""
+@pytest.mark.parametrize("name, attention", [("sam2.1_hiera_s", "cpu_chunked"),
+                                             ("sam2.1_hiera_l", "cpu_chunked"),
+                                             ("sam2.1_hiera_s", "xla")])
+def test_reduced_resolution_parity(name, attention, torch_module):
+    """s and l at 256 px: encoder features and decoder outputs equal the official model's, with
+    the CPU attention and with the library attention that accelerators run."""
     torch = torch_module
     official, ours = model_pair(name, 256)
+    ours = with_attention(ours, attention)
     image = np.random.default_rng(0).standard_normal((1, 256, 256, 3)).astype(np.float32)
     backbone = official.forward_image(torch.from_numpy(image.transpose(0, 3, 1, 2)))
     features = jax.jit(lambda x: ours.encode_image(x))(jnp.asarray(image))

@@ -273,3 +273,22 @@ def test_bf16_compute_follows_float32():
     loss, iou = first_step(bf16)
     assert np.isfinite(loss) and abs(loss - ref_loss) < 0.05 * abs(ref_loss), (loss, ref_loss)
     np.testing.assert_allclose(iou, ref_iou, atol=0.05)
+
+    def first_step_gradients(model):
+        """d core_loss / d params of the step, frozen encoder, flattened."""
+        graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+        fpn = jax.jit(lambda: model.image_encoder(jnp.asarray(image[None])).backbone_fpn)()
+
+        def loss_of(params):
+            merged = nnx.merge(graphdef, params, rest)
+            features = jax.tree.map(lambda x: x[0], merged.image_features(fpn))
+            out = correction_loop(merged, features, targets, jax.random.key(4), config)
+            return losses.reduce_loss(out.loss_terms)
+
+        grads = jax.jit(jax.grad(loss_of))(params)
+        return np.concatenate([np.ravel(np.asarray(g, np.float64))
+                               for g in jax.tree.leaves(grads)])
+
+    ref_grads, grads = first_step_gradients(ours), first_step_gradients(bf16)
+    cosine = grads @ ref_grads / (np.linalg.norm(grads) * np.linalg.norm(ref_grads))
+    assert cosine >= 0.99, cosine

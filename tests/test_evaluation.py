@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from pycocotools import mask as mask_utils
@@ -134,18 +135,23 @@ def test_masks_match_official_predictor(dataset, run, official_run):
     assert people == run.report.num_results >= 8
 
 
-def test_ap_matches_official(dataset, run, official_run):
-    """AP of our results equals AP of the official masks with the official scores: on the
-    dataset's own ground truth, and on one where half the persons' masks are the official
-    predictions themselves (random weights give AP 0 on the drawn masks; this ground truth makes
-    the ranking by score and every IoU threshold matter)."""
-    official_results = []
+@pytest.fixture(scope="module")
+def official_results(dataset, run, official_run):
+    """The official masks with the official scores, as COCO results."""
+    results = []
     for image_id, people in official_run.items():
         det = dataset["poses"][image_id].det_score[run.prompts[image_id].has_prompt]
         masks = np.stack([logits > 0 for logits, _ in people])
         scores = det * np.array([iou for _, iou in people])
-        official_results += coco_lib.encode_results(image_id, masks, scores)
+        results += coco_lib.encode_results(image_id, masks, scores)
+    return results
 
+
+@pytest.fixture(scope="module")
+def anchored(dataset, official_results):
+    """The dataset's ground truth with half the persons' masks replaced by official predictions
+    (random weights give AP 0 on the drawn masks; this ground truth makes the ranking by score and
+    every IoU threshold matter)."""
     anchored = json.loads(Path(dataset["annotations"]).read_text())
     by_image = _by_image(official_results)
     for ann in anchored["annotations"]:
@@ -157,14 +163,37 @@ def test_ap_matches_official(dataset, run, official_run):
             ann["bbox"] = [float(v) for v in mask_utils.toBbox(rle)]
     anchored_path = dataset["root"] / "anchored.json"
     anchored_path.write_text(json.dumps(anchored))
+    return coco_lib.load_coco(anchored_path)
 
-    for gt in (dataset["coco"], coco_lib.load_coco(anchored_path)):
+
+def test_ap_matches_official(dataset, run, official_results, anchored):
+    """AP of our results equals AP of the official masks with the official scores: on the
+    dataset's own ground truth, and on the anchored one."""
+    for gt in (dataset["coco"], anchored):
         for coco_star in (False, True):
             ours = evaluate_segm(gt, run.results, coco_star=coco_star)
             theirs = evaluate_segm(gt, official_results, coco_star=coco_star)
             assert {k: ours[k] for k in METRIC_NAMES} == \
                 {k: theirs[k] for k in METRIC_NAMES}
     assert ours["AP"] > 0.05  # the anchored ground truth makes AP informative
+
+
+def test_bf16_ap_follows_float32(dataset, models, single_device, run, anchored):
+    """bf16 compute (float32 weights) gives segm AP within 0.5 AP of float32 on the anchored
+    ground truth (and on COCO*)."""
+    from p2s_jax.model.configs import get_config
+    from p2s_jax.model.sam2 import abstract_model
+    from weights_conversion import from_state_dict
+
+    bf16 = abstract_model(get_config(MODEL, SIZE), jnp.bfloat16)
+    from_state_dict(bf16, reference.official_state_dict(models[0]))
+    out = ev.run_dataset(bf16, dataset["coco"], dataset["images"], dataset["poses"],
+                         ev.EvalConfig(images_per_device=2), mesh=single_device, progress=False)
+    assert len(out.results) == len(run.results)
+    for coco_star in (False, True):
+        ap32 = evaluate_segm(anchored, run.results, coco_star=coco_star)["AP"]
+        ap16 = evaluate_segm(anchored, out.results, coco_star=coco_star)["AP"]
+        assert ap32 > 0.05 and abs(ap16 - ap32) <= 0.005, (coco_star, ap16, ap32)
 
 
 def test_exclusive_masks_and_result_scores(dataset, models, single_device, run):

@@ -42,6 +42,87 @@ def test_masked_attention_ignores_masked_keys():
     assert np.abs(np.asarray(out2) - np.asarray(out)).max() <= 1e-5
 
 
+CPU_IMPLEMENTATIONS = ("cpu_chunked", "xla")  # cudnn needs a GPU (compiled for one in p2s aot)
+
+
+def _attention_shapes(name: str):
+    """(label, q shape, k shape) of every attention of model `name` at 512 px: each Hiera stage's
+    windowed attention (2 windows), the global attention (32 x 32 tokens) and the decoder's."""
+    from p2s_jax.model.configs import get_config
+
+    config = get_config(name, 512)
+    trunk, decoder = config.trunk, config.decoder
+    shapes = []
+    for stage, window in enumerate(trunk.window_spec):
+        dim = int(trunk.embed_dim * trunk.dim_mul ** stage)
+        heads = int(trunk.num_heads * trunk.head_mul ** stage)
+        shapes.append((f"stage {stage + 1} window", (2, window * window, heads, dim // heads),
+                       (2, window * window, heads, dim // heads)))
+    stage = len(trunk.window_spec) - 2
+    dim, heads = int(trunk.embed_dim * trunk.dim_mul ** stage), int(trunk.num_heads * trunk.head_mul ** stage)
+    shapes.append(("global", (1, 1024, heads, dim // heads), (1, 1024, heads, dim // heads)))
+    head_dim = decoder.embed_dim // decoder.transformer_heads
+    cross = head_dim // decoder.attention_downsample_rate
+    shapes.append(("decoder tokens", (3, 7, decoder.transformer_heads, head_dim),
+                   (3, 7, decoder.transformer_heads, head_dim)))
+    shapes.append(("decoder image -> tokens", (3, 256, decoder.transformer_heads, cross),
+                   (3, 7, decoder.transformer_heads, cross)))
+    return shapes
+
+
+@pytest.mark.parametrize("name", ["sam2.1_hiera_t", "sam2.1_hiera_s", "sam2.1_hiera_b+",
+                                  "sam2.1_hiera_l"])
+@pytest.mark.parametrize("implementation", CPU_IMPLEMENTATIONS)
+def test_every_attention_shape_matches_numpy(name, implementation, monkeypatch):
+    """Each CPU-capable implementation equals a float64 NumPy softmax on every attention shape of
+    every model size, with and without a key mask; the chunked path runs on the global shape."""
+    monkeypatch.setattr(layers, "CHUNK_LOGITS", 1024 * 1024 - 1)
+    monkeypatch.setattr(layers, "QUERY_CHUNK", 256)
+    rng = np.random.default_rng(0)
+    for label, q_shape, k_shape in _attention_shapes(name):
+        q = rng.standard_normal(q_shape).astype(np.float32)
+        k, v = (rng.standard_normal(k_shape).astype(np.float32) for _ in range(2))
+        masks = [None]
+        if label.startswith("decoder"):
+            mask = rng.random(k_shape[:2]) < 0.6
+            mask[:, 0] = True  # the output tokens are never masked
+            masks.append(mask)
+        for mask in masks:
+            out = layers.attention(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v),
+                                   None if mask is None else jnp.asarray(mask), implementation)
+            error = np.abs(np.asarray(out) - numpy_attention(q, k, v, mask)).max()
+            assert error <= 1e-5, (label, mask is not None, error)
+
+
+@pytest.mark.parametrize("implementation", CPU_IMPLEMENTATIONS)
+def test_attention_broadcasts_leading_axes(implementation):
+    """Keys shared by every person (leading axis 1) give what per-person copies give."""
+    rng = np.random.default_rng(3)
+    q = rng.standard_normal((4, 9, 2, 8)).astype(np.float32)
+    k, v = (rng.standard_normal((1, 12, 2, 8)).astype(np.float32) for _ in range(2))
+    mask = rng.random((4, 12)) < 0.7
+    mask[:, 0] = True
+    shared = layers.attention(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), jnp.asarray(mask),
+                              implementation)
+    copies = np.repeat(k, 4, 0), np.repeat(v, 4, 0)
+    assert np.abs(np.asarray(shared) - numpy_attention(q, *copies, mask)).max() <= 1e-5
+
+
+def test_auto_attention_per_backend():
+    resolve = layers.resolve_attention
+    assert resolve("auto", jnp.float32, 56, "cpu") == "cpu_chunked"
+    assert resolve("auto", jnp.bfloat16, 56, "cpu") == "cpu_chunked"
+    assert resolve("auto", jnp.bfloat16, 56, "gpu") == "cudnn"
+    assert resolve("auto", jnp.float16, 128, "gpu") == "cudnn"
+    assert resolve("auto", jnp.float32, 56, "gpu") == "xla"  # cuDNN flash needs 16-bit inputs
+    assert resolve("auto", jnp.bfloat16, 72 + 4, "gpu") == "xla"  # head dim not a multiple of 8
+    assert resolve("auto", jnp.bfloat16, 256, "gpu") == "xla"
+    assert resolve("auto", jnp.bfloat16, 56, "tpu") == "xla"
+    assert resolve("xla", jnp.float32, 56, "cpu") == "xla"
+    with pytest.raises(ValueError, match="attention must be one of"):
+        resolve("flash", jnp.float32, 56)
+
+
 def test_chunked_attention_equals_whole(monkeypatch):
     """Above CHUNK_LOGITS the queries go one head and one chunk at a time: same numbers."""
     rng = np.random.default_rng(2)
@@ -50,6 +131,8 @@ def test_chunked_attention_equals_whole(monkeypatch):
     monkeypatch.setattr(layers, "CHUNK_LOGITS", 64 * 64 - 1)
     monkeypatch.setattr(layers, "QUERY_CHUNK", 16)
     chunked = np.asarray(layers.attention(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v)))
+    # Outputs are O(1): 1e-5 is ~80 float32 ulp against float64 (softmax of 64 logits and a
+    # 64-term sum); chunked and whole do the same products, only vectorised differently: 8 ulp.
     assert np.abs(chunked - numpy_attention(q, k, v)).max() <= 1e-5
     assert np.abs(chunked - whole).max() <= 1e-6
 

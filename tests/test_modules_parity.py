@@ -50,6 +50,8 @@ def test_bicubic_position_embedding_is_torch_bicubic(pair, torch_module):
     official, ours = pair
     trunk_t, trunk_j = official.image_encoder.trunk, ours.image_encoder.trunk
     ref = trunk_t._get_pos_embed((64, 64)).numpy()
+    # 4 x 4 taps with torch-identical weights (resample matrices): a 16-term float32 sum per
+    # output, so a relative error of a few eps whatever the summation order; 1e-6 is 8 eps.
     assert rel_err(trunk_j.position_embedding((64, 64)), ref) <= 1e-6
     naive = jax.image.resize(trunk_j.pos_embed[...], (1, 64, 64, trunk_j.pos_embed.shape[-1]),
                              "cubic") + jnp.tile(trunk_j.pos_embed_window[...], (1, 8, 8, 1))
@@ -96,7 +98,7 @@ def test_prompt_encoder(pair, torch_module):
     dense_j = pe_j.embed_masks(jnp.asarray(masks.transpose(0, 2, 3, 1)), None, (3,))
     assert rel_err(dense_j, nhwc(dense_t)) <= 1e-5
     _, no_mask_t = pe_t((torch.from_numpy(coords), torch.from_numpy(labels)), None, None)
-    assert rel_err(pe_j.embed_masks(None, None, (3,)), nhwc(no_mask_t)) <= 1e-7
+    assert rel_err(pe_j.embed_masks(None, None, (3,)), nhwc(no_mask_t)) <= 1e-7  # a copy: exact
     assert rel_err(pe_j.dense_pe()[None], nhwc(pe_t.get_dense_pe())) <= 1e-5
 
 

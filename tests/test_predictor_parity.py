@@ -182,3 +182,23 @@ def test_people_per_chunk_does_not_change_results(scene):
         scene.model.decode(features, model_coords, model_labels, people_per_chunk=3)
     with pytest.raises(ValueError, match="power of two"):
         Predictor(scene.model, people_per_chunk=3)
+
+
+def test_xla_attention_matches_official():
+    """The library attention path (`jax.nn.dot_product_attention`, what accelerators run) meets
+    the same tolerances as the CPU path, at 1024 px where Hiera's global attention is 4096 tokens."""
+    from p2s_jax.inference.predictor import Predictor
+    from p2s_jax.model.sam2 import with_attention
+
+    scene = _SCENES.get(CASES[0]) or Scene(*CASES[0])
+    ours = Predictor(with_attention(scene.model, "xla"))
+    assert scene.model.config.attention == "auto"  # the shared model is left as it was
+    ours.set_image(scene.image)
+    embed = scene.official._features["image_embed"][0].permute(1, 2, 0).numpy()
+    assert rel_err(ours._features.image_embed, embed) <= 1e-4
+    for name, coords, labels, box in scene.prompts(seed=3):
+        ref = _official_predict(scene, coords, labels, box, None, False)
+        out = ours.predict(None if coords is None else coords[None],
+                           None if labels is None else labels[None],
+                           boxes=None if box is None else box[None])
+        _assert_close(out.masks[0], out.iou[0], out.low_res_logits[0], *ref)

@@ -152,7 +152,7 @@ def save_orbax(model: SAM2Image, out_dir, source: str = "") -> Path:
 
 
 def load_orbax(path, model_name: Optional[str] = None, image_size: Optional[int] = None,
-               dtype=jnp.float32) -> SAM2Image:
+               dtype=jnp.float32, attention: str = "auto") -> SAM2Image:
     path = Path(path).absolute()
     meta_file = path / METADATA_FILE
     if not meta_file.is_file() or not (path / "weights").is_dir():
@@ -162,7 +162,7 @@ def load_orbax(path, model_name: Optional[str] = None, image_size: Optional[int]
     if model_name is not None and get_config(model_name).name != meta["model"]:
         raise CheckpointError(f"{path} is a {meta['model']} checkpoint, but the model "
                               f"{get_config(model_name).name} was requested")
-    config = get_config(meta["model"], image_size or meta["image_size"])
+    config = get_config(meta["model"], image_size or meta["image_size"], attention)
     model = abstract_model(config, dtype)
     graphdef, abstract_state = nnx.split(model)
     try:
@@ -174,22 +174,23 @@ def load_orbax(path, model_name: Optional[str] = None, image_size: Optional[int]
 
 
 def load_model(path, model_name: Optional[str] = None, image_size: Optional[int] = None,
-               dtype=jnp.float32) -> SAM2Image:
+               dtype=jnp.float32, attention: str = "auto") -> SAM2Image:
     """A `.pt` official checkpoint or a converted folder -> `SAM2Image`.
 
     model_name None: detected from the checkpoint. image_size None: the converted folder's, or
-    1024 for a `.pt`. `dtype` is the compute dtype.
+    1024 for a `.pt`. `dtype` is the compute dtype (weights stay float32); `attention` the
+    attention implementation (`SAM2Config.attention`).
     """
     path = Path(path)
     if path.is_dir():
-        return load_orbax(path, model_name, image_size, dtype)
+        return load_orbax(path, model_name, image_size, dtype, attention)
     state_dict = load_torch_state_dict(path)
     detected = detect_model_name(state_dict)
     name = model_name or detected
     if name is None:
         raise CheckpointError(f"{path}: cannot tell the model size (no image_encoder.trunk."
                               f"pos_embed); pass the model name")
-    model = abstract_model(get_config(name, image_size or 1024), dtype)
+    model = abstract_model(get_config(name, image_size or 1024, attention), dtype)
     from_state_dict(model, state_dict, source=str(path))
     return model
 

@@ -70,6 +70,7 @@ from p2s_jax.inference.preprocess import bucket, preprocess_image, upsample_matr
 from p2s_jax.inference.prompting import (PromptConfig, exclusive_masks, select_prompts,
                                          validate_pose_inputs)
 from p2s_jax.keypoints import NUM_KEYPOINTS, labelled_points
+from p2s_jax.model.configs import compute_dtype
 from p2s_jax.model.sam2 import SAM2Image
 from p2s_jax.parallel import (DATA, REPLICATED, all_gather_json, host_to_global, local_positions,
                               local_rows, make_mesh)
@@ -541,7 +542,8 @@ def run_evaluation(annotations, images_dir, checkpoint, *, keypoints=None,
                    image_size: int = 1024, config: EvalConfig = EvalConfig(),
                    coco_star: bool = False, out=None, summary_path=None,
                    progress: bool = True, mesh: Mesh | None = None,
-                   model: SAM2Image | None = None) -> dict:
+                   model: SAM2Image | None = None, dtype: str = "float32",
+                   attention: str = "auto") -> dict:
     """`p2s evaluate`: files in, COCO segm results + AP table + JSON summary out.
 
     Args:
@@ -550,6 +552,8 @@ def run_evaluation(annotations, images_dir, checkpoint, *, keypoints=None,
       checkpoint: official `.pt` or converted folder (ignored when `model` is given).
       keypoints: keypoint detections (COCO keypoint results); or `gt_keypoints=True`.
       model_name, image_size: the model (`model_name` None: read from the checkpoint).
+      dtype, attention: the compute dtype ('float32' or 'bfloat16') and attention
+        implementation (`SAM2Config.attention`) of the loaded model.
       config: see `EvalConfig`.
       coco_star: the paper's COCO* protocol (`coco.evaluate_segm`).
       out: where to write the results JSON (None: not written); the summary goes to
@@ -566,8 +570,9 @@ def run_evaluation(annotations, images_dir, checkpoint, *, keypoints=None,
         raise MissingFileError(f"image folder not found: {images_dir}")
     poses = (ground_truth_prompt_poses(coco) if gt_keypoints
              else coco_lib.load_keypoint_detections(keypoints, coco))
-    if model is None:
-        model = load_model(checkpoint, model_name, image_size)
+    checkpoint_loaded = model is None
+    if checkpoint_loaded:
+        model = load_model(checkpoint, model_name, image_size, compute_dtype(dtype), attention)
     output = run_dataset(model, coco, images_dir, poses, config, mesh=mesh, progress=progress)
     metrics = evaluate_segm(coco, output.results, coco_star=coco_star)
     summary = {
@@ -576,6 +581,7 @@ def run_evaluation(annotations, images_dir, checkpoint, *, keypoints=None,
             "keypoints": "ground truth" if gt_keypoints else str(keypoints),
             "checkpoint": None if checkpoint is None else str(checkpoint),
             "model": model.config.name, "image_size": model.config.image_size,
+            "attention": model.config.attention, "dtype": dtype if checkpoint_loaded else None,
             "coco_star": coco_star, **config.to_dict(),
         },
         "metrics": {k: v for k, v in metrics.items() if k != "table"},

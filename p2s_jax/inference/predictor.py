@@ -132,10 +132,11 @@ class Predictor:
 
     @classmethod
     def from_checkpoint(cls, path, model: Optional[str] = None, image_size: Optional[int] = None,
-                        dtype=jnp.float32,
-                        people_per_chunk: Union[int, None, str] = "auto") -> "Predictor":
-        """An official `.pt` checkpoint (SAM 2.1 or SAM-pose2seg) or a converted folder."""
-        return cls(load_model(path, model, image_size, dtype), people_per_chunk)
+                        dtype=jnp.float32, people_per_chunk: Union[int, None, str] = "auto",
+                        attention: str = "auto") -> "Predictor":
+        """An official `.pt` checkpoint (SAM 2.1 or SAM-pose2seg) or a converted folder, computing
+        in `dtype` (float32 or bfloat16; weights stay float32) with `attention`."""
+        return cls(load_model(path, model, image_size, dtype, attention), people_per_chunk)
 
     @property
     def image_size(self) -> int:

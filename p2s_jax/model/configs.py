@@ -10,6 +10,10 @@ from __future__ import annotations
 import dataclasses
 from typing import Tuple
 
+import jax.numpy as jnp
+
+from p2s_jax.model.layers import ATTENTION_IMPLEMENTATIONS
+
 
 class ConfigError(ValueError):
     """An unknown model name or an unusable model setting."""
@@ -139,6 +143,9 @@ class SAM2Config:
       trunk, neck, decoder: see `HieraConfig`, `NeckConfig`, `DecoderConfig`.
       image_size: input side S in pixels (1024; a multiple of 32).
       backbone_stride: stride of the decoder's image embedding (S / 16 = 64 tokens a side).
+      attention: how attention is computed, one of `layers.ATTENTION_IMPLEMENTATIONS` ('auto':
+        the CPU's chunked path on CPU, cuDNN flash attention on GPU where it applies, XLA's
+        fused attention elsewhere). Results agree within float rounding.
     """
 
     name: str
@@ -147,6 +154,7 @@ class SAM2Config:
     decoder: DecoderConfig = DecoderConfig()
     image_size: int = 1024
     backbone_stride: int = 16
+    attention: str = "auto"
 
     @property
     def embedding_size(self) -> int:
@@ -188,11 +196,26 @@ ALIASES = {"t": "sam2.1_hiera_t", "tiny": "sam2.1_hiera_t", "s": "sam2.1_hiera_s
            "l": "sam2.1_hiera_l", "large": "sam2.1_hiera_l"}
 
 
-def get_config(name: str, image_size: int = 1024) -> SAM2Config:
-    """The preset `name` ('sam2.1_hiera_b+', 'b+', 'base_plus', ...) at `image_size`."""
+COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def compute_dtype(name: str):
+    """'float32' or 'bfloat16' -> the dtype the model computes in (weights stay float32; softmax,
+    normalisation statistics and the mask logits are float32 in either)."""
+    if name not in COMPUTE_DTYPES:
+        raise ConfigError(f"dtype must be one of {sorted(COMPUTE_DTYPES)}, got {name!r}")
+    return COMPUTE_DTYPES[name]
+
+
+def get_config(name: str, image_size: int = 1024, attention: str = "auto") -> SAM2Config:
+    """The preset `name` ('sam2.1_hiera_b+', 'b+', 'base_plus', ...) at `image_size`, with the
+    attention implementation `attention` (`SAM2Config.attention`)."""
     key = ALIASES.get(name, name)
     if key not in CONFIGS:
         raise ConfigError(f"unknown model {name!r}; known: {sorted(CONFIGS)} or {sorted(ALIASES)}")
     if image_size % 32:
         raise ConfigError(f"image_size must be a multiple of 32, got {image_size}")
-    return CONFIGS[key].replace(image_size=image_size)
+    if attention not in ATTENTION_IMPLEMENTATIONS:
+        raise ConfigError(f"attention must be one of {ATTENTION_IMPLEMENTATIONS}, "
+                          f"got {attention!r}")
+    return CONFIGS[key].replace(image_size=image_size, attention=attention)

@@ -53,6 +53,7 @@ class MultiScaleAttention(nnx.Module):
         self.qkv = nnx.Linear(dim, dim_out * 3, dtype=dtype, rngs=rngs)
         self.proj = nnx.Linear(dim_out, dim_out, dtype=dtype, rngs=rngs)
         self.dtype = dtype
+        self.attention = "auto"  # layers.ATTENTION_IMPLEMENTATIONS; set by SAM2Image
 
     def __call__(self, x: jax.Array, q_stride: Optional[Tuple[int, int]],
                  window: int = 0) -> jax.Array:
@@ -78,7 +79,7 @@ class MultiScaleAttention(nnx.Module):
             q = max_pool_2x2(q.reshape(nb, wh, ww, -1), q_stride)
             wh, ww = q.shape[1:3]
             q = q.reshape(nb, wh * ww, self.num_heads, -1)
-        out = attention(q, k, v).reshape(nb, wh, ww, -1)
+        out = attention(q, k, v, implementation=self.attention).reshape(nb, wh, ww, -1)
         if window > 0:
             sh, sw = q_stride or (1, 1)
             out = window_unpartition(out, wh, (padded[0] // sh, padded[1] // sw),

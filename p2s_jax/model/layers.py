@@ -116,23 +116,68 @@ def from_blocks(x: jax.Array, levels: int) -> jax.Array:
     return x.reshape(*lead, h * s, w * s)
 
 
-# Above this many logits per head the queries are processed in chunks, one head and one chunk
-# at a time (nested lax.map), so the (Lq, Lk) matrix never exists whole and a chunk's logits stay
-# in cache: 2.6x faster for Hiera's 4096-token global attention on CPU (714 -> 270 ms, b+).
+# How attention is computed (`SAM2Config.attention`, `sam2.with_attention`):
+#   cpu_chunked  head-major products; above CHUNK_LOGITS logits per head the queries go one head
+#                and one QUERY_CHUNK at a time (nested lax.map), so a chunk's logits stay in
+#                cache: 2.6x faster for Hiera's 4096-token global attention on CPU (714 -> 270 ms,
+#                b+). On an accelerator the nested maps are a serial loop: CPU only.
+#   xla          jax.nn.dot_product_attention's XLA path (fused by XLA on TPU and GPU).
+#   cudnn        jax.nn.dot_product_attention's cuDNN flash attention (GPU, bf16 / fp16, head
+#                dims up to 128 in multiples of 8).
+#   auto         cpu_chunked on CPU; cudnn on GPU where the dtype and head dim allow, else xla.
+ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "cudnn", "cpu_chunked")
 CHUNK_LOGITS = 1 << 22
 QUERY_CHUNK = 512
 
 
-def attention(q: jax.Array, k: jax.Array, v: jax.Array,
-              key_mask: Optional[jax.Array] = None) -> jax.Array:
-    """Scaled dot-product attention, heads on axis -2.
+def resolve_attention(implementation: str, dtype, head_dim: int,
+                      backend: Optional[str] = None) -> str:
+    """The implementation `attention` runs for `implementation` on `backend` (default: JAX's
+    default backend when traced)."""
+    if implementation not in ATTENTION_IMPLEMENTATIONS:
+        raise ValueError(f"attention must be one of {ATTENTION_IMPLEMENTATIONS}, "
+                         f"got {implementation!r}")
+    if implementation != "auto":
+        return implementation
+    backend = jax.default_backend() if backend is None else backend
+    if backend == "cpu":
+        return "cpu_chunked"
+    if (backend in ("gpu", "cuda") and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
+            and head_dim % 8 == 0 and head_dim <= 128):
+        return "cudnn"
+    return "xla"
+
+
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, key_mask: Optional[jax.Array] = None,
+              implementation: str = "auto") -> jax.Array:
+    """Scaled dot-product attention, heads on axis -2; softmax in float32.
 
     q: (..., Lq, heads, d); k, v: (..., Lk, heads, d); key_mask: (..., Lk) bool, False = ignored.
-    Returns (..., Lq, heads, d).
-
-    The products run head-major, (..., heads, L, d): XLA's CPU batched dot is 4x slower when the
-    batch axis (heads) sits between the contracted and the free axes.
+    Leading axes broadcast against each other. Returns (..., Lq, heads, d) in q's dtype.
     """
+    implementation = resolve_attention(implementation, q.dtype, q.shape[-1])
+    if implementation == "cpu_chunked":
+        return _cpu_attention(q, k, v, key_mask)
+    return _library_attention(q, k, v, key_mask, implementation)
+
+
+def _library_attention(q, k, v, key_mask, implementation: str):
+    """`jax.nn.dot_product_attention` on the broadcast leading axes flattened to one batch."""
+    lead = jnp.broadcast_shapes(q.shape[:-3], k.shape[:-3], v.shape[:-3],
+                                () if key_mask is None else key_mask.shape[:-1])
+    q, k, v = (jnp.broadcast_to(x, lead + x.shape[-3:]).reshape((-1,) + x.shape[-3:])
+               for x in (q, k, v))
+    mask = None
+    if key_mask is not None:
+        key_mask = jnp.broadcast_to(key_mask, lead + key_mask.shape[-1:])
+        mask = key_mask.reshape(-1, 1, 1, key_mask.shape[-1])
+    out = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=implementation)
+    return out.reshape(lead + out.shape[-3:])
+
+
+def _cpu_attention(q, k, v, key_mask):
+    """The products run head-major, (..., heads, L, d): XLA's CPU batched dot is 4x slower when
+    the batch axis (heads) sits between the contracted and the free axes."""
     q, k, v = (jnp.swapaxes(x, -3, -2) for x in (q, k, v))
     if key_mask is not None:
         key_mask = key_mask[..., None, None, :]

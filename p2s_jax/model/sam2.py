@@ -18,10 +18,13 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from p2s_jax.model.configs import SAM2Config
+from p2s_jax.model.configs import ConfigError, SAM2Config
+from p2s_jax.model.hiera import MultiScaleAttention
 from p2s_jax.model.image_encoder import ImageEncoder
+from p2s_jax.model.layers import ATTENTION_IMPLEMENTATIONS
 from p2s_jax.model.mask_decoder import MaskDecoder, select_masks
 from p2s_jax.model.prompt_encoder import PromptEncoder
+from p2s_jax.model.transformer import Attention
 
 NO_OBJECT_SCORE = -1024.0  # sam2_base.NO_OBJ_SCORE
 
@@ -51,6 +54,7 @@ class SAM2Image(nnx.Module):
         dim = config.decoder.embed_dim
         self.no_mem_embed = nnx.Param(nnx.initializers.truncated_normal(0.02)(
             rngs.params(), (1, 1, dim)))
+        _set_attention(self, config.attention)
 
     def encode_image(self, images: jax.Array) -> ImageFeatures:
         """(B, S, S, 3) ImageNet-normalised float images -> `ImageFeatures`."""
@@ -127,6 +131,26 @@ class SAM2Image(nnx.Module):
 
         out = jax.lax.map(decode_chunk, chunks)
         return jax.tree.map(lambda x: x.reshape((n,) + x.shape[2:]), out)
+
+
+def _set_attention(model: nnx.Module, implementation: str) -> None:
+    for _, node in nnx.iter_graph(model):
+        if isinstance(node, (MultiScaleAttention, Attention)):
+            node.attention = implementation
+
+
+def with_attention(model: SAM2Image, implementation: str) -> SAM2Image:
+    """A model sharing `model`'s weights whose attention runs `implementation` (one of
+    `layers.ATTENTION_IMPLEMENTATIONS`); `model` itself is left as it is."""
+    if implementation not in ATTENTION_IMPLEMENTATIONS:
+        raise ConfigError(f"attention must be one of {ATTENTION_IMPLEMENTATIONS}, "
+                          f"got {implementation!r}")
+    config = model.config.replace(attention=implementation)
+    graphdef, state = nnx.split(model)
+    new = nnx.merge(graphdef, state)
+    new.config = config
+    _set_attention(new, implementation)
+    return new
 
 
 def build_model(config: SAM2Config, seed: int = 0, dtype=jnp.float32) -> SAM2Image:

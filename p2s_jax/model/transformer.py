@@ -26,6 +26,7 @@ class Attention(nnx.Module):
         self.k_proj = nnx.Linear(dim, internal, dtype=dtype, rngs=rngs)
         self.v_proj = nnx.Linear(dim, internal, dtype=dtype, rngs=rngs)
         self.out_proj = nnx.Linear(internal, dim, dtype=dtype, rngs=rngs)
+        self.attention = "auto"  # layers.ATTENTION_IMPLEMENTATIONS; set by SAM2Image
 
     def __call__(self, q: jax.Array, k: jax.Array, v: jax.Array,
                  key_mask: Optional[jax.Array] = None) -> jax.Array:
@@ -35,7 +36,7 @@ class Attention(nnx.Module):
             return x.reshape(x.shape[:-1] + (self.num_heads, -1))
 
         out = attention(heads(self.q_proj(q)), heads(self.k_proj(k)), heads(self.v_proj(v)),
-                        key_mask)
+                        key_mask, self.attention)
         return self.out_proj(out.reshape(out.shape[:-2] + (-1,)))
 
 

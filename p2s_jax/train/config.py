@@ -71,6 +71,7 @@ class TrainConfig:
       image_size: model input side S (1024; a multiple of 32).
       init_checkpoint: official .pt or converted folder; "" = seeded random init (tests only).
       compute_dtype: 'bfloat16' or 'float32' (weights and optimiser state stay float32).
+      attention: the model's attention implementation (`SAM2Config.attention`).
       freeze_image_encoder: the encoder runs forward only (official fine-tuning); False trains
         it with ``optim.vision_lr`` and layer decay.
       global_batch_size: images per step over all devices (a multiple of the device count).
@@ -90,6 +91,7 @@ class TrainConfig:
     image_size: int = 1024
     init_checkpoint: str = ""
     compute_dtype: str = "bfloat16"
+    attention: str = "auto"
     freeze_image_encoder: bool = True
     global_batch_size: int = 8
     total_steps: int = 0

@@ -31,14 +31,13 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from p2s_jax.inference.preprocess import imagenet_normalize
-from p2s_jax.model.configs import get_config
+from p2s_jax.model.configs import compute_dtype, get_config
 from p2s_jax.model.sam2 import SAM2Image, build_model
 from p2s_jax.parallel import DATA, DATA_AXIS, REPLICATED
 from p2s_jax.train import losses
 from p2s_jax.train.config import TrainConfig
 from p2s_jax.train.correction import LoopTargets, correction_loop
 from p2s_jax.train.optim import lr_schedule
-from p2s_jax.utils.errors import InputError
 from weights_conversion import load_model
 
 STEP_INPUTS = ("image", "masks", "keypoints", "visibility", "valid")  # the batch keys a step reads
@@ -53,20 +52,14 @@ def trainable_filter(config: TrainConfig):
     return nnx.Param
 
 
-def compute_dtype(config: TrainConfig):
-    try:
-        return {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[config.compute_dtype]
-    except KeyError:
-        raise InputError(f"compute_dtype must be 'float32' or 'bfloat16', got "
-                         f"{config.compute_dtype!r}") from None
-
-
 def build_training_model(config: TrainConfig) -> SAM2Image:
     """The model to fine-tune: ``init_checkpoint`` loaded strictly, or a seeded random init."""
-    dtype = compute_dtype(config)
+    dtype = compute_dtype(config.compute_dtype)
     if config.init_checkpoint:
-        return load_model(config.init_checkpoint, config.model, config.image_size, dtype)
-    return build_model(get_config(config.model, config.image_size), seed=config.seed, dtype=dtype)
+        return load_model(config.init_checkpoint, config.model, config.image_size, dtype,
+                          config.attention)
+    return build_model(get_config(config.model, config.image_size, config.attention),
+                       seed=config.seed, dtype=dtype)
 
 
 def normalize_images(images: jax.Array) -> jax.Array:
