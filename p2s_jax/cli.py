@@ -271,7 +271,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{PROG}: host memory: freed blocks are kept for reuse (--malloc default to turn "
               "off)", file=sys.stderr)
     if args.command in COMPUTES:
-        print(f"{PROG}: {describe_devices()}", file=sys.stderr)
+        print(f"{PROG}: {describe_devices()}")
     try:
         return COMMANDS[args.command](args)
     except (Error, ConfigError) as err:
