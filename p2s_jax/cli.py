@@ -112,9 +112,10 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--result-score", choices=runner.RESULT_SCORES, default="product",
                           help="score of each mask: detection score x predicted IoU (default), "
                                "the detection score, or the predicted IoU")
-    evaluate.add_argument("--batch-size", type=int, default=2, help="images per device per step")
-    evaluate.add_argument("--people-chunk", type=int, default=4,
-                          help="people of an image decoded together")
+    evaluate.add_argument("--batch-size", type=int, default=0,
+                          help="images per device per step (default: 2 on CPU, 8 on accelerators)")
+    evaluate.add_argument("--people-chunk", type=int, default=0,
+                          help="people decoded together (default: 4 on CPU, all on accelerators)")
     evaluate.add_argument("--workers", type=int, default=4, help="image-loading threads")
     evaluate.add_argument("--out", required=True, help="COCO segm results JSON to write")
     evaluate.add_argument("--summary", default=None,

@@ -12,7 +12,9 @@ the file, preprocess, encode, decode every person, and encode the masks as COCO 
   the prompts our run chose (BBox-Mask-Pose's loop), `multimask_output=False`.
 
 Prints images/s of both and the ratio (official time / ours); with a GPU also the projected
-time for the 2693 person images of COCO val2017.
+time for the 2693 person images of COCO val2017. Then the host's share, measured alone in
+milliseconds per image: decoding the photo, RLE-encoding its masks, writing the results JSON and
+COCOeval; their sum bounds the images/s one host thread can feed, whatever the device.
 
     python scripts/benchmark_eval.py                      # 64 images, t at 1024
     python scripts/benchmark_eval.py --num-images 8 --batch-size 1
@@ -57,7 +59,7 @@ def run_ours(model, coco, images, poses, config):
 
     from p2s_jax.evaluation import runner as evaluation
     first = sorted(poses, key=lambda i: (-len(poses[i]), i))
-    warm = set(first[:config.images_per_device * jax.device_count()])
+    warm = set(first[:config.for_backend().images_per_device * jax.device_count()])
     start = time.perf_counter()
     evaluation.run_dataset(model, coco, images, {i: p for i, p in poses.items() if i in warm},
                          config, progress=False)
@@ -92,6 +94,38 @@ def run_official(official, coco, images, prompts, device: str) -> tuple[float, i
     return time.perf_counter() - start, count
 
 
+def host_costs(coco, images, results) -> dict:
+    """Milliseconds per image of each host step of an evaluation, measured one after another."""
+    import json
+
+    from pycocotools import mask as mask_utils
+
+    from p2s_jax.data.coco import encode_results
+    from p2s_jax.evaluation.metrics import evaluate_segm
+    from p2s_jax.utils.images import load_image
+
+    image_ids = sorted({r["image_id"] for r in results})
+    by_image = {i: [r for r in results if r["image_id"] == i] for i in image_ids}
+    masks = {i: mask_utils.decode([r["segmentation"] for r in rs]).transpose(2, 0, 1).astype(bool)
+             for i, rs in by_image.items()}
+    timings = {}
+    start = time.perf_counter()
+    for i in image_ids:
+        load_image(Path(images) / coco.imgs[i]["file_name"])
+    timings["decode"] = time.perf_counter() - start
+    start = time.perf_counter()
+    for i in image_ids:
+        encode_results(i, masks[i], np.ones(len(masks[i])))
+    timings["RLE"] = time.perf_counter() - start
+    start = time.perf_counter()
+    json.dumps(results)
+    timings["JSON"] = time.perf_counter() - start
+    start = time.perf_counter()
+    evaluate_segm(coco, results)
+    timings["COCOeval"] = time.perf_counter() - start
+    return {k: 1000 * v / len(image_ids) for k, v in timings.items()}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -100,8 +134,14 @@ def main() -> None:
     parser.add_argument("--model", default="t", help="t, s, b+ or l (random official weights)")
     parser.add_argument("--image-size", type=int, default=1024)
     parser.add_argument("--photo-size", default="480x640", help="HxW of the generated photos")
-    parser.add_argument("--batch-size", type=int, default=2, help="images per device per step")
-    parser.add_argument("--people-chunk", type=int, default=4)
+    parser.add_argument("--batch-size", type=int, default=0,
+                        help="images per device per step (0: the backend's default)")
+    parser.add_argument("--people-chunk", type=int, default=0,
+                        help="people decoded together (0: the backend's default)")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                        help="our compute dtype (the official side: bf16 autocast on a GPU)")
+    parser.add_argument("--attention", default="auto",
+                        help="our attention implementation (SAM2Config.attention)")
     parser.add_argument("--skip-official", action="store_true")
     parser.add_argument("--malloc", default="kept", choices=allocator.MODES,
                         help="glibc malloc of both sides (p2s_jax.utils.allocator; `p2s` uses kept)")
@@ -112,7 +152,7 @@ def main() -> None:
     import jax
 
     from p2s_jax.evaluation import runner as evaluation
-    from p2s_jax.model.configs import get_config
+    from p2s_jax.model.configs import compute_dtype, get_config
     from p2s_jax.model.sam2 import abstract_model
     from weights_conversion.convert import from_state_dict
 
@@ -126,7 +166,8 @@ def main() -> None:
           f"images of {height}x{width}, about {args.people} people each")
 
     official = reference.official_model(name, args.image_size).to(device)
-    model = abstract_model(get_config(name, args.image_size))
+    model = abstract_model(get_config(name, args.image_size, args.attention),
+                           compute_dtype(args.dtype))
     from_state_dict(model, reference.official_state_dict(official))
     config = evaluation.EvalConfig(images_per_device=args.batch_size,
                                    people_per_chunk=args.people_chunk)
@@ -137,11 +178,14 @@ def main() -> None:
         report = output.report
         ours_rate = report.images_per_second
         print(f"ours:     {report.num_images} images, {report.num_results} masks in "
-              f"{report.seconds:.1f} s = {ours_rate:.2f} images/s (batch {args.batch_size} "
-              f"per device; warm-up incl. compilation {warmup:.1f} s)")
+              f"{report.seconds:.1f} s = {ours_rate:.2f} images/s ({args.dtype}; warm-up incl. "
+              f"compilation {warmup:.1f} s)")
         if on_gpu:
             print(f"          projected COCO val2017 ({COCO_VAL_PERSON_IMAGES} person images): "
                   f"{COCO_VAL_PERSON_IMAGES / ours_rate:.0f} s")
+        costs = host_costs(coco, images, output.results)
+        print("host ms per image: " + ", ".join(f"{k} {v:.1f}" for k, v in costs.items())
+              + f"; one host thread feeds at most {1000 / sum(costs.values()):.0f} images/s")
         if args.skip_official:
             return
         seconds, masks = run_official(official, coco, images, output.prompts, device)

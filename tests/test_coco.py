@@ -502,3 +502,21 @@ def test_keypoint_files_share_one_absent_rule(tmp_path, dataset, coco):
     for name in poses.scores:
         np.testing.assert_array_equal(poses.scores[name], image_poses.scores[name])
     np.testing.assert_array_equal(poses.boxes, image_poses.boxes)
+
+
+def test_more_than_255_results(coco):
+    """pycocotools' mask.area overflows a uint8 count under NumPy 2 beyond 255 masks: our areas go
+    in batches (brute-force pixel counts), and evaluate_segm takes a full dataset's results."""
+    from p2s_jax.data.coco import rle_areas
+
+    rng = np.random.default_rng(0)
+    masks = rng.random((300, 24, 30)) < rng.random((300, 1, 1))
+    rles = [r["segmentation"] for r in encode_results(1, masks, np.ones(300))]
+    np.testing.assert_array_equal(rle_areas(rles), masks.sum((1, 2)))
+    results = []
+    for image_id in sorted(coco.getImgIds()):
+        results += encode_results(image_id, gt_masks(coco, image_id).repeat(20, axis=0),
+                                  np.linspace(1.0, 0.5, 20 * len(gt_masks(coco, image_id))))
+    assert len(results) > 255
+    ap = evaluate_segm(coco, results)["AP"]
+    assert 0.0 < ap <= 1.0

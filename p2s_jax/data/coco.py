@@ -465,6 +465,19 @@ def encode_results(image_id: int, masks: np.ndarray, scores: np.ndarray,
             for rle, score in zip(masks_to_rle(masks), scores)]
 
 
+# pycocotools' mask.area builds a uint8 array holding the count of its input, which NumPy 2
+# refuses above 255 (OverflowError): areas go in batches of this many.
+_AREA_BATCH = 255
+
+
+def rle_areas(rles: Sequence[dict]) -> np.ndarray:
+    """(N,) float64 pixel counts of compressed RLEs (`pycocotools.mask.area`, any N)."""
+    rles = list(rles)
+    parts = [np.asarray(mask_utils.area(rles[i:i + _AREA_BATCH]), np.float64)
+             for i in range(0, len(rles), _AREA_BATCH)]
+    return np.concatenate(parts) if parts else np.zeros(0)
+
+
 def masks_to_rle(masks: np.ndarray) -> list[dict]:
     """(P, H, W) bool masks -> P compressed RLEs {"size": [H, W], "counts": str}, JSON-ready
     (pycocotools.mask.encode on a Fortran-ordered uint8 (H, W, P) array)."""

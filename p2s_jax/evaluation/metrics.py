@@ -32,7 +32,7 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 from p2s_jax.data.coco import (SMALL_AREA, CocoFormatError, check_image_id, person_category_id,
-                               quiet)
+                               quiet, rle_areas)
 
 METRIC_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 
@@ -111,7 +111,7 @@ def _results_coco(gt: COCO, results: Sequence[dict], person: int) -> COCO:
                      "score": float(score), "iscrowd": 0})
     if anns:
         rles = [a["segmentation"] for a in anns]
-        for ann, area, box in zip(anns, mask_utils.area(rles), mask_utils.toBbox(rles)):
+        for ann, area, box in zip(anns, rle_areas(rles), mask_utils.toBbox(rles)):
             ann["area"], ann["bbox"] = float(area), [float(v) for v in box]
     dt = COCO()
     dt.dataset = {"images": gt.dataset["images"], "categories": gt.dataset["categories"],

@@ -1,22 +1,28 @@
 """Batched, data-parallel pose-to-mask evaluation on COCO-format datasets (COCO, OCHuman, CIHP).
 
 For every image that has people, SAM-pose2seg turns each person's pose into a prompt
-(`p2s_jax.inference.prompting.select_prompts`) and decodes one mask per person; the masks go to COCO segm
-results (compressed RLE) and to pycocotools' mask AP (`p2s_jax.data.coco.evaluate_segm`).
+(`p2s_jax.inference.prompting.select_prompts`) and decodes one mask per person; the masks go to
+COCO segm results (compressed RLE) and to pycocotools' mask AP
+(`p2s_jax.evaluation.metrics.evaluate_segm`).
 
 How the work is laid out
-    * Host threads (`concurrent.futures`) read, check and preprocess the images a few steps ahead
-      of the device (`EvalConfig.num_workers`, `prefetch_steps`).
+    * The host only decodes: threads (`concurrent.futures`, `EvalConfig.num_workers`) read and
+      decode the photos a few steps ahead of the device (`prefetch_steps`) onto the run's canvas
+      (the largest photo, sides rounded up to `CANVAS_MULTIPLE`), and RLE-encode the masks that
+      come back.
     * The images with people are sorted by their number of people (most first, then by id), so
       that images batched together need about the same padding, and cut into *chunks* of
       `images_per_device` images. A *step* hands one chunk to every device of a 1-D
       `jax.sharding.Mesh` with the axis 'data' (the last step is padded with empty chunks).
     * Per step, through `jax.shard_map` over 'data' (each device works on its own chunk):
-      `encode_images` on the chunk's images; `select_prompts` on all people of each image
-      (people padded to whole chunks of `people_per_chunk`, NaN keypoints for padding);
-      `decode_prompts` vmapped over the images, on `people_per_chunk` people of every image at
-      a time; masks upsampled straight to a canvas of the largest image of the run and cropped
-      on the host. These are the predictor's own jitted functions (`p2s_jax.inference.predictor`).
+      resize and normalisation (`preprocess_on_device`) and `encode_images` on the chunk's
+      photos; `select_prompts` on all people of each image (people padded to a power of two,
+      NaN keypoints for padding); `decode_prompts` vmapped over the images, all people of an
+      image in one call (chunked inside the decoder by `people_per_chunk` on CPU); masks
+      upsampled and thresholded straight onto the canvas, cropped on the host. These are the
+      predictor's own jitted functions (`p2s_jax.inference.predictor`).
+    * Defaults follow the backend (`backend_defaults`): on CPU 2 images per device and people
+      in chunks of 4, on accelerators 8 images per device and every person at once.
     * Multi-host: every process builds the same plan, feeds the chunks of its own devices
       (`jax.make_array_from_process_local_data`), reads back its own shards, and the per-process
       results are all-gathered at the end.
@@ -66,7 +72,8 @@ from p2s_jax.data import coco as coco_lib
 from p2s_jax.evaluation.metrics import evaluate_segm
 from p2s_jax.evaluation.report import EvalReport
 from p2s_jax.inference.predictor import decode_prompts, encode_images
-from p2s_jax.inference.preprocess import bucket, preprocess_image, upsample_matrix
+from p2s_jax.inference.preprocess import (CANVAS_MULTIPLE, bucket, canvas_hw, pad_to_canvas,
+                                          preprocess_on_device, upsample_matrix)
 from p2s_jax.inference.prompting import (PromptConfig, exclusive_masks, select_prompts,
                                          validate_pose_inputs)
 from p2s_jax.keypoints import NUM_KEYPOINTS, labelled_points
@@ -94,8 +101,11 @@ class EvalConfig:
         ('visibility' by default: ProbPose's visibility, or binary for ground-truth poses).
       result_score: 'product' (default, see the module docstring), 'detection' or 'iou'.
       exclusive: each pixel keeps only the covering mask with the highest predicted IoU.
-      images_per_device: images encoded together on one device (the chunk size).
-      people_per_chunk: people of an image decoded together; more are decoded in further passes.
+      images_per_device: images encoded together on one device (the chunk size); 0: the
+        backend's default (`backend_defaults`: 2 on CPU, 8 on accelerators).
+      people_per_chunk: people of an image decoded together inside the decoder (a `lax.map`
+        over chunks); 0: the backend's default (4 on CPU, where a chunk's activations stay in
+        cache; all people of an image at once on accelerators).
       num_workers: host threads that read and preprocess images.
       prefetch_steps: steps of images prepared ahead of the device.
     """
@@ -104,8 +114,8 @@ class EvalConfig:
     keypoint_score: str = "visibility"
     result_score: str = DEFAULT_RESULT_SCORE
     exclusive: bool = False
-    images_per_device: int = 2
-    people_per_chunk: int = 4
+    images_per_device: int = 0
+    people_per_chunk: int = 0
     num_workers: int = 4
     prefetch_steps: int = 2
 
@@ -116,12 +126,33 @@ class EvalConfig:
         if self.result_score not in RESULT_SCORES:
             raise InputError(f"result_score must be one of {RESULT_SCORES}, "
                              f"got {self.result_score!r}")
-        for name in ("images_per_device", "people_per_chunk", "num_workers", "prefetch_steps"):
+        for name in ("images_per_device", "people_per_chunk"):
+            if getattr(self, name) < 0:
+                raise InputError(f"{name} must be >= 0 (0: the backend's default), got "
+                                 f"{getattr(self, name)}")
+        for name in ("num_workers", "prefetch_steps"):
             if getattr(self, name) < 1:
                 raise InputError(f"{name} must be >= 1, got {getattr(self, name)}")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+    def for_backend(self, backend: str | None = None) -> "EvalConfig":
+        """This config with the backend's defaults filled in (`backend_defaults`)."""
+        images, people = backend_defaults(backend)
+        return dataclasses.replace(self, images_per_device=self.images_per_device or images,
+                                   people_per_chunk=self.people_per_chunk or people)
+
+
+def backend_defaults(backend: str | None = None) -> tuple[int, int]:
+    """(images per device, people per decoder chunk) for `backend` (default: JAX's). On CPU,
+    small chunks keep activations in cache; accelerators want everything in one call (a chunk
+    of 1024 people is more than any image holds, so it is one pass)."""
+    backend = jax.default_backend() if backend is None else backend
+    return (2, 4) if backend == "cpu" else (8, ALL_PEOPLE)
+
+
+ALL_PEOPLE = 1024  # people_per_chunk that decodes every person of an image in one pass
 
 
 class ImagePrompts(NamedTuple):
@@ -221,15 +252,24 @@ def plan_steps(num_items: int, images_per_device: int, num_devices: int) -> np.n
 
 
 def _step_people(step: np.ndarray, items: Sequence[_Item], people_per_chunk: int) -> int:
-    """People slots P per image in a step: the most people, rounded up to a power of two of
-    whole chunks, so that a run compiles the decoder for a handful of P only."""
+    """People slots P per image in a step: the most people, rounded up to a power of two (of
+    whole chunks when chunks are smaller than that), so that a run compiles the decoder for a
+    handful of P only."""
     most = max((len(items[i].poses.det_score) for i in step.ravel() if i >= 0), default=1)
+    if bucket(most) <= people_per_chunk:
+        return bucket(most)
     return people_per_chunk * bucket(-(-most // people_per_chunk))
 
 
+def decoder_chunk(num_people: int, people_per_chunk: int) -> int | None:
+    """The decoder's chunk for P people slots: None (one pass) when they fit in one chunk."""
+    return None if num_people <= people_per_chunk else people_per_chunk
+
+
 def _canvas_hw(items: Sequence[_Item]) -> tuple[int, int]:
-    """(H, W) covering every image of the run: masks are upsampled onto it and cropped."""
-    return (max(item.hw[0] for item in items), max(item.hw[1] for item in items))
+    """(H, W) covering every image of the run, in `CANVAS_MULTIPLE`s: photos are padded onto it
+    for the device's resize, and masks are upsampled onto it and cropped."""
+    return canvas_hw((max(item.hw[0] for item in items), max(item.hw[1] for item in items)))
 
 
 # ------------------------------------------------------------------------------ device steps
@@ -247,12 +287,12 @@ def _prompts_shard(keypoints, scores, boxes, image_hw, *, prompt: PromptConfig, 
 
 
 def _decode_shard(graphdef, state, features, coords, labels, has_prompt, up_y, up_x, *,
-                  people_per_chunk: int, exclusive: bool):
+                  people_per_chunk: int | None, exclusive: bool):
     """features (B, ...), coords (B, P, K, 2), labels (B, P, K), has_prompt (B, P),
     up_y (B, Hc, low), up_x (B, Wc, low) -> masks (B, P, Hc, Wc) bool, iou (B, P).
 
     The P people of an image are decoded `people_per_chunk` at a time inside the decoder
-    (`SAM2Image.decode`); people without a prompt get empty masks; with `exclusive`, every
+    (`SAM2Image.decode`; None: all at once); people without a prompt get empty masks; with `exclusive`, every
     pixel goes to one mask (`exclusive_masks`)."""
 
     def one_image(image_features, image_coords, image_labels, image_up_y, image_up_x):
@@ -273,11 +313,17 @@ def _decode_shard(graphdef, state, features, coords, labels, has_prompt, up_y, u
 # reuses their compilations across runs.
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1))
-def _encode_step(graphdef, mesh: Mesh, state, pixels):
-    fn = functools.partial(encode_images, graphdef)  # pixels (B, S, S, 3) -> features (B, ...)
-    return jax.shard_map(fn, mesh=mesh, in_specs=(REPLICATED, DATA), out_specs=DATA)(
-        state, pixels)
+def _encode_shard(graphdef, state, images, image_hw, *, image_size: int):
+    """images (B, Hc, Wc, 3) uint8 on the canvas, image_hw (B, 2) -> ImageFeatures (B, ...):
+    resize and normalisation on the device, then the encoder."""
+    return encode_images(graphdef, state, preprocess_on_device(images, image_hw, image_size))
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2))
+def _encode_step(graphdef, mesh: Mesh, image_size: int, state, images, image_hw):
+    fn = functools.partial(_encode_shard, graphdef, image_size=image_size)
+    return jax.shard_map(fn, mesh=mesh, in_specs=(REPLICATED, DATA, DATA), out_specs=DATA)(
+        state, images, image_hw)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 2))
@@ -291,7 +337,8 @@ def _prompts_step(mesh: Mesh, prompt: PromptConfig, image_size: int, keypoints, 
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 2, 3))
-def _decode_step(graphdef, mesh: Mesh, people_per_chunk: int, exclusive: bool, state, features,
+def _decode_step(graphdef, mesh: Mesh, people_per_chunk: int | None, exclusive: bool, state,
+                 features,
                  coords, labels, has_prompt, up_y, up_x):
     fn = functools.partial(_decode_shard, graphdef, people_per_chunk=people_per_chunk,
                            exclusive=exclusive)
@@ -303,8 +350,9 @@ def _decode_step(graphdef, mesh: Mesh, people_per_chunk: int, exclusive: bool, s
 # ------------------------------------------------------------------------------ host side
 
 
-def _load_pixels(item: _Item, image_size: int) -> tuple[np.ndarray | None, str | None]:
-    """-> ((S, S, 3) float32, None), or (None, reason) for a missing / unreadable image."""
+def _load_image(item: _Item, canvas: tuple[int, int]) -> tuple[np.ndarray | None, str | None]:
+    """-> ((Hc, Wc, 3) uint8 on the canvas, None), or (None, reason) for a missing / unreadable
+    image. Decoding is all the host does to an image."""
     try:
         image = load_image(item.path)
     except ImageError as err:
@@ -312,7 +360,7 @@ def _load_pixels(item: _Item, image_size: int) -> tuple[np.ndarray | None, str |
     if image.shape[:2] != item.hw:
         return None, (f"{item.path}: image is {image.shape[1]}x{image.shape[0]} (WxH) but the "
                       f"annotation file says {item.hw[1]}x{item.hw[0]}")
-    return preprocess_image(image, image_size), None
+    return pad_to_canvas(image, canvas), None
 
 
 def _prefetch(pool: concurrent.futures.Executor, fn, args: Iterable[tuple],
@@ -328,7 +376,7 @@ def _prefetch(pool: concurrent.futures.Executor, fn, args: Iterable[tuple],
 
 
 class _HostBatch(NamedTuple):
-    pixels: np.ndarray  # (L, S, S, 3)
+    images: np.ndarray  # (L, Hc, Wc, 3) uint8 on the canvas
     keypoints: np.ndarray  # (L, P, 17, 2)
     scores: np.ndarray  # (L, P, 17)
     boxes: np.ndarray | None  # (L, P, 4)
@@ -337,13 +385,13 @@ class _HostBatch(NamedTuple):
     up_x: np.ndarray  # (L, Wc, low)
 
 
-def _host_batch(slots: Sequence[_Item | None], pixels: Sequence[np.ndarray | None],
-                num_people: int, image_size: int, low: int, canvas: tuple[int, int],
+def _host_batch(slots: Sequence[_Item | None], images: Sequence[np.ndarray | None],
+                num_people: int, low: int, canvas: tuple[int, int],
                 with_boxes: bool) -> _HostBatch:
     """Stacks this process's slots; empty slots (padding, skipped images) have no people."""
     n = len(slots)
     batch = _HostBatch(
-        pixels=np.zeros((n, image_size, image_size, 3), np.float32),
+        images=np.zeros((n, *canvas, 3), np.uint8),
         keypoints=np.full((n, num_people, NUM_KEYPOINTS, 2), np.nan, np.float32),
         scores=np.zeros((n, num_people, NUM_KEYPOINTS), np.float32),
         boxes=np.zeros((n, num_people, 4), np.float32) if with_boxes else None,
@@ -351,11 +399,11 @@ def _host_batch(slots: Sequence[_Item | None], pixels: Sequence[np.ndarray | Non
         up_y=np.zeros((n, canvas[0], low), np.float32),
         up_x=np.zeros((n, canvas[1], low), np.float32),
     )
-    for row, (item, image) in enumerate(zip(slots, pixels)):
+    for row, (item, image) in enumerate(zip(slots, images)):
         if item is None or image is None:
             continue
         people = len(item.poses.det_score)
-        batch.pixels[row] = image
+        batch.images[row] = image
         batch.keypoints[row, :people] = item.poses.keypoints
         batch.scores[row, :people] = item.poses.scores
         if with_boxes:
@@ -422,6 +470,7 @@ def run_dataset(model: SAM2Image, coco: COCO, images_dir, poses: Mapping[int, An
     """
     mesh = make_mesh() if mesh is None else mesh
     num_devices = mesh.devices.size
+    config = config.for_backend(mesh.devices.flat[0].platform)
     items = _items(coco, images_dir, poses, config)
     category_id = coco_lib.person_category_id(coco)
     plan = plan_steps(len(items), config.images_per_device, num_devices)
@@ -429,32 +478,33 @@ def run_dataset(model: SAM2Image, coco: COCO, images_dir, poses: Mapping[int, An
     local_plan = plan[:, positions[0]:positions[-1] + 1].reshape(len(plan), -1)  # (steps, L)
     graphdef, state = nnx.split(model)
     state = jax.device_put(state, NamedSharding(mesh, REPLICATED))
-    image_size = model.config.image_size
-    canvas = _canvas_hw(items) if items else (1, 1)
+    canvas = _canvas_hw(items) if items else (CANVAS_MULTIPLE, CANVAS_MULTIPLE)
     with_boxes = bool(items) and items[0].poses.boxes is not None
 
-    outputs, skipped = [], []
+    results, skipped = [], []  # futures of _ImageResult (RLE encoding in the threads)
     start = time.perf_counter()
     local_items = [items[i] for i in local_plan.ravel() if i >= 0]
     bar = tqdm(total=len(local_items), unit="img", desc="evaluate", dynamic_ncols=True,
                disable=not progress or jax.process_index() != 0)
     with concurrent.futures.ThreadPoolExecutor(config.num_workers) as pool:
-        loads = _prefetch(pool, functools.partial(_load_pixels, image_size=image_size),
+        loads = _prefetch(pool, functools.partial(_load_image, canvas=canvas),
                           ((item,) for item in local_items),
                           config.prefetch_steps * local_plan.shape[1])
         in_flight = None
         for step_index, local_step in enumerate(local_plan):
-            slots, pixels = _read_step(
+            slots, images = _read_step(
                 [items[i] if i >= 0 else None for i in local_step], loads, skipped, bar)
             num_people = _step_people(plan[step_index], items, config.people_per_chunk)
-            batch = _host_batch(slots, pixels, num_people, image_size,
-                                model.config.low_res_mask_size, canvas, with_boxes)
-            device_out = _run_step(graphdef, state, mesh, batch, config, image_size)
+            batch = _host_batch(slots, images, num_people, model.config.low_res_mask_size,
+                                canvas, with_boxes)
+            device_out = _run_step(graphdef, state, mesh, batch, config,
+                                   model.config.image_size)
             if in_flight is not None:
-                outputs += _collect(*in_flight, config, category_id, bar)
+                results += _collect(*in_flight, config, category_id, bar, pool)
             in_flight = (slots, device_out)
         if in_flight is not None:
-            outputs += _collect(*in_flight, config, category_id, bar)
+            results += _collect(*in_flight, config, category_id, bar, pool)
+        outputs = [future.result() for future in results]
     bar.close()
     seconds = time.perf_counter() - start
     gathered = all_gather_json({"outputs": [_output_to_json(o) for o in outputs],
@@ -464,7 +514,7 @@ def run_dataset(model: SAM2Image, coco: COCO, images_dir, poses: Mapping[int, An
 
 def _read_step(slots: Sequence[_Item | None], loads: Iterator[concurrent.futures.Future],
                skipped: list, bar) -> tuple[list, list]:
-    """The preprocessed images of one step's slots, from the prefetch queue -> (slots, pixels);
+    """The decoded images of one step's slots, from the prefetch queue -> (slots, images);
     an image that cannot be used is added to `skipped` and its slot emptied."""
     pixels = []
     for item in slots:
@@ -483,22 +533,25 @@ def _read_step(slots: Sequence[_Item | None], loads: Iterator[concurrent.futures
 def _run_step(graphdef, state, mesh: Mesh, batch: _HostBatch, config: EvalConfig,
               image_size: int):
     """Dispatches one step (asynchronously); -> device arrays (masks, iou, coords, labels, has)."""
-    features = _encode_step(graphdef, mesh, state, host_to_global(mesh, batch.pixels))
+    features = _encode_step(graphdef, mesh, image_size, state, host_to_global(mesh, batch.images),
+                            host_to_global(mesh, batch.image_hw))
     model_coords, coords, labels, has_prompt = _prompts_step(
         mesh, config.prompt, image_size, *(host_to_global(mesh, a) for a in (
             batch.keypoints, batch.scores, batch.boxes, batch.image_hw)))
-    masks, iou = _decode_step(graphdef, mesh, config.people_per_chunk, config.exclusive, state,
+    chunk = decoder_chunk(batch.keypoints.shape[1], config.people_per_chunk)
+    masks, iou = _decode_step(graphdef, mesh, chunk, config.exclusive, state,
                               features, model_coords, labels, has_prompt,
                               host_to_global(mesh, batch.up_y), host_to_global(mesh, batch.up_x))
     return masks, iou, coords, labels, has_prompt
 
 
 def _collect(slots: Sequence[_Item | None], device_out, config: EvalConfig, category_id: int,
-             bar) -> list[_ImageResult]:
-    """Reads one step's local rows back and encodes the masks of its real images."""
+             bar, pool: concurrent.futures.Executor) -> list[concurrent.futures.Future]:
+    """Reads one step's local rows back; the masks of its real images are RLE-encoded in the
+    thread pool (futures of `_ImageResult`, in order)."""
     masks, iou, coords, labels, has_prompt = (local_rows(a) for a in device_out)
-    results = [_image_result(item, masks[row], iou[row], coords[row], labels[row],
-                             has_prompt[row], config, category_id)
+    results = [pool.submit(_image_result, item, masks[row], iou[row], coords[row], labels[row],
+                           has_prompt[row], config, category_id)
                for row, item in enumerate(slots) if item is not None]
     bar.update(sum(item is not None for item in slots))
     return results
@@ -582,7 +635,7 @@ def run_evaluation(annotations, images_dir, checkpoint, *, keypoints=None,
             "checkpoint": None if checkpoint is None else str(checkpoint),
             "model": model.config.name, "image_size": model.config.image_size,
             "attention": model.config.attention, "dtype": dtype if checkpoint_loaded else None,
-            "coco_star": coco_star, **config.to_dict(),
+            "coco_star": coco_star, **config.for_backend().to_dict(),
         },
         "metrics": {k: v for k, v in metrics.items() if k != "table"},
         "table": metrics["table"],

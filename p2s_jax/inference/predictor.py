@@ -1,9 +1,10 @@
 """Batched image predictor: `SAM2ImagePredictor` semantics, all people of an image in one call.
 
-Pre/post-processing follow the official predictor: the image is resized to S x S (not aspect
-preserving) with torchvision's antialiased bilinear resize and ImageNet-normalised; point
-coordinates are scaled from the original width/height; masks are upsampled bilinearly to the
-original size and thresholded at 0; low-res logits are clamped to [-32, 32].
+Pre/post-processing follow the official predictor (`p2s_jax.inference.preprocess`, on the
+device): the image is resized to S x S (not aspect preserving) with torchvision's antialiased
+bilinear resize and ImageNet-normalised; point coordinates are scaled from the original
+width/height; masks are upsampled bilinearly to the original size and thresholded at 0;
+low-res logits are clamped to [-32, 32].
 
 The heavy lifting is two jitted pure functions over (graphdef, state) — `encode_images` and
 `decode_prompts` — that the evaluator and the trainer call too. The number of people N and of
@@ -21,8 +22,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from p2s_jax.inference.preprocess import (LOW_RES_CLAMP, bucket, preprocess_image,
-                                          to_model_coords, upsample_masks, upsample_matrices)
+from p2s_jax.inference.preprocess import (LOW_RES_CLAMP, bucket, canvas_hw, pad_to_canvas,
+                                          preprocess_on_device, to_model_coords, upsample_masks,
+                                          upsample_matrices)
 from p2s_jax.model.sam2 import ImageFeatures, SAM2Image
 from p2s_jax.utils.images import to_rgb_uint8
 from weights_conversion import load_model
@@ -38,6 +40,11 @@ class Prediction(NamedTuple):
 
 
 # ----------------------------------------------------------------------------- jitted core
+
+# (B, Hc, Wc, 3) uint8 canvases, (B, 2) sizes -> (B, S, S, 3) normalised; one small program per
+# canvas size, so that the encoder compiles once whatever the photos' sizes.
+preprocess_images = jax.jit(preprocess_on_device, static_argnums=2)
+
 
 @functools.partial(jax.jit, static_argnums=0)
 def encode_images(graphdef, state, pixels: jax.Array) -> ImageFeatures:
@@ -143,10 +150,15 @@ class Predictor:
         return self.config.image_size
 
     def set_image(self, image: np.ndarray) -> None:
-        """H x W x 3 uint8 RGB (grayscale and RGBA are converted; anything else raises)."""
+        """H x W x 3 uint8 RGB (grayscale and RGBA are converted; anything else raises).
+
+        The photo goes to the device as it is, padded to a canvas (`canvas_hw`); resize and
+        normalisation run there (`preprocess_images`), then the encoder."""
         image = to_rgb_uint8(image, "image")
-        pixels = preprocess_image(image, self.image_size)
-        features = encode_images(self.graphdef, self.state, jnp.asarray(pixels[None]))
+        canvas = pad_to_canvas(image, canvas_hw(image.shape[:2]))
+        pixels = preprocess_images(jnp.asarray(canvas[None]),
+                                   jnp.asarray([image.shape[:2]], jnp.int32), self.image_size)
+        features = encode_images(self.graphdef, self.state, pixels)
         self._features = jax.tree.map(lambda x: x[0], features)
         self._orig_hw = image.shape[:2]
 

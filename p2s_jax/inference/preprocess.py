@@ -2,8 +2,9 @@
 
 Everything here reproduces the official `SAM2Transforms` and `SAM2ImagePredictor` numerics:
 - images are resized to S x S (not aspect preserving) with torchvision's antialiased bilinear
-  resize (`resize_image_numpy`, torch-exact taps of `p2s_jax.model.resample`) and
-  ImageNet-normalised;
+  resize and ImageNet-normalised: on the device (`preprocess_on_device`: uint8 photos padded to a
+  canvas, the resize weights computed there from each photo's size, two matmuls), or on the host
+  (`preprocess_image`, torch-exact taps of `p2s_jax.model.resample`);
 - point coordinates are scaled from the original width / height (`to_model_coords`);
 - low-res logits are upsampled bilinearly (align_corners=False) to the original size
   (`upsample_matrix` / `upsample_logits`) and thresholded at 0; low-res logits returned to the
@@ -97,11 +98,67 @@ def upsample_matrices(orig_hw: Tuple[int, int], low_res: int, multiple: int = 64
 def upsample_logits(logits: jax.Array, upsample_y: jax.Array, upsample_x: jax.Array) -> jax.Array:
     """(..., h, w) logits -> (..., Hp, Wp) float32 through the torch-bilinear (align_corners=False)
     matrices upsample_y (Hp, h) and upsample_x (Wp, w): `F.interpolate(..., "bilinear")`."""
-    rows = jnp.einsum("yh,...hw->...yw", upsample_y, logits.astype(jnp.float32))
-    return jnp.einsum("xw,...yw->...yx", upsample_x, rows)
+    highest = jax.lax.Precision.HIGHEST  # no TF32 / bf16 passes on accelerators
+    rows = jnp.einsum("yh,...hw->...yw", upsample_y, logits.astype(jnp.float32), precision=highest)
+    return jnp.einsum("xw,...yw->...yx", upsample_x, rows, precision=highest)
 
 
 @jax.jit
 def upsample_masks(logits: jax.Array, upsample_y: jax.Array, upsample_x: jax.Array) -> jax.Array:
     """(..., h, w) unclamped logits -> (..., Hp, Wp) bool masks (`upsample_logits` > 0)."""
     return upsample_logits(logits, upsample_y, upsample_x) > 0
+
+
+# ----------------------------------------------------------------------------- on the device
+
+CANVAS_MULTIPLE = 128  # photos are padded to a canvas whose sides are multiples of this
+
+
+def canvas_hw(hw: Tuple[int, int], multiple: int = CANVAS_MULTIPLE) -> Tuple[int, int]:
+    """The canvas (H, W) a photo of `hw` is padded to: each side rounded up to `multiple`, so
+    that photos of similar sizes share one compilation."""
+    return tuple(-(-int(size) // multiple) * multiple for size in hw)
+
+
+def pad_to_canvas(image: np.ndarray, canvas: Tuple[int, int]) -> np.ndarray:
+    """(H, W, 3) uint8 -> (Hc, Wc, 3) uint8, the photo in the top-left corner, zeros elsewhere."""
+    h, w = image.shape[:2]
+    if h > canvas[0] or w > canvas[1]:
+        raise ValueError(f"image {h}x{w} (HxW) does not fit the canvas {canvas[0]}x{canvas[1]}")
+    return np.pad(image, ((0, canvas[0] - h), (0, canvas[1] - w), (0, 0)))
+
+
+def antialias_resize_matrix(out_size: int, in_size: jax.Array, padded: int) -> jax.Array:
+    """(out_size, padded) float32: torch's bilinear resize with antialias=True from `in_size`
+    (a traced int) to `out_size` pixels; columns from `in_size` on are zero.
+
+    The device twin of `model.resample.bilinear_aa_matrix`, in float32 with the same roundings
+    (each product of two float32 numbers rounded once, as the host's float64 product then
+    float32 cast gives); only the per-row normalising sum may differ in its last bit.
+    """
+    f32 = jnp.float32
+    scale = jnp.asarray(in_size, f32) / f32(out_size)
+    support = jnp.where(scale >= 1, scale, f32(1))
+    invscale = jnp.where(scale >= 1, f32(1) / scale, f32(1))
+    center = scale * (jnp.arange(out_size, dtype=f32) + f32(0.5))  # (out,)
+    first = jnp.maximum(jnp.trunc(center - support + f32(0.5)), 0)
+    stop = jnp.minimum(jnp.trunc(center + support + f32(0.5)), jnp.asarray(in_size, f32))
+    taps = jnp.arange(padded, dtype=f32)[None]  # (1, padded)
+    weights = jnp.maximum(0, 1 - jnp.abs(((taps - center[:, None]) + f32(0.5)) * invscale))
+    weights = jnp.where((taps >= first[:, None]) & (taps < stop[:, None]), weights, 0)
+    total = weights.sum(-1, keepdims=True)
+    return jnp.where(total != 0, weights / jnp.where(total != 0, total, 1), weights)
+
+
+def preprocess_on_device(images: jax.Array, image_hw: jax.Array, image_size: int) -> jax.Array:
+    """(B, Hc, Wc, 3) uint8 photos on a canvas and their sizes (B, 2) int32 -> (B, S, S, 3)
+    float32, ImageNet-normalised: what `preprocess_image` gives each photo, computed where the
+    model runs (float32 throughout, full-precision matmuls on every backend)."""
+    _, hc, wc, _ = images.shape
+    resize_y = jax.vmap(lambda h: antialias_resize_matrix(image_size, h, hc))(image_hw[:, 0])
+    resize_x = jax.vmap(lambda w: antialias_resize_matrix(image_size, w, wc))(image_hw[:, 1])
+    pixels = images.astype(jnp.float32) / jnp.float32(255)
+    highest = jax.lax.Precision.HIGHEST
+    rows = jnp.einsum("bsh,bhwc->bswc", resize_y, pixels, precision=highest)
+    resized = jnp.einsum("btw,bswc->bstc", resize_x, rows, precision=highest)
+    return imagenet_normalize(resized)
