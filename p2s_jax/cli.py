@@ -15,6 +15,7 @@ from pathlib import Path
 
 import jax
 
+from p2s_jax import aot
 from p2s_jax.evaluation import runner
 from p2s_jax.evaluation.report import EvalReport, format_report
 from p2s_jax.inference.overlay import draw_overlay
@@ -154,6 +155,20 @@ def build_parser() -> argparse.ArgumentParser:
                           help="config overrides, e.g. optim.base_lr=1e-5 "
                                "correction.sampler=mask_refine")
 
+    aot_parser = commands.add_parser("aot", help="compile for a TPU slice or GPUs, here")
+    aot_parser.add_argument("--target", required=True,
+                            help="a TPU topology (v5e:2x2, v5p:4x4x4, ...) or h100 / h100x8")
+    aot_parser.add_argument("--gpu-target", default=None,
+                            help="XLA's GPU description (.txtpb), for --target h100[xN]")
+    aot_parser.add_argument("--programs", nargs="+", default=list(aot.PROGRAMS),
+                            choices=list(aot.PROGRAMS))
+    aot_parser.add_argument("--model", default="b+")
+    aot_parser.add_argument("--image-size", type=int, default=1024)
+    aot_parser.add_argument("--dtype", choices=sorted(COMPUTE_DTYPES), default="bfloat16")
+    aot_parser.add_argument("--batch", type=int, nargs="+", default=[1, 8],
+                            help="images per chip (one compilation each)")
+    aot_parser.add_argument("--train-preset", default="paper", choices=("paper", "tiny"))
+
     export = commands.add_parser("export", help="a training workdir -> official .pt checkpoint")
     export.add_argument("--workdir", required=True)
     export.add_argument("--out", required=True, help="the .pt file to write")
@@ -254,6 +269,20 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_aot(args: argparse.Namespace) -> int:
+    if args.target.startswith("h100"):
+        if not args.gpu_target:
+            raise UsageError("--target h100 needs --gpu-target (XLA's H100 description)")
+        count = int(args.target[len("h100x"):]) if args.target.startswith("h100x") else 1
+        target = aot.gpu_target(count, args.gpu_target)
+    else:
+        target = aot.tpu_target(args.target)
+    for line in aot.run(target, args.programs, args.model, args.image_size, args.dtype,
+                        args.batch, args.train_preset):
+        print(aot.format_line(line), flush=True)
+    return 0
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     path = export_torch(args.workdir, args.out, args.step)
     print(f"wrote {path} (official SAM 2.1 state_dict under 'model')")
@@ -262,7 +291,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 COMPUTES = ("evaluate", "segment", "train")  # commands that say which devices they run on
 COMMANDS = {"convert": cmd_convert, "evaluate": cmd_evaluate, "segment": cmd_segment,
-            "train": cmd_train, "export": cmd_export}
+            "train": cmd_train, "export": cmd_export, "aot": cmd_aot}
 
 
 def main(argv: list[str] | None = None) -> int:

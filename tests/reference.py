@@ -100,4 +100,7 @@ def official_predictor(model):
     import_torch()
     from sam2.sam2_image_predictor import SAM2ImagePredictor
 
-    return SAM2ImagePredictor(model)
+    predictor = SAM2ImagePredictor(model)
+    size = model.image_size  # the predictor's feature sizes are written for 1024: any size
+    predictor._bb_feat_sizes = [(size // 4 // s, size // 4 // s) for s in (1, 2, 4)]
+    return predictor

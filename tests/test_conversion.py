@@ -25,7 +25,8 @@ def _save_pt(state_dict, path, torch):
     torch.save({"model": {k: torch.from_numpy(np.asarray(v)) for k, v in state_dict.items()}}, path)
 
 
-@pytest.mark.parametrize("name", sorted(CONFIGS))
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n.endswith("_l") else n
+                                  for n in sorted(CONFIGS)])
 def test_every_official_tensor_is_used_once(name):
     """Coverage for t, s, b+, l: each image-path key of the official model fills exactly one Flax
     array with its exact shape; only the video-memory keys are left over."""
@@ -44,7 +45,8 @@ def test_every_official_tensor_is_used_once(name):
 
 
 @pytest.mark.parametrize("name, attention", [("sam2.1_hiera_s", "cpu_chunked"),
-                                             ("sam2.1_hiera_l", "cpu_chunked"),
+                                             pytest.param("sam2.1_hiera_l", "cpu_chunked",
+                                                          marks=pytest.mark.slow),
                                              ("sam2.1_hiera_s", "xla")])
 def test_reduced_resolution_parity(name, attention, torch_module):
     """s and l at 256 px: encoder features and decoder outputs equal the official model's, with

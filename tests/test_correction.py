@@ -68,6 +68,20 @@ def _run_ours(model, image, targets, config, key=0):
     return correction_loop(model, features, targets, jax.random.key(key), config)
 
 
+def loop_gradients(model, image, targets, config, key: int):
+    """d core_loss / d params (an nnx.State) of the correction loop, frozen encoder."""
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    fpn = jax.jit(lambda: model.image_encoder(jnp.asarray(image[None])).backbone_fpn)()
+
+    def loss(params):
+        merged = nnx.merge(graphdef, params, rest)
+        features = jax.tree.map(lambda x: x[0], merged.image_features(fpn))
+        out = correction_loop(merged, features, targets, jax.random.key(key), config)
+        return losses.reduce_loss(out.loss_terms)
+
+    return jax.jit(jax.grad(loss))(params)
+
+
 @functools.lru_cache(maxsize=None)
 def official_run(sampler: str):
     """Our loop, then the official track_step fed the same points (its sampler patched)."""
@@ -172,17 +186,8 @@ def test_loop_gradients_match_official():
     config = CorrectionConfig(num_points=8, sampler="pose_mask_refine")
     _, _, _, official_grads, _ = official_run("pose_mask_refine")
 
-    graphdef, params, rest = nnx.split(ours, nnx.Param, ...)
-    fpn = ours.image_encoder(jnp.asarray(image[None])).backbone_fpn
-
-    def loss(params):
-        model = nnx.merge(graphdef, params, rest)
-        features = jax.tree.map(lambda x: x[0], model.image_features(fpn))
-        out = correction_loop(model, features, targets, jax.random.key(0), config)
-        return losses.reduce_loss(out.loss_terms)
-
-    grads = jax.jit(jax.grad(loss))(params)
-    grad_model = nnx.merge(graphdef, grads, rest)
+    graphdef, _, rest = nnx.split(ours, nnx.Param, ...)
+    grad_model = nnx.merge(graphdef, loop_gradients(ours, image, targets, config, 0), rest)
     ours_grads = to_state_dict(grad_model)
     encoder = [k for k in official_grads if k.startswith("image_encoder.")]
     assert not encoder, f"the frozen encoder got gradients: {encoder[:3]}"
@@ -275,17 +280,7 @@ def test_bf16_compute_follows_float32():
     np.testing.assert_allclose(iou, ref_iou, atol=0.05)
 
     def first_step_gradients(model):
-        """d core_loss / d params of the step, frozen encoder, flattened."""
-        graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-        fpn = jax.jit(lambda: model.image_encoder(jnp.asarray(image[None])).backbone_fpn)()
-
-        def loss_of(params):
-            merged = nnx.merge(graphdef, params, rest)
-            features = jax.tree.map(lambda x: x[0], merged.image_features(fpn))
-            out = correction_loop(merged, features, targets, jax.random.key(4), config)
-            return losses.reduce_loss(out.loss_terms)
-
-        grads = jax.jit(jax.grad(loss_of))(params)
+        grads = loop_gradients(model, image, targets, config, 4)
         return np.concatenate([np.ravel(np.asarray(g, np.float64))
                                for g in jax.tree.leaves(grads)])
 

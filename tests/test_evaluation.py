@@ -72,7 +72,6 @@ def official_run(dataset, models, run):
     -> image_id -> list over people with a prompt of (logits (H, W), predicted IoU).
     """
     predictor = reference.official_predictor(models[0])
-    predictor._bb_feat_sizes = [(SIZE // 4 // s, SIZE // 4 // s) for s in (1, 2, 4)]
     coco, out = dataset["coco"], {}
     for image_id, prompts in sorted(run.prompts.items()):
         predictor.set_image(load_image(Path(dataset["images"]) / coco.imgs[image_id]["file_name"]))

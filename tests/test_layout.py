@@ -14,7 +14,8 @@ ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = ("p2s_jax", "weights_conversion")
 
 # room -> the rooms it may import. A room is a subpackage of p2s_jax, a top-level module of
-# p2s_jax, or weights_conversion. Only the cli imports everything; nothing imports the cli.
+# p2s_jax, or weights_conversion. The cli (and aot, the compiler of every room's programs) sit on
+# top; nothing imports the cli.
 ALLOWED = {
     "model": set(),
     "keypoints": set(),
@@ -27,8 +28,10 @@ ALLOWED = {
                    "inference"},
     "train": {"model", "keypoints", "parallel", "utils", "weights_conversion", "data",
               "inference"},
-    "cli": {"model", "keypoints", "parallel", "utils", "weights_conversion", "data", "inference",
+    "aot": {"model", "keypoints", "parallel", "utils", "weights_conversion", "data", "inference",
             "evaluation", "train"},
+    "cli": {"model", "keypoints", "parallel", "utils", "weights_conversion", "data", "inference",
+            "evaluation", "train", "aot"},
 }
 # Finer rules inside a room's allowance: (importing room, imported module prefix) pairs that
 # are the only way in. Training uses inference's preprocessing and prompting, not the predictor.

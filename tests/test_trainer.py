@@ -211,6 +211,7 @@ def test_one_and_four_devices_give_the_same_update(device_runs):
     _assert_same_training(device_runs(1, 1), device_runs(1, 4))
 
 
+@pytest.mark.slow  # 80 s; test_one_and_four_devices_give_the_same_update covers the mesh in CI
 def test_two_processes_give_the_same_update(device_runs):
     """Multi-host: 2 processes x 2 devices (jax.distributed on this machine, gloo collectives),
     each feeding its half of the batch, train as 1 process on 1 device does."""

@@ -320,14 +320,14 @@ def _encode_shard(graphdef, state, images, image_hw, *, image_size: int):
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 2))
-def _encode_step(graphdef, mesh: Mesh, image_size: int, state, images, image_hw):
+def encode_step(graphdef, mesh: Mesh, image_size: int, state, images, image_hw):
     fn = functools.partial(_encode_shard, graphdef, image_size=image_size)
     return jax.shard_map(fn, mesh=mesh, in_specs=(REPLICATED, DATA, DATA), out_specs=DATA)(
         state, images, image_hw)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 2))
-def _prompts_step(mesh: Mesh, prompt: PromptConfig, image_size: int, keypoints, scores, boxes,
+def prompts_step(mesh: Mesh, prompt: PromptConfig, image_size: int, keypoints, scores, boxes,
                   image_hw):
     fn = functools.partial(_prompts_shard, prompt=prompt, image_size=image_size)
     # check_vma=False: MaxSpread's fori_loop starts from constant carries, which shard_map's
@@ -337,7 +337,7 @@ def _prompts_step(mesh: Mesh, prompt: PromptConfig, image_size: int, keypoints, 
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 2, 3))
-def _decode_step(graphdef, mesh: Mesh, people_per_chunk: int | None, exclusive: bool, state,
+def decode_step(graphdef, mesh: Mesh, people_per_chunk: int | None, exclusive: bool, state,
                  features,
                  coords, labels, has_prompt, up_y, up_x):
     fn = functools.partial(_decode_shard, graphdef, people_per_chunk=people_per_chunk,
@@ -533,13 +533,13 @@ def _read_step(slots: Sequence[_Item | None], loads: Iterator[concurrent.futures
 def _run_step(graphdef, state, mesh: Mesh, batch: _HostBatch, config: EvalConfig,
               image_size: int):
     """Dispatches one step (asynchronously); -> device arrays (masks, iou, coords, labels, has)."""
-    features = _encode_step(graphdef, mesh, image_size, state, host_to_global(mesh, batch.images),
+    features = encode_step(graphdef, mesh, image_size, state, host_to_global(mesh, batch.images),
                             host_to_global(mesh, batch.image_hw))
-    model_coords, coords, labels, has_prompt = _prompts_step(
+    model_coords, coords, labels, has_prompt = prompts_step(
         mesh, config.prompt, image_size, *(host_to_global(mesh, a) for a in (
             batch.keypoints, batch.scores, batch.boxes, batch.image_hw)))
     chunk = decoder_chunk(batch.keypoints.shape[1], config.people_per_chunk)
-    masks, iou = _decode_step(graphdef, mesh, chunk, config.exclusive, state,
+    masks, iou = decode_step(graphdef, mesh, chunk, config.exclusive, state,
                               features, model_coords, labels, has_prompt,
                               host_to_global(mesh, batch.up_y), host_to_global(mesh, batch.up_x))
     return masks, iou, coords, labels, has_prompt

@@ -1,0 +1,248 @@
+"""Ahead-of-time compilation for TPU slices and GPUs on a machine that has neither: `p2s aot`.
+
+XLA compiles for a named TPU topology with `libtpu` installed (`pip install "p2s_jax[tpu]"`,
+`jax.experimental.topologies.get_topology_desc(NAME, "tpu")`) and for NVIDIA GPUs from XLA's
+target description with the CUDA wheels installed (`JAX_PLATFORMS=cpu`, `--gpu-target
+h100_sxm.txtpb`). The programs compiled are the project's own, through the same functions the
+evaluator and the trainer run:
+
+- `encoder`: the evaluator's encode step (`evaluation.runner.encode_step`: uint8 photos on a
+  640 x 640 canvas, resize and normalisation on the device, the image encoder);
+- `decode`: the evaluator's decode step for `--people` people of `--points` prompt points each
+  (all people in one pass, as on accelerators);
+- `train`: the paper preset's train step (`train.step.make_train_step`: frozen encoder, the
+  8-point correction scan, backward, AdamW, gradient mean over the data axis).
+
+Each program is compiled for the whole slice (the data axis over every chip, `--batch` images
+per chip) and reported as one JSON line: memory per chip (arguments + outputs + temporaries,
+against the chip's HBM), FLOPs and bytes per chip, and on TPU XLA's cost-model time
+(`optimal_seconds`, an estimate), MFU against the chip's bf16 peak and images/s for the slice;
+for the train step also the projected time of the paper's 15 x 2 epochs over COCO train2017 +
+CIHP train. On GPU XLA has no cost model without a GPU: the line says instead what the compiled
+program holds (cuDNN flash-attention calls, while loops).
+
+Cost-model pitfalls (measured): on v5e every `ConcatBitcast` custom call subtracts one second
+from `optimal_seconds`; the count is added back (`concat_bitcast_correction`). Loop bodies
+(`while`) are priced once, not per trip: the report counts the loops so that such an estimate
+can be recognised.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+from pathlib import Path
+from typing import Callable, Iterator, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding
+
+from p2s_jax.evaluation import runner
+from p2s_jax.model.configs import compute_dtype, get_config
+from p2s_jax.model.sam2 import abstract_model
+from p2s_jax.parallel import DATA, DATA_AXIS, REPLICATED
+from p2s_jax.train import config as train_config
+from p2s_jax.train.optim import make_optimizer, param_rules
+from p2s_jax.train.step import STEP_INPUTS, init_state, make_train_step, trainable_filter
+from p2s_jax.utils.errors import InputError
+
+GIB = 1 << 30
+# Images of the paper's training data: COCO train2017 images with a person (64,115) and the
+# CIHP training images (28,280); the preset reads each twice per epoch for 15 epochs.
+PAPER_TRAIN_IMAGES = 64_115 + 28_280
+CANVAS = (640, 640)  # COCO photos are at most 640 on a side
+
+
+class Chip(NamedTuple):
+    peak_bf16: float  # FLOP/s per chip, dense bf16
+    hbm: int  # bytes per chip
+
+
+CHIPS = {"v4": Chip(275e12, 32 * GIB), "v5e": Chip(197e12, 16 * GIB),
+         "v5p": Chip(459e12, 95 * GIB), "v6e": Chip(918e12, 32 * GIB),
+         "h100": Chip(989e12, 80 * GIB)}
+
+
+@dataclasses.dataclass(frozen=True)
+class Target:
+    """Where the programs are compiled for: a mesh of that target's devices."""
+
+    name: str  # "v5e:2x2", "h100x8", ...
+    platform: str  # "tpu" or "cuda"
+    mesh: Mesh
+    chip: Chip
+
+    @property
+    def num_chips(self) -> int:
+        return self.mesh.devices.size
+
+    @property
+    def attention(self) -> str:
+        """The attention the target runs ('auto' would resolve for this CPU, not the target)."""
+        return "cudnn" if self.platform == "cuda" else "xla"
+
+
+def tpu_target(topology: str) -> Target:
+    """A TPU slice by name, e.g. 'v5e:2x2', 'v5p:4x4x4' (needs libtpu)."""
+    from jax.experimental import topologies
+
+    kind = topology.split(":")[0]
+    if kind not in CHIPS:
+        raise InputError(f"unknown TPU generation in {topology!r}; known: "
+                         f"{sorted(k for k in CHIPS if k != 'h100')}")
+    try:
+        devices = topologies.get_topology_desc(topology, "tpu").devices
+    except Exception as err:  # libtpu missing or an unknown topology: say which
+        raise InputError(f"cannot describe TPU topology {topology!r} ({type(err).__name__}: "
+                         f"{err}); install libtpu with pip install 'p2s_jax[tpu]'") from None
+    return Target(topology, "tpu", Mesh(np.asarray(devices), (DATA_AXIS,)), CHIPS[kind])
+
+
+def gpu_target(count: int, target_config: str | Path) -> Target:
+    """`count` H100s described by XLA's target config file (needs the CUDA wheels and
+    JAX_PLATFORMS=cpu)."""
+    from jax.experimental import topologies
+
+    text = Path(target_config).read_text()
+    topology = topologies.get_topology_desc(platform="cuda", topology=f"1x1x{count}",
+                                            target_config=text)
+    mesh = topologies.make_mesh(topology, (count,), (DATA_AXIS,))
+    return Target(f"h100x{count}", "cuda", mesh, CHIPS["h100"])
+
+
+def _on(target: Target, shape, dtype, spec=DATA) -> jax.ShapeDtypeStruct:
+    return jax.ShapeDtypeStruct(tuple(shape), jnp.dtype(dtype),
+                                sharding=NamedSharding(target.mesh, spec))
+
+
+def _replicated(target: Target, tree):
+    return jax.tree.map(lambda x: _on(target, x.shape, x.dtype, REPLICATED), tree)
+
+
+def _model(target: Target, model: str, image_size: int, dtype: str):
+    config = get_config(model, image_size, target.attention)
+    return nnx.split(abstract_model(config, compute_dtype(dtype)))
+
+
+def encoder_program(target: Target, model: str, image_size: int, dtype: str, batch: int):
+    """(jitted, args): the evaluator's encode step on `batch` photos per chip."""
+    graphdef, state = _model(target, model, image_size, dtype)
+    n = batch * target.num_chips
+    args = (graphdef, target.mesh, image_size, _replicated(target, state),
+            _on(target, (n, *CANVAS, 3), jnp.uint8), _on(target, (n, 2), jnp.int32))
+    return runner.encode_step, args
+
+
+def decode_program(target: Target, model: str, image_size: int, dtype: str, batch: int,
+                   people: int = 32, points: int = 4):
+    """(jitted, args): the evaluator's decode step, `people` people per photo in one pass."""
+    graphdef, state = _model(target, model, image_size, dtype)
+    n, low = batch * target.num_chips, 4 * image_size // 16
+    features = jax.eval_shape(lambda s, x: nnx.merge(graphdef, s).encode_image(x), state,
+                              jax.ShapeDtypeStruct((n, image_size, image_size, 3), jnp.float32))
+    args = (graphdef, target.mesh, None, False, _replicated(target, state),
+            jax.tree.map(lambda x: _on(target, x.shape, x.dtype), features),
+            _on(target, (n, people, points, 2), jnp.float32),
+            _on(target, (n, people, points), jnp.int32), _on(target, (n, people), jnp.bool_),
+            _on(target, (n, CANVAS[0], low), jnp.float32),
+            _on(target, (n, CANVAS[1], low), jnp.float32))
+    return runner.decode_step, args
+
+
+def train_program(target: Target, model: str, image_size: int, dtype: str, batch: int,
+                  preset: str = "paper"):
+    """(jitted, args): the train step of `preset` ('paper', 'tiny'), `batch` images per chip."""
+    config = train_config.PRESETS[preset]()
+    config = dataclasses.replace(config, model=model, image_size=image_size, compute_dtype=dtype,
+                                 attention=target.attention,
+                                 global_batch_size=batch * target.num_chips, total_steps=1000)
+    abstract = abstract_model(get_config(model, image_size, target.attention),
+                              compute_dtype(dtype))
+    graphdef, params, frozen = nnx.split(abstract, trainable_filter(config), ...)
+    tx = make_optimizer(config.optim, config.total_steps,
+                        *param_rules(abstract, params, config.optim))
+    state = jax.eval_shape(lambda p: init_state(p, tx, config.seed), params)
+    n, people, s = config.global_batch_size, config.data.objects_per_image, image_size
+    shapes = {"image": ((n, s, s, 3), jnp.uint8), "masks": ((n, people, s, s), jnp.bool_),
+              "keypoints": ((n, people, 17, 2), jnp.float32),
+              "visibility": ((n, people, 17), jnp.float32), "valid": ((n, people), jnp.bool_)}
+    batch_args = {k: _on(target, *shapes[k]) for k in STEP_INPUTS}
+    step = make_train_step(graphdef, tx, config, target.mesh)
+    return step, (_replicated(target, state), _replicated(target, frozen), batch_args)
+
+
+PROGRAMS: dict[str, Callable] = {"encoder": encoder_program, "decode": decode_program,
+                                 "train": train_program}
+
+
+def compile_for(target: Target, jitted, args):
+    """The program compiled for the target's platform."""
+    return jitted.trace(*args).lower(lowering_platforms=(target.platform,)).compile()
+
+
+def concat_bitcast_correction(hlo_text: str, target: Target) -> float:
+    """Seconds to add to v5e's `optimal_seconds`: one per `ConcatBitcast` custom call."""
+    if not target.name.startswith("v5e"):
+        return 0.0
+    return float(hlo_text.count('custom_call_target="ConcatBitcast"'))
+
+
+def _first(value):
+    return value[0] if isinstance(value, (list, tuple)) else value
+
+
+def report(program: str, target: Target, batch: int, compiled) -> dict:
+    """One JSON-ready line about a compiled program (per chip)."""
+    memory = compiled.memory_analysis()
+    used = None
+    if memory is not None:
+        used = int(memory.argument_size_in_bytes + memory.output_size_in_bytes
+                   + memory.temp_size_in_bytes - memory.alias_size_in_bytes)
+    text = compiled.as_text()
+    line = {"program": program, "target": target.name, "chips": target.num_chips,
+            "batch_per_chip": batch, "compiled": True, "memory_per_chip_bytes": used,
+            "hbm_per_chip_bytes": target.chip.hbm,
+            "fits": None if used is None else used <= target.chip.hbm,
+            "while_loops": len(re.findall(r"\bwhile\(", text)),
+            "cudnn_attention_calls": text.count("__cudnn$fmha")}
+    cost = _first(compiled.cost_analysis()) or {}
+    flops = cost.get("flops")
+    line["flops_per_chip"] = None if flops is None else float(flops)
+    line["bytes_accessed_per_chip"] = cost.get("bytes accessed")
+    seconds = cost.get("optimal_seconds")
+    if seconds is not None:
+        seconds = float(seconds) + concat_bitcast_correction(text, target)
+        line["optimal_seconds"] = seconds
+        if seconds > 0 and flops:
+            line["mfu"] = float(flops) / seconds / target.chip.peak_bf16
+            line["images_per_s"] = batch * target.num_chips / seconds
+            if program == "train":
+                epochs = train_config.paper().epochs * train_config.paper().dataset_multiplier
+                line["paper_training_hours"] = (epochs * PAPER_TRAIN_IMAGES
+                                                / line["images_per_s"] / 3600)
+        else:
+            line["cost_model_note"] = (f"optimal_seconds {seconds:.3g} is not a time: the cost "
+                                       f"model failed on this program")
+    return line
+
+
+def run(target: Target, programs, model: str, image_size: int, dtype: str, batches,
+        train_preset: str = "paper") -> Iterator[dict]:
+    """Compiles each program at each per-chip batch; yields one report line each (or the error)."""
+    for program in programs:
+        for batch in batches:
+            try:
+                extra = {"preset": train_preset} if program == "train" else {}
+                jitted, args = PROGRAMS[program](target, model, image_size, dtype, batch, **extra)
+                yield report(program, target, batch, compile_for(target, jitted, args))
+            except Exception as err:  # one failed program is a line; the others still compile
+                yield {"program": program, "target": target.name, "batch_per_chip": batch,
+                       "compiled": False, "error": f"{type(err).__name__}: {err}"[:2000]}
+
+
+def format_line(line: dict) -> str:
+    return json.dumps(line, sort_keys=True)

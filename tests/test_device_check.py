@@ -1,0 +1,35 @@
+"""scripts/device_check.py --smoke: the accelerator check runs end to end on CPU (t at 256), so it
+is ready the day a GPU is at hand."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import reference
+
+ROOT = Path(__file__).resolve().parents[1]
+
+pytestmark = pytest.mark.skipif(not reference.reference_available(),
+                                reason="needs torch, sam2 and hydra (the dev extra)")
+
+
+def test_smoke_run_writes_every_section(tmp_path):
+    done = subprocess.run([sys.executable, str(ROOT / "scripts" / "device_check.py"), "--smoke",
+                           "--out", str(tmp_path)], capture_output=True, text=True, timeout=600)
+    report = json.loads((tmp_path / "device_check.json").read_text())
+    errors = {k: v["error"] for k, v in report["sections"].items() if "error" in v}
+    assert done.returncode == 0 and not errors, (errors, done.stderr[-3000:])
+    assert set(report["sections"]) == {"parity", "encoder", "decoder", "evaluation", "training"}
+    parity = report["sections"]["parity"]["rows"]
+    assert parity["float32"]["embed_rel_error"] <= 1e-4
+    assert parity["float32"]["mask_agreement_min"] >= 0.999
+    assert [r["batch"] for r in report["sections"]["encoder"]["rows"]] == [1, 2]
+    assert report["sections"]["evaluation"]["rows"]["masks"] > 0
+    assert report["sections"]["training"]["rows"]["ours_images_per_s"] > 0
+    table = (tmp_path / "device_check.md").read_text()
+    assert "| encoder batch |" in table and "Training (128 px)" in table
