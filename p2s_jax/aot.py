@@ -83,7 +83,7 @@ class Target:
     @property
     def attention(self) -> str:
         """The attention the target runs ('auto' would resolve for this CPU, not the target)."""
-        return "cudnn" if self.platform == "cuda" else "xla"
+        return "cudnn" if self.platform == "cuda" else "einsum"
 
 
 def tpu_target(topology: str) -> Target:

@@ -80,8 +80,8 @@ def _add_model_arguments(parser: argparse.ArgumentParser, checkpoint_required: b
     parser.add_argument("--dtype", choices=sorted(COMPUTE_DTYPES), default="float32",
                         help="compute dtype (weights stay float32; default float32)")
     parser.add_argument("--attention", choices=ATTENTION_IMPLEMENTATIONS, default="auto",
-                        help="attention implementation (default auto: chunked on CPU, cuDNN "
-                             "flash on GPU where it applies, XLA elsewhere)")
+                        help="attention implementation (default auto: chunked on CPU, head-major "
+                             "einsum on TPU, cuDNN flash on GPU where it applies)")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -42,7 +42,7 @@ def test_masked_attention_ignores_masked_keys():
     assert np.abs(np.asarray(out2) - np.asarray(out)).max() <= 1e-5
 
 
-CPU_IMPLEMENTATIONS = ("cpu_chunked", "xla")  # cudnn needs a GPU (compiled for one in p2s aot)
+CPU_IMPLEMENTATIONS = ("cpu_chunked", "einsum", "xla")  # cudnn needs a GPU (compiled for one in p2s aot)
 
 
 def _attention_shapes(name: str):
@@ -117,7 +117,7 @@ def test_auto_attention_per_backend():
     assert resolve("auto", jnp.float32, 56, "gpu") == "xla"  # cuDNN flash needs 16-bit inputs
     assert resolve("auto", jnp.bfloat16, 72 + 4, "gpu") == "xla"  # head dim not a multiple of 8
     assert resolve("auto", jnp.bfloat16, 256, "gpu") == "xla"
-    assert resolve("auto", jnp.bfloat16, 56, "tpu") == "xla"
+    assert resolve("auto", jnp.bfloat16, 56, "tpu") == "einsum"
     assert resolve("xla", jnp.float32, 56, "cpu") == "xla"
     with pytest.raises(ValueError, match="attention must be one of"):
         resolve("flash", jnp.float32, 56)

@@ -144,8 +144,8 @@ class SAM2Config:
       image_size: input side S in pixels (1024; a multiple of 32).
       backbone_stride: stride of the decoder's image embedding (S / 16 = 64 tokens a side).
       attention: how attention is computed, one of `layers.ATTENTION_IMPLEMENTATIONS` ('auto':
-        the CPU's chunked path on CPU, cuDNN flash attention on GPU where it applies, XLA's
-        fused attention elsewhere). Results agree within float rounding.
+        the chunked path on CPU, head-major products on TPU, cuDNN flash attention on GPU where
+        it applies, XLA's attention elsewhere). Results agree within float rounding.
     """
 
     name: str
