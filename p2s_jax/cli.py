@@ -32,8 +32,9 @@ from p2s_jax.train.loop import train
 from p2s_jax.parallel import describe_devices
 from p2s_jax.utils import allocator
 from p2s_jax.utils.errors import Error, InputError
+from p2s_jax.utils.files import read_json
 from p2s_jax.utils.images import load_image
-from weights_conversion import convert_checkpoint
+from weights_conversion import METADATA_FILE, convert_checkpoint
 
 PROG = "p2s"
 
@@ -190,7 +191,7 @@ def prompt_config(args: argparse.Namespace, ground_truth: bool) -> PromptConfig:
 def cmd_convert(args: argparse.Namespace) -> int:
     out_dir, ignored = convert_checkpoint(args.checkpoint, args.out_dir, args.model,
                                           args.image_size)
-    meta = json.loads((Path(out_dir) / "p2s_model.json").read_text())
+    meta = read_json(Path(out_dir) / METADATA_FILE, "converted checkpoint metadata")
     print(f"converted {args.checkpoint} ({meta['model']}, image size {meta['image_size']}) "
           f"to {out_dir}")
     print(f"ignored {len(ignored)} video-memory tensors (not used on images)")

@@ -91,8 +91,8 @@ def upsample_matrix(size: int, low_res: int, padded_size: Optional[int] = None) 
 def upsample_matrices(orig_hw: Tuple[int, int], low_res: int, multiple: int = 64):
     """(up_y (Hp, low_res), up_x (Wp, low_res)) device arrays for an image of `orig_hw`, the
     output padded up to a multiple of `multiple` so that image sizes share compilations."""
-    return tuple(jnp.asarray(upsample_matrix(size, low_res, -(-size // multiple) * multiple))
-                 for size in orig_hw)
+    return tuple(jnp.asarray(upsample_matrix(size, low_res, padded))
+                 for size, padded in zip(orig_hw, canvas_hw(orig_hw, multiple)))
 
 
 def upsample_logits(logits: jax.Array, upsample_y: jax.Array, upsample_x: jax.Array) -> jax.Array:
@@ -134,7 +134,8 @@ def antialias_resize_matrix(out_size: int, in_size: jax.Array, padded: int) -> j
 
     The device twin of `model.resample.bilinear_aa_matrix`, in float32 with the same roundings
     (each product of two float32 numbers rounded once, as the host's float64 product then
-    float32 cast gives); only the per-row normalising sum may differ in its last bit.
+    float32 cast gives), except where XLA fuses 1 - |t * invscale| into a multiply-add and the
+    per-row normalising sum runs in another order: within a few float32 eps of the host's.
     """
     f32 = jnp.float32
     scale = jnp.asarray(in_size, f32) / f32(out_size)

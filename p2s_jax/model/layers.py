@@ -121,9 +121,9 @@ def from_blocks(x: jax.Array, levels: int) -> jax.Array:
 #                and one QUERY_CHUNK at a time (nested lax.map), so a chunk's logits stay in
 #                cache: 2.6x faster for Hiera's 4096-token global attention on CPU (714 -> 270 ms,
 #                b+). On an accelerator the nested maps are a serial loop: CPU only.
-#   einsum       the same head-major products, never chunked: what XLA fuses best on TPU (b+
-#                encoder on v5p, batch 8, XLA's cost model: 18.5 % MFU and 4.3 GiB per chip,
-#                against 12.8 % and 9.2 GiB through jax.nn.dot_product_attention's XLA path).
+#   einsum       the same head-major products, never chunked: on TPU XLA's cost model rates them
+#                above jax.nn.dot_product_attention's XLA path, which moves more bytes and holds
+#                more memory (docs/performance.md, TPU table).
 #   xla          jax.nn.dot_product_attention's XLA path.
 #   cudnn        jax.nn.dot_product_attention's cuDNN flash attention (GPU, bf16 / fp16, head
 #                dims up to 128 in multiples of 8).
