@@ -42,6 +42,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
 from p2s_jax.evaluation import runner
+from p2s_jax.inference.postprocess import MaskPostprocess
 from p2s_jax.model.configs import compute_dtype, get_config
 from p2s_jax.model.sam2 import abstract_model
 from p2s_jax.parallel import DATA, DATA_AXIS, REPLICATED
@@ -144,7 +145,7 @@ def decode_program(target: Target, model: str, image_size: int, dtype: str, batc
     n, low = batch * target.num_chips, 4 * image_size // 16
     features = jax.eval_shape(lambda s, x: nnx.merge(graphdef, s).encode_image(x), state,
                               jax.ShapeDtypeStruct((n, image_size, image_size, 3), jnp.float32))
-    args = (graphdef, target.mesh, None, False, _replicated(target, state),
+    args = (graphdef, target.mesh, None, False, MaskPostprocess(), _replicated(target, state),
             jax.tree.map(lambda x: _on(target, x.shape, x.dtype), features),
             _on(target, (n, people, points, 2), jnp.float32),
             _on(target, (n, people, points), jnp.int32), _on(target, (n, people), jnp.bool_),

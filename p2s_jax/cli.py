@@ -8,6 +8,7 @@ status 2; anything else is a bug and keeps its traceback.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib
 import json
 import sys
@@ -19,7 +20,9 @@ from p2s_jax import aot
 from p2s_jax.evaluation import runner
 from p2s_jax.evaluation.report import EvalReport, format_report
 from p2s_jax.inference.overlay import draw_overlay
+from p2s_jax.inference.postprocess import MaskPostprocess
 from p2s_jax.inference.predictor import Predictor
+from p2s_jax.inference.presets import PRESETS
 from p2s_jax.inference.prompting import PromptConfig
 from p2s_jax.inference.segment import segment_people, write_segmentation
 from p2s_jax.inference.weights import released_checkpoint
@@ -43,18 +46,27 @@ class UsageError(InputError):
     """A bad command-line argument or combination of arguments."""
 
 
-def _add_prompt_arguments(parser: argparse.ArgumentParser, score_default: str | None) -> None:
-    group = parser.add_argument_group("prompting (SAM-pose2seg, Sec. 3.3 / 4.3)")
+def _add_prompt_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group(
+        "inference (SAM-pose2seg, Sec. 3.3 / 4.3); a flag given beside --preset wins")
+    group.add_argument("--preset", choices=sorted(PRESETS), default=None,
+                       help="the authors' settings for a model's paper rows (docs/reproduce.md)")
     group.add_argument("--selection", choices=("maxvis", "maxspread"), default=None,
                        help="keypoint selection (default: maxvis for detected keypoints, "
                             "maxspread for ground-truth keypoints)")
     group.add_argument("--num-points", type=int, default=None,
                        help="positive keypoints per person (default 3)")
-    group.add_argument("--score-type", default=score_default, choices=SCORE_NAMES,
-                       help="per-keypoint score that ranks keypoints (default: visibility; "
-                            "confidence is the s of each [x, y, s])")
-    group.add_argument("--threshold", type=float, default=0.5,
+    group.add_argument("--score-type", default=None, choices=SCORE_NAMES,
+                       help="visibility channel: ranks MaxVis, filters keypoints (default: "
+                            "visibility; confidence is the s of each [x, y, s])")
+    group.add_argument("--confidence-score", default=None, choices=SCORE_NAMES,
+                       help="confidence channel: the prompt gate and MaxSpread's ranking "
+                            "(default: the --score-type channel; 'confidence' in the presets)")
+    group.add_argument("--threshold", type=float, default=None,
                        help="a keypoint is visible when its score is >= this (default 0.5)")
+    group.add_argument("--no-prompt", choices=("best_keypoint", "empty", "skip"), default=None,
+                       help="a person without a gated keypoint: its best keypoint (default), "
+                            "the empty prompt (the authors) or no mask")
     group.add_argument("--spread-percentile", default=80.0,
                        type=lambda v: None if v.lower() == "none" else float(v),
                        help="MaxSpread's percentile rule, or 'none' (default 80)")
@@ -65,8 +77,12 @@ def _add_prompt_arguments(parser: argparse.ArgumentParser, score_default: str | 
                        help="box prompt from the pose's bbox (default none)")
     group.add_argument("--box-inflation", type=float, default=2.0,
                        help="side-length factor of --box inflated (default 2.0)")
-    group.add_argument("--exclusive", action="store_true",
+    group.add_argument("--exclusive", action=argparse.BooleanOptionalAction, default=None,
                        help="each pixel goes to the covering mask with the highest predicted IoU")
+    group.add_argument("--max-hole-area", type=float, default=None,
+                       help="fill background regions of the low-res mask up to this area")
+    group.add_argument("--max-sprinkle-area", type=float, default=None,
+                       help="remove foreground regions of the low-res mask up to this area")
 
 
 def _add_model_arguments(parser: argparse.ArgumentParser, checkpoint_required: bool) -> None:
@@ -108,10 +124,10 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--gt-keypoints", action="store_true",
                         help="prompt with the ground-truth keypoints instead")
     _add_model_arguments(evaluate, checkpoint_required=True)
-    _add_prompt_arguments(evaluate, score_default="visibility")
+    _add_prompt_arguments(evaluate)
     evaluate.add_argument("--coco-star", action="store_true",
                           help="COCO*: persons that are small or without keypoints are ignored")
-    evaluate.add_argument("--result-score", choices=runner.RESULT_SCORES, default="product",
+    evaluate.add_argument("--result-score", choices=runner.RESULT_SCORES, default=None,
                           help="score of each mask: detection score x predicted IoU (default), "
                                "the detection score, or the predicted IoU")
     evaluate.add_argument("--batch-size", type=int, default=0,
@@ -133,7 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
                          help="JSON: COCO keypoint results, or a list of 17 [x, y, score] lists "
                               "per person")
     _add_model_arguments(segment, checkpoint_required=False)
-    _add_prompt_arguments(segment, score_default=None)
+    _add_prompt_arguments(segment)
     segment.add_argument("--out", required=True, help="overlay image to write (PNG)")
     segment.add_argument("--masks-out", default=None,
                          help="also write the masks (COCO RLE) and prompts as JSON")
@@ -177,15 +193,31 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def prompt_config(args: argparse.Namespace, ground_truth: bool) -> PromptConfig:
-    """The `PromptConfig` of the command line (paper presets for what is not given)."""
-    preset = PromptConfig.ground_truth() if ground_truth else PromptConfig.sam_pose2seg()
-    return PromptConfig(
-        selection=args.selection or preset.selection,
-        num_points=args.num_points or preset.num_points,
-        visibility_threshold=args.threshold, spread_percentile=args.spread_percentile,
-        negatives=args.negatives, num_negatives=args.num_negatives,
-        box=args.box, box_inflation=args.box_inflation)
+def inference_config(args: argparse.Namespace, ground_truth: bool) -> runner.EvalConfig:
+    """The inference settings of the command line: `--preset` (or the project's defaults),
+    then every flag that was given."""
+    if args.preset:
+        base = runner.EvalConfig.from_preset(args.preset, ground_truth)
+    else:
+        base = runner.EvalConfig(prompt=PromptConfig.ground_truth() if ground_truth
+                                 else PromptConfig.sam_pose2seg())
+    given = lambda value, default: default if value is None else value  # noqa: E731
+    prompt = dataclasses.replace(
+        base.prompt, selection=given(args.selection, base.prompt.selection),
+        num_points=given(args.num_points, base.prompt.num_points),
+        visibility_threshold=given(args.threshold, base.prompt.visibility_threshold),
+        no_prompt=given(args.no_prompt, base.prompt.no_prompt),
+        spread_percentile=args.spread_percentile, negatives=args.negatives,
+        num_negatives=args.num_negatives, box=args.box, box_inflation=args.box_inflation)
+    postprocess = MaskPostprocess(
+        given(args.max_hole_area, base.postprocess.max_hole_area),
+        given(args.max_sprinkle_area, base.postprocess.max_sprinkle_area))
+    return dataclasses.replace(
+        base, prompt=prompt, postprocess=postprocess,
+        keypoint_score=given(args.score_type, base.keypoint_score),
+        confidence_score=given(args.confidence_score, base.confidence_score),
+        exclusive=given(args.exclusive, base.exclusive),
+        result_score=given(getattr(args, "result_score", None), base.result_score))
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
@@ -201,11 +233,10 @@ def cmd_convert(args: argparse.Namespace) -> int:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     if args.distributed:
         jax.distributed.initialize()
-    config = runner.EvalConfig(
-        prompt=prompt_config(args, ground_truth=args.gt_keypoints),
-        keypoint_score=args.score_type, result_score=args.result_score,
-        exclusive=args.exclusive, images_per_device=args.batch_size,
-        people_per_chunk=args.people_chunk, num_workers=args.workers)
+    config = dataclasses.replace(
+        inference_config(args, ground_truth=args.gt_keypoints),
+        images_per_device=args.batch_size, people_per_chunk=args.people_chunk,
+        num_workers=args.workers)
     summary = runner.run_evaluation(
         args.annotations, args.images, args.checkpoint, keypoints=args.keypoints,
         gt_keypoints=args.gt_keypoints, model_name=args.model, image_size=args.image_size,
@@ -220,17 +251,24 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 def cmd_segment(args: argparse.Namespace) -> int:
     image = load_image(args.image)
+    settings = inference_config(args, ground_truth=False)
     poses, score_type = load_image_poses(args.keypoints, args.score_type)
-    config = prompt_config(args, ground_truth=False)
+    config = settings.prompt
     if config.box != "none" and poses.boxes is None:
         raise UsageError(f"--box {config.box} needs a 'bbox' for every person in "
                          f"{args.keypoints}")
     checkpoint = args.checkpoint or released_checkpoint(progress=not args.no_progress)
     predictor = Predictor.from_checkpoint(checkpoint, args.model, args.image_size,
-                                          compute_dtype(args.dtype), attention=args.attention)
+                                          compute_dtype(args.dtype), attention=args.attention,
+                                          postprocess=settings.postprocess)
     scores = poses.scores[score_type]
+    confidence = poses.scores.get(settings.confidence_score or score_type)
+    if confidence is None:
+        raise UsageError(f"{args.keypoints}: the poses carry no {settings.confidence_score!r} "
+                         f"scores (they have {sorted(poses.scores)})")
     result = segment_people(predictor, image, poses.keypoints, scores, config,
-                            boxes=poses.boxes, exclusive=args.exclusive)
+                            boxes=poses.boxes, exclusive=settings.exclusive,
+                            confidence=confidence)
     overlay = draw_overlay(image, result.masks, poses.keypoints, scores, result.coords,
                            result.labels, config.visibility_threshold)
     out = Path(args.out)

@@ -403,11 +403,32 @@ def test_load_keypoint_detections(dataset, coco):
     np.testing.assert_allclose(p.boxes[0], [*box[:2], *(box[:2] + box[2:])], rtol=1e-6)
     np.testing.assert_array_equal(p.det_score, np.array([e["score"] for e in entries],
                                                         np.float32))
+
     assert p.ann_ids is None
     # Detections sit near the ground truth they were made from.
     gt = ground_truth_poses(coco, image_id)
     labelled = gt.scores["visibility"] > 0
     assert np.abs(p.keypoints - gt.keypoints)[labelled].mean() < 5.0
+
+@pytest.mark.parametrize("names", [("keypoints_visible", "probs", "keypoint_oks"),
+                                   ("keypoint_vis", "keypoint_prob", "expected_oks")])
+def test_detection_score_names_of_probpose_and_bboxmaskpose(dataset, coco, tmp_path, names):
+    """ProbPose's results file and BBoxMaskPose write the same channels under other keys."""
+    raw = json.loads(dataset[2].read_text())
+    renamed = [{k: v for k, v in e.items() if k not in ("visibility", "presence", "expected_oks")}
+               | dict(zip(names, (e["visibility"], e["presence"], e["expected_oks"])))
+               for e in raw]
+    path = tmp_path / "renamed.json"
+    path.write_text(json.dumps(renamed))
+    ours, theirs = load_keypoint_detections(dataset[2], coco), load_keypoint_detections(path, coco)
+    for image_id in ours:
+        assert set(theirs[image_id].scores) == set(ours[image_id].scores)
+        for name in ours[image_id].scores:
+            np.testing.assert_array_equal(theirs[image_id].scores[name], ours[image_id].scores[name])
+    del renamed[3][names[0]]
+    path.write_text(json.dumps(renamed))
+    with pytest.raises(CocoFormatError, match=r"entry 3 .*missing key 'visibility'"):
+        load_keypoint_detections(path, coco)
 
 
 def write_detections(path, entries) -> str:

@@ -25,6 +25,7 @@ from p2s_jax.inference.prompting import (
     validate_pose_inputs,
 )
 from p2s_jax.keypoints import NUM_KEYPOINTS, labelled_points
+from authors import authors_select, literal_argsort_desc, stable_argsort_desc
 
 # --------------------------------------------------------------------------------------------
 # Loop-based reference.
@@ -551,3 +552,71 @@ def test_exclusive_masks_match_loop():
         assert got.sum(0).max() == 1 and (got <= masks).all()
         np.testing.assert_array_equal(got.any(0), masks.any(0))
     assert exclusive_masks(np.zeros((0, 4, 4), bool), np.zeros(0)).shape == (0, 4, 4)
+
+
+# --------------------------------------------------------------------------------------------
+# Two score channels and the authors' gate (BMP `_pose2seg` + `_select_keypoints`).
+
+
+METHODS = {"maxvis": "k_most_visible", "maxspread": "distance+confidence"}
+AUTHORS = {"maxvis3": PromptConfig(selection="maxvis", num_points=3, no_prompt="empty"),
+           "maxspread6": PromptConfig(selection="maxspread", num_points=6, no_prompt="empty")}
+
+
+@pytest.mark.parametrize("name", sorted(AUTHORS))
+@pytest.mark.parametrize("tie_heavy", [False, True])
+def test_two_channels_match_the_authors_transcription(name, tie_heavy):
+    cfg = AUTHORS[name]
+    rng = np.random.default_rng(7 + tie_heavy)
+    argsort_desc = stable_argsort_desc if tie_heavy else literal_argsort_desc
+    gate_failures = 0
+    for keypoints, visibility, _ in random_images(3 + tie_heavy, 24, tie_heavy=tie_heavy):
+        if tie_heavy:
+            confidence = rng.choice([0.1, 0.4, 0.5, 0.6, 0.9], visibility.shape)
+        else:
+            confidence = (visibility + rng.random(visibility.shape)) / 2  # no ties
+        confidence = confidence.astype(np.float32)
+        prompts = jit_select_prompts(keypoints, visibility, IMAGE_HW, cfg, None, confidence)
+        labels, coords = np.asarray(prompts.labels), np.asarray(prompts.coords)
+        usable = (np.isfinite(keypoints).all(-1) & (keypoints[..., 0] >= 0)
+                  & (keypoints[..., 1] >= 0) & (keypoints[..., 0] < IMAGE_HW[1])
+                  & (keypoints[..., 1] < IMAGE_HW[0]))
+        for p in range(NUM_PEOPLE):
+            picks = authors_select(np.nan_to_num(keypoints[p]),
+                                   np.where(usable[p], confidence[p], -1.0).astype(np.float32),
+                                   np.where(usable[p], visibility[p], -1.0).astype(np.float32),
+                                   METHODS[cfg.selection], cfg.num_points, argsort_desc)
+            assert bool(prompts.has_prompt[p])  # "empty" prompts everyone
+            if picks is None:
+                gate_failures += 1
+                np.testing.assert_array_equal(labels[p], [-2] + [-1] * (cfg.num_slots - 1))
+                continue
+            k = len(picks)
+            np.testing.assert_array_equal(labels[p, :k], 1, err_msg=f"person {p}")
+            np.testing.assert_array_equal(labels[p, k:], -1, err_msg=f"person {p}")
+            np.testing.assert_allclose(coords[p, :k], keypoints[p, picks], err_msg=f"person {p}")
+    assert gate_failures > 3  # the gate is exercised
+
+
+def test_gate_needs_both_channels_and_modes_for_people_without_it():
+    keypoints, visibility = blank_pose(3)
+    keypoints[:, :] = np.arange(NUM_KEYPOINTS * 2).reshape(NUM_KEYPOINTS, 2)
+    confidence = np.zeros_like(visibility)
+    visibility[0, 5], confidence[0, 5] = 0.9, 0.4  # visible, not confident: fails the gate
+    visibility[0, 6], confidence[0, 6] = 0.5, 0.9  # visibility not strictly above 0.5
+    visibility[1, 5], confidence[1, 5] = 0.9, 0.6  # passes; selection then ignores confidence:
+    visibility[1, 7], confidence[1, 7] = 0.7, 0.0  # a visible point with zero confidence
+    expected_second = [keypoints[1, 5].tolist(), keypoints[1, 7].tolist()]
+    for mode, first_labels, first_has in (("best_keypoint", [1, -1, -1], True),
+                                          ("empty", [-2, -1, -1], True),
+                                          ("skip", [-1, -1, -1], False)):
+        cfg = PromptConfig(num_points=3, no_prompt=mode)
+        out = jit_select_prompts(keypoints, visibility, (100, 100), cfg, None, confidence)
+        np.testing.assert_array_equal(out.labels[0], first_labels)
+        assert bool(out.has_prompt[0]) == first_has
+        assert positives(out, 1) == expected_second
+        # person 2 has usable keypoints but none visible: only "skip" leaves it without a mask
+        assert bool(out.has_prompt[2]) == (mode != "skip")
+    best = jit_select_prompts(keypoints, visibility, (100, 100),
+                              PromptConfig(num_points=3), None, confidence)
+    assert positives(best, 0) == [keypoints[0, 5].tolist()]  # the most visible usable point

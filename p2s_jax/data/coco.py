@@ -34,8 +34,20 @@ from p2s_jax.utils.files import read_json
 
 # Per-keypoint score arrays a PoseInstances may carry ('confidence' is the s of each [x, y, s]).
 SCORE_NAMES = ("visibility", "presence", "expected_oks", "confidence")
-# Optional per-keypoint arrays of a detection entry, as ProbPose writes them.
+# Optional per-keypoint arrays of a detection entry, and the keys they may be written under:
+# ours first, then ProbPose's (`keypoints_visible`, `keypoint_probs` -> "probs" in its results
+# file, `keypoint_oks`) and BBoxMaskPose's (`keypoint_vis`, `keypoint_prob`).
 _DETECTION_SCORE_KEYS = ("visibility", "presence", "expected_oks")
+SCORE_KEY_ALIASES = {
+    "visibility": ("visibility", "keypoints_visible", "keypoint_vis"),
+    "presence": ("presence", "probs", "keypoint_probs", "keypoint_prob"),
+    "expected_oks": ("expected_oks", "keypoint_oks"),
+}
+
+
+def _score_key(entry: dict, name: str) -> str | None:
+    """The key under which `entry` stores the per-keypoint score `name`, or None."""
+    return next((key for key in SCORE_KEY_ALIASES[name] if key in entry), None)
 SMALL_AREA = 32.0**2
 
 _IMAGE_KEYS = ("id", "width", "height", "file_name")
@@ -308,7 +320,7 @@ def _parse_person(where: str, entry: Any, optional: Sequence[str],
         entry = {"keypoints": entry}
     required = ["keypoints", *optional] + (["score"] if default_score is None else [])
     for key in required:
-        if key not in entry:
+        if key not in entry and not (key in SCORE_KEY_ALIASES and _score_key(entry, key)):
             extra = (f" (entry 0 has it: every entry must carry the same optional fields "
                      f"{list(optional)})" if key in optional else "")
             raise CocoFormatError(f"{where}: missing key '{key}'{extra}")
@@ -319,9 +331,10 @@ def _parse_person(where: str, entry: Any, optional: Sequence[str],
     absent = np.all(triplets == 0, axis=1)
     keypoints = np.where(absent[:, None], np.nan, triplets[:, :2]).astype(np.float32)
     scores = {"confidence": triplets[:, 2]}
-    for key in _DETECTION_SCORE_KEYS:
-        if key in entry:
-            scores[key] = _numbers(where, entry[key], key, NUM_KEYPOINTS)
+    for name in _DETECTION_SCORE_KEYS:
+        key = _score_key(entry, name)
+        if key is not None:
+            scores[name] = _numbers(where, entry[key], key, NUM_KEYPOINTS)
     box = None
     if "bbox" in entry:
         box = xywh_to_xyxy(_numbers(where, entry["bbox"], "bbox", 4))
@@ -343,8 +356,8 @@ def load_keypoint_detections(path: str | os.PathLike, coco: COCO) -> dict[int, P
     """Reads person keypoint detections in the COCO keypoint results format (ProbPose output).
 
     Each entry: {"image_id", "category_id", "keypoints": [x, y, s] * 17, "score"}, optionally with
-    per-keypoint "visibility", "presence", "expected_oks" (17 floats each) and "bbox" ([x, y, w,
-    h]) as ProbPose writes them. Which optional fields are present is read from the first entry
+    per-keypoint "visibility", "presence", "expected_oks" (17 floats each, also read under
+    ProbPose's and BBoxMaskPose's names, `SCORE_KEY_ALIASES`) and "bbox" ([x, y, w, h]). Which optional fields are present is read from the first entry
     and required of every entry, so that all images carry the same score names. 'confidence' is
     the s of each triplet; boxes are converted to [x0, y0, x1, y1].
 
@@ -369,8 +382,9 @@ def load_keypoint_detections(path: str | os.PathLike, coco: COCO) -> dict[int, P
         raise CocoFormatError(f"{path}: expected a JSON list of detections (COCO keypoint results "
                               f"format), got a JSON {type(entries).__name__}")
     person = person_category_id(coco)
-    optional = [k for k in (*_DETECTION_SCORE_KEYS, "bbox")
-                if entries and isinstance(entries[0], dict) and k in entries[0]]
+    first = entries[0] if entries and isinstance(entries[0], dict) else {}
+    optional = [k for k in _DETECTION_SCORE_KEYS if _score_key(first, k)]
+    optional += ["bbox"] if "bbox" in first else []
     per_image = defaultdict(list)
     unknown = 0
     for index, entry in enumerate(entries):

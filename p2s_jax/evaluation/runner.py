@@ -39,8 +39,9 @@ People and images that produce no mask
     * A malformed annotation or keypoint file stops the run at once (`p2s_jax.data.coco` raises).
 
 Result score (`EvalConfig.result_score`): COCOeval ranks all masks of the dataset by their
-score. "detection" uses the pose detector's instance score, "iou" SAM's predicted mask IoU, and
-"product" (the default) their product. The default is the product because the two carry
+score. "detection" uses the pose detector's instance score, "iou" SAM's predicted mask IoU,
+"constant" 1.0 for every mask (Pose2Seg's protocol), and "product" (the default) the product of
+the first two. The default is the product because the two carry
 complementary information: the detection score says whether the person exists at all (it
 demotes false-positive detections, which SAM still segments confidently) and the predicted IoU
 says how good the mask is (it demotes failed masks of real people); multiplying them is the
@@ -71,7 +72,9 @@ from tqdm.auto import tqdm
 from p2s_jax.data import coco as coco_lib
 from p2s_jax.evaluation.metrics import evaluate_segm
 from p2s_jax.evaluation.report import EvalReport
+from p2s_jax.inference.postprocess import MaskPostprocess
 from p2s_jax.inference.predictor import decode_prompts, encode_images
+from p2s_jax.inference.presets import get_preset
 from p2s_jax.inference.preprocess import (CANVAS_MULTIPLE, bucket, canvas_hw, pad_to_canvas,
                                           preprocess_on_device, upsample_matrix)
 from p2s_jax.inference.prompting import (PromptConfig, exclusive_masks, select_prompts,
@@ -87,7 +90,7 @@ from p2s_jax.utils.images import ImageError, load_image
 from p2s_jax.utils.errors import InputError
 from weights_conversion import load_model
 
-RESULT_SCORES = ("product", "detection", "iou")
+RESULT_SCORES = ("product", "detection", "iou", "constant")
 DEFAULT_RESULT_SCORE = "product"
 
 
@@ -97,10 +100,16 @@ class EvalConfig:
 
     Attributes:
       prompt: how a pose becomes a prompt (`PromptConfig.sam_pose2seg()`: MaxVis_3).
-      keypoint_score: the per-keypoint score that ranks keypoints, one of `coco.SCORE_NAMES`
-        ('visibility' by default: ProbPose's visibility, or binary for ground-truth poses).
-      result_score: 'product' (default, see the module docstring), 'detection' or 'iou'.
+      keypoint_score: the per-keypoint visibility channel (ranks MaxVis, filters candidates),
+        one of `coco.SCORE_NAMES` ('visibility' by default: ProbPose's visibility, or binary
+        for ground-truth poses).
+      confidence_score: the per-keypoint confidence channel (the prompt gate and MaxSpread's
+        ranking, `prompting.select_prompts`); None: the same as `keypoint_score`.
+      result_score: 'product' (default, see the module docstring), 'detection', 'iou' or
+        'constant'.
       exclusive: each pixel keeps only the covering mask with the highest predicted IoU.
+      postprocess: hole filling / sprinkle removal on the low-res logits (off by default;
+        `MaskPostprocess.authors()` in the SAM-pose2seg preset).
       images_per_device: images encoded together on one device (the chunk size); 0: the
         backend's default (`backend_defaults`: 2 on CPU, 8 on accelerators).
       people_per_chunk: people of an image decoded together inside the decoder (a `lax.map`
@@ -112,17 +121,21 @@ class EvalConfig:
 
     prompt: PromptConfig = PromptConfig.sam_pose2seg()
     keypoint_score: str = "visibility"
+    confidence_score: str | None = None
     result_score: str = DEFAULT_RESULT_SCORE
     exclusive: bool = False
+    postprocess: MaskPostprocess = MaskPostprocess()
     images_per_device: int = 0
     people_per_chunk: int = 0
     num_workers: int = 4
     prefetch_steps: int = 2
 
     def __post_init__(self):
-        if self.keypoint_score not in coco_lib.SCORE_NAMES:
-            raise InputError(f"keypoint_score must be one of {coco_lib.SCORE_NAMES}, "
-                             f"got {self.keypoint_score!r}")
+        for name in ("keypoint_score", "confidence_score"):
+            value = getattr(self, name)
+            if value not in coco_lib.SCORE_NAMES and not (name == "confidence_score"
+                                                          and value is None):
+                raise InputError(f"{name} must be one of {coco_lib.SCORE_NAMES}, got {value!r}")
         if self.result_score not in RESULT_SCORES:
             raise InputError(f"result_score must be one of {RESULT_SCORES}, "
                              f"got {self.result_score!r}")
@@ -136,6 +149,18 @@ class EvalConfig:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+    @classmethod
+    def from_preset(cls, name: str, ground_truth: bool = False, **overrides) -> "EvalConfig":
+        """The settings of `presets.PRESETS[name]` (e.g. 'sam-pose2seg'), for detected or
+        ground-truth poses; `overrides` replace single fields."""
+        preset = get_preset(name)
+        settings = dict(
+            prompt=preset.ground_truth_prompt if ground_truth else preset.prompt,
+            keypoint_score=preset.keypoint_score, confidence_score=preset.confidence_score,
+            result_score="constant" if ground_truth else preset.result_score,
+            exclusive=preset.exclusive, postprocess=preset.postprocess)
+        return cls(**{**settings, **overrides})
 
     def for_backend(self, backend: str | None = None) -> "EvalConfig":
         """This config with the backend's defaults filled in (`backend_defaults`)."""
@@ -176,7 +201,8 @@ class _Poses(NamedTuple):
     """One image's people as arrays for the device."""
 
     keypoints: np.ndarray  # (P, 17, 2) float32, NaN = absent
-    scores: np.ndarray  # (P, 17) float32
+    scores: np.ndarray  # (P, 17) float32 visibility channel
+    confidence: np.ndarray  # (P, 17) float32 confidence channel
     boxes: np.ndarray | None  # (P, 4) float32 xyxy
     det_score: np.ndarray  # (P,) float32
 
@@ -189,24 +215,28 @@ def ground_truth_prompt_poses(coco: COCO) -> dict[int, coco_lib.PoseInstances]:
         gt = coco_lib.ground_truth_poses(coco, image_id)
         triplets = np.concatenate([gt.keypoints, gt.scores["visibility"][..., None]], axis=-1)
         keypoints, _ = labelled_points(triplets)
-        poses[image_id] = coco_lib.PoseInstances(keypoints, gt.scores, gt.boxes, gt.det_score,
+        scores = {"visibility": gt.scores["visibility"], "confidence": gt.scores["visibility"]}
+        poses[image_id] = coco_lib.PoseInstances(keypoints, scores, gt.boxes, gt.det_score,
                                                  gt.ann_ids)
     return poses
 
 
 def _pose_arrays(image_id: int, poses: coco_lib.PoseInstances, config: EvalConfig) -> _Poses:
-    if config.keypoint_score not in poses.scores:
-        raise InputError(f"image {image_id}: the poses carry no {config.keypoint_score!r} "
-                         f"keypoint scores (they have {sorted(poses.scores)}); choose another "
-                         "score type (e.g. --score-type confidence for plain COCO keypoint "
-                         "results)")
+    confidence_name = config.confidence_score or config.keypoint_score
+    for name in (config.keypoint_score, confidence_name):
+        if name not in poses.scores:
+            raise InputError(f"image {image_id}: the poses carry no {name!r} keypoint scores "
+                             f"(they have {sorted(poses.scores)}); choose another score type "
+                             "(e.g. --score-type confidence for plain COCO keypoint results)")
     scores = poses.scores[config.keypoint_score]
     needs_boxes = config.prompt.box != "none"
     if needs_boxes and poses.boxes is None:
         raise InputError(f"image {image_id}: box prompts ({config.prompt.box!r}) need person "
                          "boxes, but the poses have none (a detection file needs 'bbox')")
+    confidence = poses.scores[confidence_name]
     validate_pose_inputs(poses.keypoints, scores, image_id, poses.boxes)
-    return _Poses(poses.keypoints, scores, poses.boxes, poses.det_score)
+    validate_pose_inputs(poses.keypoints, confidence, image_id)
+    return _Poses(poses.keypoints, scores, confidence, poses.boxes, poses.det_score)
 
 
 # ------------------------------------------------------------------------------ the plan
@@ -275,11 +305,16 @@ def _canvas_hw(items: Sequence[_Item]) -> tuple[int, int]:
 # ------------------------------------------------------------------------------ device steps
 
 
-def _prompts_shard(keypoints, scores, boxes, image_hw, *, prompt: PromptConfig, image_size: int):
-    """keypoints (B, P, 17, 2), scores (B, P, 17), boxes (B, P, 4) or None, image_hw (B, 2) ->
-    model coords (B, P, K, 2), pixel coords (B, P, K, 2), labels (B, P, K), has_prompt (B, P)."""
-    prompts = jax.vmap(lambda k, s, hw, b: select_prompts(k, s, hw, prompt, b))(
-        keypoints, scores, image_hw, boxes)
+def _prompts_shard(keypoints, scores, confidence, boxes, image_hw, num_people, *,
+                   prompt: PromptConfig, image_size: int):
+    """keypoints (B, P, 17, 2), scores / confidence (B, P, 17), boxes (B, P, 4) or None,
+    image_hw (B, 2), num_people (B,) real people per image (the rest is padding) -> model coords
+    (B, P, K, 2), pixel coords (B, P, K, 2), labels (B, P, K), has_prompt (B, P)."""
+    prompts = jax.vmap(lambda k, s, c, hw, b: select_prompts(k, s, hw, prompt, b, c))(
+        keypoints, scores, confidence, image_hw, boxes)
+    real = jnp.arange(keypoints.shape[1])[None, :] < num_people[:, None]
+    prompts = prompts._replace(has_prompt=prompts.has_prompt & real,
+                               labels=jnp.where(real[..., None], prompts.labels, -1))
     width_height = image_hw[:, ::-1].astype(jnp.float32)[:, None, None, :]
     # as `predictor.to_model_coords`: x / W, y / H, then * S, in float32.
     model_coords = prompts.coords / width_height * jnp.float32(image_size)
@@ -287,7 +322,7 @@ def _prompts_shard(keypoints, scores, boxes, image_hw, *, prompt: PromptConfig, 
 
 
 def _decode_shard(graphdef, state, features, coords, labels, has_prompt, up_y, up_x, *,
-                  people_per_chunk: int | None, exclusive: bool):
+                  people_per_chunk: int | None, exclusive: bool, postprocess: MaskPostprocess):
     """features (B, ...), coords (B, P, K, 2), labels (B, P, K), has_prompt (B, P),
     up_y (B, Hc, low), up_x (B, Wc, low) -> masks (B, P, Hc, Wc) bool, iou (B, P).
 
@@ -298,7 +333,7 @@ def _decode_shard(graphdef, state, features, coords, labels, has_prompt, up_y, u
     def one_image(image_features, image_coords, image_labels, image_up_y, image_up_x):
         out, masks = decode_prompts(graphdef, state, image_features, image_coords, image_labels,
                                     None, None, image_up_y, image_up_x, multimask_output=False,
-                                    people_per_chunk=people_per_chunk)
+                                    people_per_chunk=people_per_chunk, postprocess=postprocess)
         return masks[:, 0], out.iou[:, 0]
 
     masks, iou = jax.vmap(one_image)(features, coords, labels, up_y, up_x)
@@ -327,21 +362,21 @@ def encode_step(graphdef, mesh: Mesh, image_size: int, state, images, image_hw):
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 2))
-def prompts_step(mesh: Mesh, prompt: PromptConfig, image_size: int, keypoints, scores, boxes,
-                  image_hw):
+def prompts_step(mesh: Mesh, prompt: PromptConfig, image_size: int, keypoints, scores, confidence,
+                 boxes, image_hw, num_people):
     fn = functools.partial(_prompts_shard, prompt=prompt, image_size=image_size)
     # check_vma=False: MaxSpread's fori_loop starts from constant carries, which shard_map's
     # varying-axis type check rejects; every value here is per device anyway.
     return jax.shard_map(fn, mesh=mesh, in_specs=DATA, out_specs=DATA, check_vma=False)(
-        keypoints, scores, boxes, image_hw)
+        keypoints, scores, confidence, boxes, image_hw, num_people)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3))
-def decode_step(graphdef, mesh: Mesh, people_per_chunk: int | None, exclusive: bool, state,
-                 features,
-                 coords, labels, has_prompt, up_y, up_x):
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4))
+def decode_step(graphdef, mesh: Mesh, people_per_chunk: int | None, exclusive: bool,
+                postprocess: MaskPostprocess, state, features, coords, labels, has_prompt, up_y,
+                up_x):
     fn = functools.partial(_decode_shard, graphdef, people_per_chunk=people_per_chunk,
-                           exclusive=exclusive)
+                           exclusive=exclusive, postprocess=postprocess)
     specs = (REPLICATED, DATA, DATA, DATA, DATA, DATA, DATA)
     return jax.shard_map(fn, mesh=mesh, in_specs=specs, out_specs=DATA)(
         state, features, coords, labels, has_prompt, up_y, up_x)
@@ -379,8 +414,10 @@ class _HostBatch(NamedTuple):
     images: np.ndarray  # (L, Hc, Wc, 3) uint8 on the canvas
     keypoints: np.ndarray  # (L, P, 17, 2)
     scores: np.ndarray  # (L, P, 17)
+    confidence: np.ndarray  # (L, P, 17)
     boxes: np.ndarray | None  # (L, P, 4)
     image_hw: np.ndarray  # (L, 2) int32
+    num_people: np.ndarray  # (L,) int32 real people (the rest of P is padding)
     up_y: np.ndarray  # (L, Hc, low)
     up_x: np.ndarray  # (L, Wc, low)
 
@@ -394,8 +431,10 @@ def _host_batch(slots: Sequence[_Item | None], images: Sequence[np.ndarray | Non
         images=np.zeros((n, *canvas, 3), np.uint8),
         keypoints=np.full((n, num_people, NUM_KEYPOINTS, 2), np.nan, np.float32),
         scores=np.zeros((n, num_people, NUM_KEYPOINTS), np.float32),
+        confidence=np.zeros((n, num_people, NUM_KEYPOINTS), np.float32),
         boxes=np.zeros((n, num_people, 4), np.float32) if with_boxes else None,
         image_hw=np.ones((n, 2), np.int32),
+        num_people=np.zeros(n, np.int32),
         up_y=np.zeros((n, canvas[0], low), np.float32),
         up_x=np.zeros((n, canvas[1], low), np.float32),
     )
@@ -406,9 +445,11 @@ def _host_batch(slots: Sequence[_Item | None], images: Sequence[np.ndarray | Non
         batch.images[row] = image
         batch.keypoints[row, :people] = item.poses.keypoints
         batch.scores[row, :people] = item.poses.scores
+        batch.confidence[row, :people] = item.poses.confidence
         if with_boxes:
             batch.boxes[row, :people] = item.poses.boxes
         batch.image_hw[row] = item.hw
+        batch.num_people[row] = people
         batch.up_y[row] = upsample_matrix(item.hw[0], low, canvas[0])
         batch.up_x[row] = upsample_matrix(item.hw[1], low, canvas[1])
     return batch
@@ -421,6 +462,8 @@ def _result_scores(det_score: np.ndarray, iou: np.ndarray, kind: str) -> np.ndar
         return det_score
     if kind == "iou":
         return iou
+    if kind == "constant":
+        return np.ones_like(det_score)
     return det_score * iou
 
 
@@ -537,9 +580,10 @@ def _run_step(graphdef, state, mesh: Mesh, batch: _HostBatch, config: EvalConfig
                             host_to_global(mesh, batch.image_hw))
     model_coords, coords, labels, has_prompt = prompts_step(
         mesh, config.prompt, image_size, *(host_to_global(mesh, a) for a in (
-            batch.keypoints, batch.scores, batch.boxes, batch.image_hw)))
+            batch.keypoints, batch.scores, batch.confidence, batch.boxes, batch.image_hw,
+            batch.num_people)))
     chunk = decoder_chunk(batch.keypoints.shape[1], config.people_per_chunk)
-    masks, iou = decode_step(graphdef, mesh, chunk, config.exclusive, state,
+    masks, iou = decode_step(graphdef, mesh, chunk, config.exclusive, config.postprocess, state,
                               features, model_coords, labels, has_prompt,
                               host_to_global(mesh, batch.up_y), host_to_global(mesh, batch.up_x))
     return masks, iou, coords, labels, has_prompt

@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from p2s_jax.inference.postprocess import MaskPostprocess, remove_small_regions
 from p2s_jax.inference.preprocess import (LOW_RES_CLAMP, bucket, canvas_hw, pad_to_canvas,
                                           preprocess_on_device, to_model_coords, upsample_masks,
                                           upsample_matrices)
@@ -29,7 +30,7 @@ from p2s_jax.model.sam2 import ImageFeatures, SAM2Image
 from p2s_jax.utils.images import to_rgb_uint8
 from weights_conversion import load_model
 
-VALID_LABELS = (-1, 0, 1, 2, 3)
+VALID_LABELS = (-2, -1, 0, 1, 2, 3)  # -2: the empty prompt (`prompting.LABEL_EMPTY`)
 
 
 class Prediction(NamedTuple):
@@ -44,6 +45,8 @@ class Prediction(NamedTuple):
 # (B, Hc, Wc, 3) uint8 canvases, (B, 2) sizes -> (B, S, S, 3) normalised; one small program per
 # canvas size, so that the encoder compiles once whatever the photos' sizes.
 preprocess_images = jax.jit(preprocess_on_device, static_argnums=2)
+# (..., h, w) low-res logits -> holes filled and sprinkles removed (`MaskPostprocess` static).
+postprocess_logits = jax.jit(remove_small_regions, static_argnums=1)
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -54,18 +57,20 @@ def encode_images(graphdef, state, pixels: jax.Array) -> ImageFeatures:
 
 @functools.partial(jax.jit, static_argnums=0,
                    static_argnames=("multimask_output", "dynamic_stability", "object_score_gate",
-                                    "people_per_chunk"))
+                                    "people_per_chunk", "postprocess"))
 def decode_prompts(graphdef, state, features: ImageFeatures, coords, labels, mask_input=None,
                    has_mask_input=None, upsample_y=None, upsample_x=None, *,
                    multimask_output: bool = False, dynamic_stability: Optional[bool] = None,
-                   object_score_gate: bool = False, people_per_chunk: Optional[int] = None):
+                   object_score_gate: bool = False, people_per_chunk: Optional[int] = None,
+                   postprocess: MaskPostprocess = MaskPostprocess()):
     """One image's features, N prompt sets -> (`Decoded`, masks or None).
 
     The low-res logits are not clamped (the official predictor upsamples unclamped logits and
     clamps only the low-res output: callers clamp with `LOW_RES_CLAMP`). With the upsampling
     matrices (Hp, h), (Wp, w), masks (N, M, Hp, Wp) bool are computed in the same program; without
     them, call `upsample_masks` separately (one compilation per image-size bucket instead of one
-    of the whole decoder).
+    of the whole decoder). `postprocess` (holes and sprinkles) changes only the masks, as in the
+    official predictor; the returned logits are the decoder's.
     """
     model = nnx.merge(graphdef, state)
     out = model.decode(features, coords, labels, mask_input, has_mask_input,
@@ -73,7 +78,8 @@ def decode_prompts(graphdef, state, features: ImageFeatures, coords, labels, mas
                        object_score_gate=object_score_gate, people_per_chunk=people_per_chunk)
     masks = None
     if upsample_y is not None:
-        masks = upsample_masks(out.low_res_logits, upsample_y, upsample_x)
+        masks = upsample_masks(remove_small_regions(out.low_res_logits, postprocess), upsample_y,
+                               upsample_x)
     return out, masks
 
 
@@ -94,8 +100,8 @@ def check_prompts(coords, labels, orig_hw, name: str = "point") -> Tuple[np.ndar
     if bad_label.any():
         n, k = np.argwhere(bad_label)[0]
         raise ValueError(f"{name}_labels[{n}, {k}] = {labels[n, k]}; labels are 1 (positive), "
-                         f"0 (negative), 2 / 3 (box corners) or -1 (padding)")
-    used = labels != -1
+                         f"0 (negative), 2 / 3 (box corners), -1 (padding) or -2 (no points)")
+    used = labels >= 0
     finite = np.isfinite(coords).all(-1)
     if (used & ~finite).any():
         n, k = np.argwhere(used & ~finite)[0]
@@ -121,9 +127,13 @@ class Predictor:
 
     people_per_chunk: people decoded together inside that call (`SAM2Image.decode`); "auto" is
     `default_people_per_chunk()`, None all at once. Results do not depend on it.
+    postprocess: hole filling / sprinkle removal on the low-res logits before the masks are
+    upsampled (`SAM2ImagePredictor(max_hole_area=..., max_sprinkle_area=...)`; off by default
+    as there, `MaskPostprocess.authors()` for SAM-pose2seg's inference).
     """
 
-    def __init__(self, model: SAM2Image, people_per_chunk: Union[int, None, str] = "auto"):
+    def __init__(self, model: SAM2Image, people_per_chunk: Union[int, None, str] = "auto",
+                 postprocess: MaskPostprocess = MaskPostprocess()):
         if people_per_chunk == "auto":
             people_per_chunk = default_people_per_chunk()
         if people_per_chunk is not None and (not isinstance(people_per_chunk, int)
@@ -132,6 +142,7 @@ class Predictor:
             raise ValueError(f"people_per_chunk must be a power of two (people are padded to one), "
                              f"None or 'auto'; got {people_per_chunk!r}")
         self.people_per_chunk = people_per_chunk
+        self.postprocess = postprocess
         self.config = model.config
         self.graphdef, self.state = nnx.split(model)
         self._features: Optional[ImageFeatures] = None
@@ -140,10 +151,12 @@ class Predictor:
     @classmethod
     def from_checkpoint(cls, path, model: Optional[str] = None, image_size: Optional[int] = None,
                         dtype=jnp.float32, people_per_chunk: Union[int, None, str] = "auto",
-                        attention: str = "auto") -> "Predictor":
+                        attention: str = "auto",
+                        postprocess: MaskPostprocess = MaskPostprocess()) -> "Predictor":
         """An official `.pt` checkpoint (SAM 2.1 or SAM-pose2seg) or a converted folder, computing
         in `dtype` (float32 or bfloat16; weights stay float32) with `attention`."""
-        return cls(load_model(path, model, image_size, dtype, attention), people_per_chunk)
+        return cls(load_model(path, model, image_size, dtype, attention), people_per_chunk,
+                   postprocess)
 
     @property
     def image_size(self) -> int:
@@ -181,7 +194,8 @@ class Predictor:
                                 jnp.asarray(labels), masks_in, has_mask,
                                 multimask_output=multimask_output,
                                 people_per_chunk=self.people_per_chunk)
-        masks = upsample_masks(out.low_res_logits, up_y, up_x)
+        masks = upsample_masks(postprocess_logits(out.low_res_logits, self.postprocess), up_y,
+                               up_x)
         h, w = self._orig_hw
         return Prediction(masks=np.asarray(masks[:n, :, :h, :w]), iou=np.asarray(out.iou[:n]),
                           low_res_logits=np.clip(np.asarray(out.low_res_logits[:n]),

@@ -7,28 +7,35 @@ official `SAM2ImagePredictor` concatenates them (box corners, positives, negativ
 fills the rest, with coordinates 0.  One compiled function therefore serves every pose, and the
 functions here are pure, jit-able (the `PromptConfig` is static) and vmapped over the people.
 
-Which keypoints may be used
-    A keypoint is *usable* when its coordinates are finite and inside the image
-    (0 <= x < W, 0 <= y < H); other keypoints never become prompts, not even negatives, and take
-    part in no rule below (they are treated as absent).  A usable keypoint is *visible* when
-    its score is >= `visibility_threshold` (0.5).  The score is whatever the caller passes:
-    ProbPose visibility by default (Supp. Tab. 6), or the binary 0 / 1 of ground-truth poses
-    (`p2s_jax.keypoints.labelled_points`, Tab. 3; COCO v = 0 points get NaN coordinates, so they are
-    never used).  As in the authors' code, the visible set is used only when some usable
-    keypoint scores strictly above the threshold; otherwise (and that is our rule, the authors
-    emit no point) the single best-scoring usable keypoint is the only positive prompt, and a
-    person with no usable keypoint at all gets `has_prompt = False` and nothing but padding.
+Which keypoints may be used: two score channels, as in the authors' code
+    Every keypoint has a *visibility* score (`scores`: ProbPose visibility by default, Supp.
+    Tab. 6, or the binary 0 / 1 of ground-truth poses, `p2s_jax.keypoints.labelled_points`) and
+    a *confidence* (`confidence`: the s of ProbPose's [x, y, s] triplets; the visibility itself
+    when not given).  A keypoint is *usable* when its coordinates are finite and inside the
+    image (0 <= x < W, 0 <= y < H); other keypoints never become prompts, not even negatives,
+    and take part in no rule below (COCO v = 0 points get NaN coordinates, so they are never
+    used).  A usable keypoint is *visible* when its visibility is >= `visibility_threshold`.
+    The gate (BMP `_pose2seg`): a person is prompted from its visible keypoints only if some
+    usable keypoint has confidence > `confidence_threshold` *and* visibility >
+    `visibility_threshold` (both strict).  A person who fails the gate gets, by `no_prompt`:
+    * "best_keypoint" (our default): its single most visible usable keypoint as the only
+      positive point; `has_prompt = False` if it has no usable keypoint at all.  A weak pose
+      still says where the person is, and a mask there is worth more to AP than none.
+    * "empty": the official predictor called with an empty point array (one not-a-point
+      token, label `LABEL_EMPTY` in the first slot), which is what the authors' single-image
+      mode does (`bmp_v2.yaml`: batch False); SAM then segments what it finds salient.
+    * "skip": no prompt and no mask (`has_prompt = False`), the authors' batch mode.
 
 MaxVis_n (Sec. 4.3.2, the SAM-pose2seg prompt with n = 3; BMP `k_most_visible`)
-    The n visible keypoints with the highest scores, best first.  No face rule.
+    The n visible keypoints with the highest visibility, best first.  No face rule.
 
 MaxSpread_n (Sec. 4.3.2, from BBox-Mask-Pose; BMP `distance+confidence`)
-    1. Face rule: of nose and both eyes only the best-scoring usable one stays (ears stay).
-    2. Candidates: the visible keypoints, ranked by score, best first.
+    1. Face rule: of nose and both eyes only the most visible usable one stays (ears stay).
+    2. Candidates: the visible keypoints, ranked by confidence, best first.
     3. The first pick is the best candidate.  Each next pick is the candidate farthest (Euclidean,
        pixels) from its nearest already-picked point (k-means++ seeding, ref. [4]).
     4. The authors' percentile rule (`spread_percentile`, 80; None switches it off): before each
-       pick, the candidates' "remaining scores" are taken, with -1 for points already picked,
+       pick, the candidates' "remaining scores" (confidences) are taken, with -1 for points already picked,
        and every candidate whose remaining score is below `np.percentile(remaining, 80)`
        (linear interpolation) is excluded (its distance is set to -1).  In exact arithmetic that
        percentile excludes precisely the scores below the sorted remaining score at index
@@ -74,6 +81,7 @@ from p2s_jax.keypoints import NUM_FACE_KEYPOINTS, NUM_KEYPOINTS
 from p2s_jax.utils.errors import InputError
 
 
+LABEL_EMPTY = -2  # padding that keeps the not-a-point token: a prompt with no points
 LABEL_PADDING = -1
 LABEL_NEGATIVE = 0
 LABEL_POSITIVE = 1
@@ -83,6 +91,7 @@ LABEL_BOX_BOTTOM_RIGHT = 3
 Selection = Literal["maxvis", "maxspread"]
 Negatives = Literal["none", "closest_other", "least_visible_own"]
 BoxMode = Literal["none", "given", "inflated"]
+NoPrompt = Literal["best_keypoint", "empty", "skip"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,7 +101,10 @@ class PromptConfig:
     Attributes:
       selection: 'maxvis' (highest scores) or 'maxspread' (farthest apart), see above.
       num_points: positive keypoints per person (n of MaxVis_n / MaxSpread_n).
-      visibility_threshold: a usable keypoint is visible when its score is >= this.
+      visibility_threshold: a usable keypoint is visible when its visibility is >= this.
+      confidence_threshold: the gate's confidence bound (strict), see above; None: the
+        visibility threshold (the authors set both to 0.5).
+      no_prompt: what a person who fails the gate gets: 'best_keypoint', 'empty' or 'skip'.
       spread_percentile: MaxSpread's percentile rule; None disables it (MaxSpread only).
       face_rule: keep only the best of nose and eyes; None: on for MaxSpread, off for MaxVis
         (the authors' code).
@@ -106,6 +118,8 @@ class PromptConfig:
     selection: Selection = "maxvis"
     num_points: int = 3
     visibility_threshold: float = 0.5
+    confidence_threshold: float | None = None
+    no_prompt: NoPrompt = "best_keypoint"
     spread_percentile: float | None = 80.0
     face_rule: bool | None = None
     negatives: Negatives = "none"
@@ -121,6 +135,9 @@ class PromptConfig:
             raise InputError(f"unknown negatives mode {self.negatives!r}")
         if self.box not in ("none", "given", "inflated"):
             raise InputError(f"unknown box mode {self.box!r}")
+        if self.no_prompt not in ("best_keypoint", "empty", "skip"):
+            raise InputError(f"no_prompt must be 'best_keypoint', 'empty' or 'skip', "
+                             f"got {self.no_prompt!r}")
         if not 1 <= self.num_points <= NUM_KEYPOINTS:
             raise InputError(f"num_points must be in [1, {NUM_KEYPOINTS}], got {self.num_points}")
         if self.visibility_threshold < 0.0:  # scores are probabilities; -1 marks picked points
@@ -136,6 +153,11 @@ class PromptConfig:
                 f"max_slots={self.max_slots} < {self.required_slots} slots this configuration "
                 f"needs ({self.num_box_slots} box + {self.num_points} positive + "
                 f"{self.num_negative_slots} negative)")
+
+    @property
+    def gate_confidence(self) -> float:
+        return (self.visibility_threshold if self.confidence_threshold is None
+                else self.confidence_threshold)
 
     @property
     def uses_face_rule(self) -> bool:
@@ -180,7 +202,7 @@ class Prompts(NamedTuple):
 
     coords: jax.Array  # (P, K, 2) float32, (x, y) in original-image pixels; 0 in padding slots
     labels: jax.Array  # (P, K) int32: 1 positive, 0 negative, 2 / 3 box corners, -1 padding
-    has_prompt: jax.Array  # (P,) bool: False when the person has no usable keypoint
+    has_prompt: jax.Array  # (P,) bool: False when the person gets no mask (see `no_prompt`)
 
 
 # --------------------------------------------------------------------------------------------
@@ -232,11 +254,13 @@ def _rank(keys: jax.Array, candidates: jax.Array) -> tuple[jax.Array, jax.Array]
     return order.astype(jnp.int32), candidates.sum(dtype=jnp.int32)
 
 
-def _face_rule_keep(scores: jax.Array, usable: jax.Array) -> jax.Array:
-    """(J,), (J,) -> (J,) bool: False for the face keypoints other than the best usable one."""
-    face_scores = jnp.where(usable[:NUM_FACE_KEYPOINTS], scores[:NUM_FACE_KEYPOINTS], -jnp.inf)
+def _face_rule_keep(visibility: jax.Array, usable: jax.Array) -> jax.Array:
+    """(J,), (J,) -> (J,) bool: False for the face keypoints other than the most visible usable
+    one."""
+    face_scores = jnp.where(usable[:NUM_FACE_KEYPOINTS], visibility[:NUM_FACE_KEYPOINTS],
+                            -jnp.inf)
     best_face = jnp.argmax(face_scores)  # first maximum: nose, then left eye, then right eye
-    index = jnp.arange(scores.shape[0])
+    index = jnp.arange(visibility.shape[0])
     return (index >= NUM_FACE_KEYPOINTS) | (index == best_face)
 
 
@@ -300,26 +324,30 @@ def _max_spread(points: jax.Array, scores: jax.Array, visible: jax.Array, num_po
     return order[picks], jnp.arange(num_points) < count
 
 
-def _positive_keypoints(points: jax.Array, scores: jax.Array, usable: jax.Array,
-                        config: PromptConfig):
-    """One person: points (J, 2), scores (J,), usable (J,) -> (indices (n,), valid (n,))."""
-    threshold = config.visibility_threshold
-    visible = usable & (scores >= threshold)
+def _positive_keypoints(points: jax.Array, visibility: jax.Array, confidence: jax.Array,
+                        usable: jax.Array, config: PromptConfig):
+    """One person: points (J, 2), visibility (J,), confidence (J,), usable (J,) ->
+    (indices (n,), valid (n,), gated ()): the positive keypoints, and whether the person passed
+    the gate (if not, the indices follow `config.no_prompt`)."""
+    visible = usable & (visibility >= config.visibility_threshold)
     if config.uses_face_rule:
-        visible &= _face_rule_keep(scores, usable)
+        visible &= _face_rule_keep(visibility, usable)
     if config.selection == "maxvis":
-        indices, valid = _max_vis(scores, visible, config.num_points)
+        indices, valid = _max_vis(visibility, visible, config.num_points)
     else:
-        indices, valid = _max_spread(points, scores, visible, config.num_points,
+        indices, valid = _max_spread(points, confidence, visible, config.num_points,
                                      config.spread_percentile)
 
-    # Fallback: no usable keypoint strictly above the threshold -> the single best usable one.
-    any_above = jnp.any(usable & (scores > threshold))
-    best = jnp.argmax(jnp.where(usable, scores, -jnp.inf)).astype(jnp.int32)
-    fallback_valid = (jnp.arange(config.num_points) == 0) & jnp.any(usable)
-    indices = jnp.where(any_above, indices, best)
-    valid = jnp.where(any_above, valid, fallback_valid)
-    return indices, valid
+    gated = jnp.any(usable & (confidence > config.gate_confidence)
+                    & (visibility > config.visibility_threshold))
+    if config.no_prompt == "best_keypoint":
+        fallback = jnp.argmax(jnp.where(usable, visibility, -jnp.inf)).astype(jnp.int32)
+        fallback_valid = (jnp.arange(config.num_points) == 0) & jnp.any(usable)
+    else:
+        fallback, fallback_valid = 0, jnp.zeros(config.num_points, bool)
+    indices = jnp.where(gated, indices, fallback)
+    valid = jnp.where(gated, valid, fallback_valid)
+    return indices, valid, gated
 
 
 def _least_visible_own(scores: jax.Array, usable: jax.Array, is_positive: jax.Array,
@@ -362,7 +390,7 @@ def _compact(coords: jax.Array, labels: jax.Array, num_slots: int):
     """coords (S, 2), labels (S,) -> (K, 2), (K,): real prompts first (order kept), then padding."""
     order = jnp.argsort(labels == LABEL_PADDING, stable=True)
     coords, labels = coords[order], labels[order]
-    coords = jnp.where((labels == LABEL_PADDING)[:, None], 0.0, coords)
+    coords = jnp.where((labels < 0)[:, None], 0.0, coords)
     padding = num_slots - labels.shape[0]
     return (jnp.pad(coords, ((0, padding), (0, 0))),
             jnp.pad(labels, (0, padding), constant_values=LABEL_PADDING))
@@ -372,17 +400,20 @@ def _compact(coords: jax.Array, labels: jax.Array, num_slots: int):
 # Public entry points.
 
 
-def select_prompts(keypoints, scores, image_hw, config: PromptConfig, boxes=None) -> Prompts:
+def select_prompts(keypoints, scores, image_hw, config: PromptConfig, boxes=None,
+                   confidence=None) -> Prompts:
     """Prompts for all people of one image.
 
-    keypoints (P, 17, 2) float (x, y) original-image pixels (NaN = absent); scores (P, 17) float,
-    finite (see `validate_pose_inputs`); image_hw (2,) = (H, W), Python ints or an array;
-    boxes None or (P, 4) xyxy (needed when config.box != "none"; when given, also the reference
-    point of "closest_other" negatives).  Jit with `config` static:
+    keypoints (P, 17, 2) float (x, y) original-image pixels (NaN = absent); scores (P, 17) float
+    visibilities, finite (see `validate_pose_inputs`); image_hw (2,) = (H, W), Python ints or
+    an array; boxes None or (P, 4) xyxy (needed when config.box != "none"; when given, also
+    the reference point of "closest_other" negatives); confidence None (= scores) or (P, 17)
+    (the gate and MaxSpread's ranking).  Jit with `config` static:
     `jax.jit(select_prompts, static_argnames="config")`.  Returns `Prompts` with K slots.
     """
     keypoints = jnp.asarray(keypoints, jnp.float32)
     scores = jnp.asarray(scores, jnp.float32)
+    confidence = scores if confidence is None else jnp.asarray(confidence, jnp.float32)
     image_hw = jnp.asarray(image_hw, jnp.float32)
     if config.box != "none" and boxes is None:
         raise ValueError(f"box mode {config.box!r} needs boxes (P, 4)")
@@ -392,13 +423,17 @@ def select_prompts(keypoints, scores, image_hw, config: PromptConfig, boxes=None
 
     usable = _usable_keypoints(keypoints, image_hw)  # (P, J)
     points = jnp.where(usable[..., None], keypoints, 0.0)  # no NaN past this point
-    positive_index, positive_valid = jax.vmap(
-        lambda p, s, u: _positive_keypoints(p, s, u, config))(points, scores, usable)  # (P, n)
-    has_prompt = positive_valid[:, 0]
+    positive_index, positive_valid, gated = jax.vmap(
+        lambda p, s, c, u: _positive_keypoints(p, s, c, u, config))(
+            points, scores, confidence, usable)  # (P, n), (P, n), (P,)
+    empty_prompt = ~gated if config.no_prompt == "empty" else jnp.zeros_like(gated)
+    has_prompt = positive_valid[:, 0] | empty_prompt
     people = jnp.arange(num_people)[:, None]
 
     coords = [points[people, positive_index]]
-    labels = [jnp.where(positive_valid, LABEL_POSITIVE, LABEL_PADDING)]
+    positive_labels = jnp.where(positive_valid, LABEL_POSITIVE, LABEL_PADDING)
+    labels = [positive_labels.at[:, 0].set(
+        jnp.where(empty_prompt, LABEL_EMPTY, positive_labels[:, 0]))]
 
     if config.negatives == "least_visible_own":
         is_positive = jnp.zeros_like(usable).at[people, positive_index].max(positive_valid)

@@ -28,16 +28,19 @@ _select_prompts = jax.jit(select_prompts, static_argnames="config")
 
 
 def segment_people(predictor, image: np.ndarray, keypoints, scores, config: PromptConfig,
-                   boxes=None, exclusive: bool = False) -> Segmentation:
+                   boxes=None, exclusive: bool = False, confidence=None) -> Segmentation:
     """Masks of the people of one photo with the interactive `Predictor` (the same jitted
-    encoder / decoder as the dataset runner, one image at a time).
+    encoder / decoder as the dataset runner, one image at a time; its `postprocess` applies).
 
-    image (H, W, 3) uint8 RGB; keypoints (P, 17, 2) pixels (NaN = absent); scores (P, 17);
-    boxes None or (P, 4) xyxy.
+    image (H, W, 3) uint8 RGB; keypoints (P, 17, 2) pixels (NaN = absent); scores (P, 17)
+    visibility; boxes None or (P, 4) xyxy; confidence None (= scores) or (P, 17).
     """
     image = np.asarray(image)
     height, width = image.shape[:2]
     validate_pose_inputs(keypoints, scores, "(segment)", boxes)
+    if confidence is not None:
+        validate_pose_inputs(keypoints, confidence, "(segment)")
+        confidence = np.asarray(confidence, np.float32)
     people = np.shape(keypoints)[0]
     masks = np.zeros((people, height, width), bool)
     iou = np.zeros(people, np.float32)
@@ -47,7 +50,8 @@ def segment_people(predictor, image: np.ndarray, keypoints, scores, config: Prom
                             np.zeros(0, bool))
     prompts = _select_prompts(np.asarray(keypoints, np.float32), np.asarray(scores, np.float32),
                               (height, width), config=config,
-                              boxes=None if boxes is None else np.asarray(boxes, np.float32))
+                              boxes=None if boxes is None else np.asarray(boxes, np.float32),
+                              confidence=confidence)
     coords, labels = np.asarray(prompts.coords), np.asarray(prompts.labels)
     has_prompt = np.asarray(prompts.has_prompt)
     predictor.set_image(image)
@@ -67,7 +71,7 @@ def write_segmentation(path, image_path, result: Segmentation) -> Path:
     rles = masks_to_rle(result.masks)
     people = []
     for i in range(len(result.iou)):
-        used = result.labels[i] != -1
+        used = result.labels[i] >= 0
         people.append({
             "person": i, "segmentation": rles[i] if result.has_prompt[i] else None,
             "predicted_iou": float(result.iou[i]) if result.has_prompt[i] else None,

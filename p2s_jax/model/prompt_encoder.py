@@ -7,6 +7,8 @@ predictor (which never passes `boxes` to the encoder: a box is two corner points
 Our prompts have a fixed number of slots K so one compiled function serves every prompt count.
 Slots with label -1 are *padding*: `point_key_mask` marks them so that the decoder masks them out
 of attention, and each instance's result equals the official call with its unpadded prompts.
+Label -2 (`LABEL_EMPTY`) is padding too, but keeps the appended token: the official predictor
+called with an empty point array.
 """
 
 from __future__ import annotations
@@ -44,8 +46,10 @@ class PromptEncoder(nnx.Module):
         """coords (..., K, 2) model-input pixels (x, y); labels (..., K) int.
 
         Returns sparse tokens (..., K + 1, C) (the appended not-a-point last) and their key mask
-        (..., K + 1): padding slots False; the appended token True when any slot is a prompt
-        (with no prompt at all the official encoder gets no point tokens).
+        (..., K + 1): padding slots (-1, -2) False; the appended token True when any slot is not
+        -1. So a prompt of -1 slots only is the official call without points (no point tokens),
+        and one with a -2 slot (`LABEL_EMPTY`) the official call with an empty point array (the
+        appended not-a-point token alone).
         """
         size = jnp.float32(self.input_image_size)
         unit = (coords.astype(jnp.float32) + 0.5) / size
@@ -58,8 +62,9 @@ class PromptEncoder(nnx.Module):
         pad_token = jnp.broadcast_to(self.not_a_point_embed.embedding[...][0],
                                      emb.shape[:-2] + (1, self.embed_dim))
         tokens = jnp.concatenate([emb, pad_token], axis=-2)
-        is_prompt = labels[..., 0] != -1
-        key_mask = jnp.concatenate([is_prompt, is_prompt.any(-1, keepdims=True)], axis=-1)
+        is_point = labels[..., 0] >= 0
+        appended = (labels[..., 0] != -1).any(-1, keepdims=True)
+        key_mask = jnp.concatenate([is_point, appended], axis=-1)
         return tokens.astype(self.dtype), key_mask
 
     def embed_masks(self, mask_input: Optional[jax.Array], has_mask: Optional[jax.Array],
