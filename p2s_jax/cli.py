@@ -26,6 +26,7 @@ from p2s_jax.inference.presets import PRESETS
 from p2s_jax.inference.prompting import PromptConfig
 from p2s_jax.inference.segment import segment_people, write_segmentation
 from p2s_jax.inference.weights import released_checkpoint
+from p2s_jax.data import prepare
 from p2s_jax.data.coco import SCORE_NAMES, load_image_poses
 from p2s_jax.model.configs import COMPUTE_DTYPES, ConfigError, compute_dtype
 from p2s_jax.model.layers import ATTENTION_IMPLEMENTATIONS
@@ -73,8 +74,11 @@ def _add_prompt_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--negatives", choices=("none", "closest_other", "least_visible_own"),
                        default="none", help="negative points (default none)")
     group.add_argument("--num-negatives", type=int, default=1)
-    group.add_argument("--box", choices=("none", "given", "inflated"), default="none",
-                       help="box prompt from the pose's bbox (default none)")
+    group.add_argument("--box", choices=("none", "given", "inflated", "gt", "inflated-gt"),
+                       default="none",
+                       help="box prompt: the pose's own bbox (given), scaled about its centre "
+                            "(inflated), or the box of the ground-truth person matched by OKS "
+                            "(gt, inflated-gt; evaluate only) (default none)")
     group.add_argument("--box-inflation", type=float, default=2.0,
                        help="side-length factor of --box inflated (default 2.0)")
     group.add_argument("--exclusive", action=argparse.BooleanOptionalAction, default=None,
@@ -186,6 +190,17 @@ def build_parser() -> argparse.ArgumentParser:
                             help="images per chip (one compilation each)")
     aot_parser.add_argument("--train-preset", default="paper", choices=("paper", "tiny"))
 
+    prepare = commands.add_parser("prepare", help="evaluation sets in the COCO format")
+    sets = prepare.add_subparsers(dest="dataset", required=True)
+    persons = sets.add_parser("coco-persons", help="Pose2Seg's COCOPersons subset (COCO*)")
+    persons.add_argument("source", help="person_keypoints_val2017.json")
+    persons.add_argument("out", help="the subset file to write")
+    persons.add_argument("--min-area", type=float, default=0.0,
+                         help="also drop persons smaller than this (1024: COCO's small ones)")
+    cihp = sets.add_parser("cihp", help="CIHP Human_ids maps -> COCO person masks (RLE)")
+    cihp.add_argument("split_dir", help="a CIHP split folder holding Images/ and Human_ids/")
+    cihp.add_argument("out", help="the COCO annotation file to write")
+
     export = commands.add_parser("export", help="a training workdir -> official .pt checkpoint")
     export.add_argument("--workdir", required=True)
     export.add_argument("--out", required=True, help="the .pt file to write")
@@ -202,13 +217,16 @@ def inference_config(args: argparse.Namespace, ground_truth: bool) -> runner.Eva
         base = runner.EvalConfig(prompt=PromptConfig.ground_truth() if ground_truth
                                  else PromptConfig.sam_pose2seg())
     given = lambda value, default: default if value is None else value  # noqa: E731
+    box_mode, _, gt_box = args.box.partition("-") if args.box != "gt" else ("given", "", "gt")
+    if gt_box and not hasattr(args, "gt_keypoints"):
+        raise UsageError(f"--box {args.box} needs the ground truth: use it with p2s evaluate")
     prompt = dataclasses.replace(
         base.prompt, selection=given(args.selection, base.prompt.selection),
         num_points=given(args.num_points, base.prompt.num_points),
         visibility_threshold=given(args.threshold, base.prompt.visibility_threshold),
         no_prompt=given(args.no_prompt, base.prompt.no_prompt),
         spread_percentile=args.spread_percentile, negatives=args.negatives,
-        num_negatives=args.num_negatives, box=args.box, box_inflation=args.box_inflation)
+        num_negatives=args.num_negatives, box=box_mode, box_inflation=args.box_inflation)
     postprocess = MaskPostprocess(
         given(args.max_hole_area, base.postprocess.max_hole_area),
         given(args.max_sprinkle_area, base.postprocess.max_sprinkle_area))
@@ -217,6 +235,7 @@ def inference_config(args: argparse.Namespace, ground_truth: bool) -> runner.Eva
         keypoint_score=given(args.score_type, base.keypoint_score),
         confidence_score=given(args.confidence_score, base.confidence_score),
         exclusive=given(args.exclusive, base.exclusive),
+        box_source="gt" if gt_box else "detection",
         result_score=given(getattr(args, "result_score", None), base.result_score))
 
 
@@ -322,6 +341,16 @@ def cmd_aot(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_prepare(args: argparse.Namespace) -> int:
+    if args.dataset == "coco-persons":
+        path = prepare.write_coco_persons(args.source, args.out, args.min_area)
+    else:
+        path = prepare.convert_cihp(args.split_dir, args.out)
+    data = read_json(path, "written annotations")
+    print(f"wrote {path}: {len(data['images'])} images, {len(data['annotations'])} annotations")
+    return 0
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     path = export_torch(args.workdir, args.out, args.step)
     print(f"wrote {path} (official SAM 2.1 state_dict under 'model')")
@@ -330,7 +359,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 COMPUTES = ("evaluate", "segment", "train")  # commands that say which devices they run on
 COMMANDS = {"convert": cmd_convert, "evaluate": cmd_evaluate, "segment": cmd_segment,
-            "train": cmd_train, "export": cmd_export, "aot": cmd_aot}
+            "train": cmd_train, "export": cmd_export, "aot": cmd_aot, "prepare": cmd_prepare}
 
 
 def main(argv: list[str] | None = None) -> int:

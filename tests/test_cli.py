@@ -313,3 +313,32 @@ def test_generated_data_without_scikit_image_says_what_to_install(monkeypatch, t
     err = capsys.readouterr().err
     assert err.startswith("p2s train: error: ") and "pip install scikit-image" in err
     assert len(err.strip().splitlines()) == 1
+
+
+def _settings(*flags, command="evaluate"):
+    required = (["--annotations", "a", "--images", "i", "--keypoints", "k", "--checkpoint", "c",
+                 "--out", "o"] if command == "evaluate" else
+                ["--image", "i", "--keypoints", "k", "--out", "o"])
+    args = cli.build_parser().parse_args([command, *required, *flags])
+    return cli.inference_config(args, ground_truth=False)
+
+
+def test_preset_and_flags_beside_it():
+    from p2s_jax.evaluation.runner import EvalConfig
+    from p2s_jax.inference.postprocess import MaskPostprocess
+
+    assert _settings("--preset", "sam-pose2seg") == EvalConfig.from_preset("sam-pose2seg")
+    plain = _settings()
+    assert plain == EvalConfig()  # no preset: the project's defaults
+    tuned = _settings("--preset", "sam-pose2seg", "--no-exclusive", "--max-hole-area", "0",
+                      "--result-score", "product", "--num-points", "4", "--no-prompt", "skip")
+    assert not tuned.exclusive and tuned.postprocess == MaskPostprocess(0.0, 50.0)
+    assert tuned.result_score == "product" and tuned.confidence_score == "confidence"
+    assert (tuned.prompt.num_points, tuned.prompt.no_prompt) == (4, "skip")
+    gt_box = _settings("--box", "gt")
+    assert (gt_box.prompt.box, gt_box.box_source) == ("given", "gt")
+    inflated = _settings("--box", "inflated-gt", "--preset", "sam2.1")
+    assert (inflated.prompt.box, inflated.box_source) == ("inflated", "gt")
+    assert (inflated.prompt.selection, inflated.prompt.num_points) == ("maxspread", 6)
+    with pytest.raises(cli.UsageError, match="--box gt needs the ground truth"):
+        _settings("--box", "gt", command="segment")

@@ -188,3 +188,64 @@ def test_postprocess_changes_masks_on_these_photos(coco, models, preset_run):
     differ = sum(a["segmentation"]["counts"] != b["segmentation"]["counts"]
                  for a, b in zip(plain.results, preset_run.results))
     assert differ >= 3
+
+
+# ------------------------------------------------------------------------------ boxes by OKS
+
+
+def test_oks_equals_pycocotools_and_gt_boxes_follow_it(coco):
+    """OKS of jittered real poses against the real ground truth equals COCOeval.computeOks;
+    each pose then takes the box of its own person, and a pose far from everyone keeps its box."""
+    from pycocotools.cocoeval import COCOeval
+
+    from p2s_jax.data.matching import ground_truth_boxes, keypoint_similarity
+
+    rng = np.random.default_rng(0)
+    detections = []
+    for ann in coco.anns.values():
+        if ann["num_keypoints"] == 0:
+            continue
+        triplets = np.asarray(ann["keypoints"], np.float64).reshape(17, 3)
+        jitter = rng.normal(0, 4.0, (17, 2))
+        keypoints = np.where(triplets[:, 2:] > 0, triplets[:, :2] + jitter, 0.0)
+        detections.append({"image_id": ann["image_id"], "category_id": 1,
+                           "score": float(rng.uniform(0.5, 1)), "ann": ann["id"],
+                           "keypoints": np.concatenate([keypoints, np.ones((17, 1))], 1)
+                           .ravel().tolist()})
+    evaluator = COCOeval(coco, coco.loadRes(copy_entries(detections)), iouType="keypoints")
+    evaluator.params.imgIds = sorted(coco.getImgIds())
+    with coco_lib.quiet():
+        evaluator.evaluate()
+    for image_id in sorted(coco.getImgIds()):
+        mine = [d for d in detections if d["image_id"] == image_id]
+        gt = coco_lib.ground_truth_poses(coco, image_id)
+        keep = np.asarray([coco.anns[int(i)]["num_keypoints"] > 0 for i in gt.ann_ids])
+        triplets = np.concatenate([gt.keypoints, gt.scores["visibility"][..., None]], -1)
+        areas = np.asarray([coco.anns[int(i)]["area"] for i in gt.ann_ids])
+        det_keypoints = np.asarray([d["keypoints"] for d in mine]).reshape(-1, 17, 3)[..., :2]
+        ours = keypoint_similarity(det_keypoints, triplets, areas)
+        # pycocotools orders detections by score; it compares persons without keypoints to
+        # their box instead, which no pose can be matched to here (0)
+        order = np.argsort([-d["score"] for d in mine], kind="mergesort")
+        np.testing.assert_allclose(ours[order][:, keep], evaluator.ious[(image_id, 1)][:, keep],
+                                   rtol=1e-12, atol=1e-15)
+        assert (ours[:, ~keep] == 0).all()
+        poses = coco_lib.PoseInstances(
+            det_keypoints.astype(np.float32), {"confidence": np.ones(det_keypoints.shape[:2])},
+            np.tile(np.float32([0, 0, 5, 5]), (len(mine), 1)),
+            np.asarray([d["score"] for d in mine], np.float32))
+        boxes, matched = ground_truth_boxes(gt, triplets, areas, poses)
+        assert matched.all()
+        for d, box in zip(mine, boxes):
+            np.testing.assert_allclose(box, gt.boxes[list(gt.ann_ids).index(d["ann"])])
+    far = coco_lib.PoseInstances(np.full((1, 17, 2), 5000.0, np.float32),
+                                 {"confidence": np.ones((1, 17))},
+                                 np.float32([[1, 2, 3, 4]]), np.ones(1, np.float32))
+    gt = coco_lib.ground_truth_poses(coco, 785)
+    triplets = np.concatenate([gt.keypoints, gt.scores["visibility"][..., None]], -1)
+    boxes, matched = ground_truth_boxes(gt, triplets, np.asarray([1e4]), far)
+    assert not matched[0] and boxes[0].tolist() == [1, 2, 3, 4]
+
+
+def copy_entries(detections):
+    return [{k: v for k, v in d.items() if k != "ann"} for d in detections]

@@ -1,10 +1,14 @@
 """Detections <-> ground-truth persons: which detected pose belongs to which annotated person.
 
-Used to train on detected keypoints (the builder's detection source) and to evaluate with
-ground-truth boxes and detected keypoints. A detection naming its ground truth ('annotation_id',
-or 'id') is matched to it; the others, highest score first, to the unmatched ground-truth person
-of largest box IoU, if >= `IOU_THRESHOLD` (box: the detection's 'bbox', else the extent of its
-keypoints).
+Training on detected keypoints (the builder's detection source): a detection naming its ground
+truth ('annotation_id', or 'id') is matched to it; the others, highest score first, to the
+unmatched ground-truth person of largest box IoU, if >= `IOU_THRESHOLD` (box: the detection's
+'bbox', else the extent of its keypoints).
+
+Evaluating with ground-truth boxes and detected keypoints (Tab. 4, `ground_truth_boxes`): each
+detection, highest score first, takes the unmatched ground-truth person of highest OKS (COCO's
+keypoint similarity, `keypoint_similarity`, the measure the pose detector is evaluated with), if
+>= `OKS_THRESHOLD`, and is prompted with that person's box.
 """
 
 from __future__ import annotations
@@ -20,6 +24,10 @@ from p2s_jax.keypoints import NUM_KEYPOINTS
 from p2s_jax.utils.files import read_json
 
 IOU_THRESHOLD = 0.5
+OKS_THRESHOLD = 0.5
+# COCO's per-keypoint OKS constants (pycocotools `COCOeval.Params.kpt_oks_sigmas`).
+OKS_SIGMAS = np.array([.26, .25, .25, .35, .35, .79, .79, .72, .72, .62, .62, 1.07, 1.07, .87,
+                       .87, .89, .89]) / 10.0
 NO_ID = -1  # "no annotation id" in integer arrays (COCO annotation ids are positive)
 
 
@@ -112,6 +120,53 @@ def matched_poses(gt: PoseInstances, detections: PoseInstances, det_ids: np.ndar
         visibility[found] = scores[index[found]]
         score[found] = detections.det_score[index[found]]
     return keypoints, visibility, score
+
+
+def keypoint_similarity(det_keypoints: np.ndarray, gt_triplets: np.ndarray,
+                        gt_areas: np.ndarray) -> np.ndarray:
+    """COCO's OKS (`COCOeval.computeOks`) for ground truths with labelled keypoints.
+
+    det_keypoints (D, 17, 2) (NaN coordinates count as infinitely far), gt_triplets (G, 17, 3)
+    with v in {0, 1, 2}, gt_areas (G,) -> (D, G): mean over the ground truth's labelled
+    keypoints of exp(-d^2 / (2 area (2 sigma)^2)); 0 for a ground truth without any labelled
+    keypoint (COCO compares those to the box instead; no pose can be matched to them here).
+    """
+    det = np.asarray(det_keypoints, np.float64)[:, None]  # (D, 1, 17, 2)
+    gt = np.asarray(gt_triplets, np.float64)[None]  # (1, G, 17, 3)
+    variances = (2 * OKS_SIGMAS) ** 2
+    squared = np.sum((det - gt[..., :2]) ** 2, axis=-1)  # (D, G, 17)
+    squared = np.where(np.isnan(squared), np.inf, squared)
+    area = np.asarray(gt_areas, np.float64)[None, :, None]
+    similarity = np.exp(-squared / variances / (area + np.spacing(1)) / 2)
+    labelled = gt[..., 2] > 0
+    count = labelled.sum(-1)
+    total = np.where(labelled, similarity, 0.0).sum(-1)
+    return np.where(count > 0, total / np.maximum(count, 1), 0.0)
+
+
+def ground_truth_boxes(gt: PoseInstances, gt_triplets: np.ndarray, gt_areas: np.ndarray,
+                       detections: PoseInstances,
+                       oks_threshold: float = OKS_THRESHOLD) -> tuple[np.ndarray, np.ndarray]:
+    """Each detection's box replaced by its OKS-matched ground-truth person's box.
+
+    gt: the image's ground-truth persons (boxes set); gt_triplets (G, 17, 3), gt_areas (G,);
+    detections: the image's D detections. Returns boxes (D, 4) xyxy (a detection without a
+    match keeps `detection_boxes`) and matched (D,) bool. Detections take persons highest score
+    first, each person once (ties: the lower index).
+    """
+    boxes = detection_boxes(detections).astype(np.float32).copy()
+    matched = np.zeros(len(detections), bool)
+    if not len(detections) or not len(gt):
+        return boxes, matched
+    oks = keypoint_similarity(detections.keypoints, gt_triplets, gt_areas)
+    taken = np.zeros(len(gt), bool)
+    for d in np.argsort(-np.asarray(detections.det_score, np.float64), kind="stable"):
+        candidates = np.where(taken, -1.0, oks[d])
+        best = int(np.argmax(candidates))
+        if candidates[best] >= oks_threshold:
+            taken[best], matched[d] = True, True
+            boxes[d] = gt.boxes[best]
+    return boxes, matched
 
 
 def load_detection_ids(path: str | os.PathLike, coco: COCO) -> dict[int, np.ndarray]:

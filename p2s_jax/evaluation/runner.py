@@ -70,6 +70,7 @@ from pycocotools.coco import COCO
 from tqdm.auto import tqdm
 
 from p2s_jax.data import coco as coco_lib
+from p2s_jax.data.matching import ground_truth_boxes
 from p2s_jax.evaluation.metrics import evaluate_segm
 from p2s_jax.evaluation.report import EvalReport
 from p2s_jax.inference.postprocess import MaskPostprocess
@@ -110,6 +111,9 @@ class EvalConfig:
       exclusive: each pixel keeps only the covering mask with the highest predicted IoU.
       postprocess: hole filling / sprinkle removal on the low-res logits (off by default;
         `MaskPostprocess.authors()` in the SAM-pose2seg preset).
+      box_source: where box prompts come from: 'detection' (the pose's own box) or 'gt' (the
+        box of the ground-truth person the pose matches by OKS, `matching.ground_truth_boxes`;
+        Tab. 4's "GT" rows).
       images_per_device: images encoded together on one device (the chunk size); 0: the
         backend's default (`backend_defaults`: 2 on CPU, 8 on accelerators).
       people_per_chunk: people of an image decoded together inside the decoder (a `lax.map`
@@ -125,6 +129,7 @@ class EvalConfig:
     result_score: str = DEFAULT_RESULT_SCORE
     exclusive: bool = False
     postprocess: MaskPostprocess = MaskPostprocess()
+    box_source: str = "detection"
     images_per_device: int = 0
     people_per_chunk: int = 0
     num_workers: int = 4
@@ -136,6 +141,8 @@ class EvalConfig:
             if value not in coco_lib.SCORE_NAMES and not (name == "confidence_score"
                                                           and value is None):
                 raise InputError(f"{name} must be one of {coco_lib.SCORE_NAMES}, got {value!r}")
+        if self.box_source not in ("detection", "gt"):
+            raise InputError(f"box_source must be 'detection' or 'gt', got {self.box_source!r}")
         if self.result_score not in RESULT_SCORES:
             raise InputError(f"result_score must be one of {RESULT_SCORES}, "
                              f"got {self.result_score!r}")
@@ -219,6 +226,20 @@ def ground_truth_prompt_poses(coco: COCO) -> dict[int, coco_lib.PoseInstances]:
         poses[image_id] = coco_lib.PoseInstances(keypoints, scores, gt.boxes, gt.det_score,
                                                  gt.ann_ids)
     return poses
+
+
+def with_ground_truth_boxes(coco: COCO, poses: Mapping[int, coco_lib.PoseInstances]
+                            ) -> dict[int, coco_lib.PoseInstances]:
+    """The poses with every box replaced by its OKS-matched ground-truth person's box
+    (`matching.ground_truth_boxes`); unmatched poses keep their own box (or keypoint extent)."""
+    out = {}
+    for image_id, pose in poses.items():
+        gt = coco_lib.ground_truth_poses(coco, image_id)
+        triplets = np.concatenate([gt.keypoints, gt.scores["visibility"][..., None]], axis=-1)
+        areas = np.asarray([coco.anns[int(i)]["area"] for i in gt.ann_ids], np.float64)
+        boxes, _ = ground_truth_boxes(gt, triplets, areas, pose)
+        out[image_id] = dataclasses.replace(pose, boxes=boxes)
+    return out
 
 
 def _pose_arrays(image_id: int, poses: coco_lib.PoseInstances, config: EvalConfig) -> _Poses:
@@ -514,6 +535,8 @@ def run_dataset(model: SAM2Image, coco: COCO, images_dir, poses: Mapping[int, An
     mesh = make_mesh() if mesh is None else mesh
     num_devices = mesh.devices.size
     config = config.for_backend(mesh.devices.flat[0].platform)
+    if config.box_source == "gt":
+        poses = with_ground_truth_boxes(coco, poses)
     items = _items(coco, images_dir, poses, config)
     category_id = coco_lib.person_category_id(coco)
     plan = plan_steps(len(items), config.images_per_device, num_devices)
