@@ -74,3 +74,14 @@ def scipy_connected_components(mask):
         labels[n, 0] = lab
         areas[n, 0] = np.where(lab > 0, np.bincount(lab.ravel())[lab], 0)
     return torch.from_numpy(labels), torch.from_numpy(areas)
+
+
+class ConstantScheduler:
+    """fvcore's ConstantParamScheduler (fvcore is not a dependency): the value at any `where`.
+    The yaml's cosine lr schedulers start at their start_value, all the param groups need."""
+
+    def __init__(self, value: float):
+        self.value = value
+
+    def __call__(self, where: float) -> float:
+        return self.value

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import fnmatch
 import math
 
 import jax
@@ -36,42 +35,54 @@ def rules():
     return official, _flat_by_torch_name(scales), _flat_by_torch_name(decay)
 
 
-def test_lr_scales_match_official_layer_decay(rules, torch_module):
-    from training.optimizer import layer_decay_param_modifier
+# The authors' training yaml (BBoxMaskPose `sam2.1_hiera_b+_COCO+CIHP_finetune_sam-pose2seg.yaml`,
+# `trainer.optim`): lr and weight-decay options and the layer-decay modifier, as written there,
+# with fvcore's schedulers replaced by their value at step 0 (`authors.ConstantScheduler`).
+CONSTANT = "authors.ConstantScheduler"
+AUTHORS_OPTIONS = {
+    "lr": [{"scheduler": {"_target_": CONSTANT, "value": 5e-6}},
+           {"scheduler": {"_target_": CONSTANT, "value": 3e-6},
+            "param_names": ["image_encoder.*"]}],
+    "weight_decay": [{"scheduler": {"_target_": CONSTANT, "value": 0.1}},
+                     {"scheduler": {"_target_": CONSTANT, "value": 0.0},
+                      "param_names": ["*bias*"], "module_cls_names": ["torch.nn.LayerNorm"]}],
+}
+AUTHORS_MODIFIERS = [{"_target_": "training.optimizer.layer_decay_param_modifier",
+                      "_partial_": True, "layer_decay_value": 0.9,
+                      "apply_to": "image_encoder.trunk",
+                      "overrides": [{"pattern": "*pos_embed*", "value": 1.0}]}]
 
-    official, scales, _ = rules
-    names = {n for n, _ in official.named_parameters()}
-    groups = layer_decay_param_modifier(
-        [[{"option": "lr", "scheduler": lambda where: 1.0, "parameter_names": names}]],
-        official, layer_decay_value=0.9, apply_to="image_encoder.trunk",
-        overrides=[{"pattern": "*pos_embed*", "value": 1.0}])
-    official_scale = {n: g["scheduler"].mult_val for g in groups[0] for n in g["parameter_names"]}
-    vision = OptimConfig().vision_lr / OptimConfig().base_lr
-    checked = 0
-    for name, scale in scales.items():
-        expected = official_scale[name] * (vision if name.startswith("image_encoder.") else 1.0)
-        assert scale == pytest.approx(expected, rel=1e-12), name
-        checked += 1
-    assert checked == len(scales) > 300
-    # the decay reaches the first block and the patch embedding, deepest first
+
+def test_param_groups_match_the_official_optimizer(rules, torch_module):
+    """The official `construct_optimizer` on the authors' options builds the param groups; each
+    parameter's weight decay (0 only for biases and true nn.LayerNorm weights: LayerNorm2d and
+    embeddings decay) and lr scale must be ours."""
+    from omegaconf import OmegaConf
+    from training.optimizer import construct_optimizer
+
+    official, scales, decay = rules
+    optimizer = construct_optimizer(
+        official, OmegaConf.create({"_target_": "torch.optim.AdamW"}),
+        OmegaConf.create(AUTHORS_OPTIONS), [OmegaConf.create(m) for m in AUTHORS_MODIFIERS],
+        param_allowlist=set(decay), validate_param_groups=False)
+    name_of = {id(p): n for n, p in official.named_parameters()}
+    seen = set()
+    for group in optimizer.optimizer.param_groups:
+        for param in group["params"]:
+            name = name_of[id(param)]
+            seen.add(name)
+            assert decay[name] == (group["weight_decay"] == 0.1), name
+            assert scales[name] == pytest.approx(group["lr"] / 5e-6, rel=1e-6), name
+    assert seen == set(decay) and len(seen) > 300
+    # the distinctions the issue names
+    assert decay["sam_mask_decoder.output_upscaling.1.weight"]  # LayerNorm2d
+    assert not decay["sam_mask_decoder.transformer.norm_final_attn.weight"]  # nn.LayerNorm
+    assert decay["sam_prompt_encoder.not_a_point_embed.weight"]  # an embedding
+    assert not decay["image_encoder.trunk.blocks.0.attn.qkv.bias"]
+    # layer decay reaches the first block and the patch embedding, deepest first
     assert scales["image_encoder.trunk.patch_embed.proj.weight"] < scales[
         "image_encoder.trunk.blocks.0.attn.qkv.weight"] < scales[
         "image_encoder.trunk.blocks.11.attn.qkv.weight"]
-
-
-def test_decay_mask_matches_official_rules(rules, torch_module):
-    from training.optimizer import get_module_cls_to_param_names
-
-    official, _, decay = rules
-    by_class = get_module_cls_to_param_names(official)
-    no_decay = {n for n, _ in official.named_parameters() if fnmatch.fnmatchcase(n, "*bias*")}
-    no_decay |= by_class.get(torch_module.nn.LayerNorm, set())
-    assert len(decay) > 300
-    for name, flag in decay.items():
-        assert bool(flag) == (name not in no_decay), name
-    # LayerNorm2d weights are decayed in the official config, nn.LayerNorm weights are not
-    assert decay["sam_mask_decoder.output_upscaling.1.weight"]
-    assert not decay["sam_mask_decoder.transformer.norm_final_attn.weight"]
 
 
 def test_schedule_is_fvcore_cosine():

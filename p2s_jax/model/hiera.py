@@ -4,6 +4,12 @@ Stages of windowed attention blocks with a few global-attention blocks; the firs
 new stage max-pools its queries 2x2 (q-pooling), halving the resolution and doubling the width.
 Windows are zero-padded at the bottom/right exactly as the official code pads them (the padded
 tokens take part in the attention, unmasked, as they do there).
+
+Stochastic depth (`drop_path`, the official `DropPath` with `scale_by_keep`): in training, each
+residual branch of block i is zeroed for a whole sample with probability rate_i and scaled by
+1 / (1 - rate_i) otherwise, rate_i = linspace(0, drop_path_rate, depth)[i] as the official
+constructor spreads it. It runs only when the caller passes per-sample PRNG keys; without them
+(inference) the blocks are deterministic.
 """
 
 from __future__ import annotations
@@ -12,6 +18,7 @@ from typing import List, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from p2s_jax.model.configs import HieraConfig
@@ -87,6 +94,29 @@ class MultiScaleAttention(nnx.Module):
         return self.proj(out)
 
 
+def drop_path(x: jax.Array, rate: float, keys: Optional[jax.Array], stream: int) -> jax.Array:
+    """x (B, ...) -> x with each sample kept with probability 1 - rate and scaled by
+    1 / (1 - rate), else zero. keys (B,) typed PRNG keys, one per sample (None: identity);
+    `stream` tells the draws of one call from another's."""
+    if keys is None or rate == 0.0:
+        return x
+    keep_prob = 1.0 - rate
+    keep = jax.vmap(lambda k: jax.random.bernoulli(jax.random.fold_in(k, stream), keep_prob))(keys)
+    scale = jnp.where(keep, 1.0 / keep_prob, 0.0) if keep_prob > 0.0 else jnp.zeros_like(keep, float)
+    return x * scale.reshape((-1,) + (1,) * (x.ndim - 1)).astype(x.dtype)
+
+
+def drop_path_rates(cfg: HieraConfig, drop_path_rate: float) -> List[float]:
+    """Per-block rates: torch.linspace(0, drop_path_rate, depth) as torch computes it in
+    float32: the first half step * i, the second half end - step * (depth - 1 - i), each a
+    fused multiply-add (one rounding; exact in float64 here, then rounded to float32)."""
+    depth, end = cfg.depth, np.float32(drop_path_rate)
+    step = np.float64(end / np.float32(max(depth - 1, 1)))
+    rates = [step * i if i < depth // 2 else np.float64(end) - step * (depth - 1 - i)
+             for i in range(depth)]
+    return [float(np.float32(r)) for r in rates]
+
+
 class MultiScaleBlock(nnx.Module):
     def __init__(self, dim: int, dim_out: int, num_heads: int, mlp_ratio: float,
                  q_stride: Optional[Tuple[int, int]], window_size: int, *, dtype,
@@ -101,16 +131,19 @@ class MultiScaleBlock(nnx.Module):
                        dtype=dtype, rngs=rngs)
         self.proj = nnx.Linear(dim, dim_out, dtype=dtype, rngs=rngs) if dim != dim_out else None
 
-    def __call__(self, x: jax.Array) -> jax.Array:
-        """(B, H, W, dim) -> (B, H', W', dim_out)."""
+    def __call__(self, x: jax.Array, drop_rate: float = 0.0, keys: Optional[jax.Array] = None,
+                 index: int = 0) -> jax.Array:
+        """(B, H, W, dim) -> (B, H', W', dim_out); `drop_rate` / `keys` (B,): stochastic depth
+        of this block (`drop_path`), `index` its place in the trunk."""
         shortcut = x
         x = self.norm1(x)
         if self.proj is not None:
             shortcut = self.proj(x)
             if self.q_stride is not None:
                 shortcut = max_pool_2x2(shortcut, self.q_stride)
-        x = shortcut + self.attn(x, self.q_stride, self.window_size)
-        return x + self.mlp(self.norm2(x))
+        x = shortcut + drop_path(self.attn(x, self.q_stride, self.window_size), drop_rate, keys,
+                                 2 * index)
+        return x + drop_path(self.mlp(self.norm2(x)), drop_rate, keys, 2 * index + 1)
 
 
 def block_layout(cfg: HieraConfig) -> List[dict]:
@@ -163,13 +196,18 @@ class Hiera(nnx.Module):
         reps = (1, hw[0] // window.shape[1], hw[1] // window.shape[2], 1)
         return pos + jnp.tile(window, reps)
 
-    def __call__(self, x: jax.Array) -> List[jax.Array]:
-        """(B, S, S, 3) normalised image -> one (B, h_i, w_i, C_i) map per stage, finest first."""
+    def __call__(self, x: jax.Array, drop_path_rate: float = 0.0,
+                 keys: Optional[jax.Array] = None) -> List[jax.Array]:
+        """(B, S, S, 3) normalised image -> one (B, h_i, w_i, C_i) map per stage, finest first.
+
+        drop_path_rate with keys (B,) typed PRNG keys, one per image: stochastic depth as in
+        official training (module docstring); without keys the trunk is deterministic."""
         x = self.patch_embed(x.astype(self.dtype))
         x = x + self.position_embedding(x.shape[1:3]).astype(x.dtype)
         outputs = []
+        rates = drop_path_rates(self.cfg, drop_path_rate)
         for i, block in enumerate(self.blocks):
-            x = block(x)
+            x = block(x, rates[i], keys, i)
             if i in self.cfg.stage_ends:
                 outputs.append(x)
         return outputs

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import List, NamedTuple
+from typing import List, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -62,9 +62,11 @@ class ImageEncoder(nnx.Module):
         self.trunk = Hiera(cfg.trunk, dtype=dtype, rngs=rngs)
         self.neck = FpnNeck(cfg, dtype=dtype, rngs=rngs)
 
-    def __call__(self, images: jax.Array) -> BackboneOutput:
-        """(B, S, S, 3) normalised images -> FPN levels (S/4, S/8, S/16 at scalp = 1)."""
-        fpn, pos = self.neck(self.trunk(images))
+    def __call__(self, images: jax.Array, drop_path_rate: float = 0.0,
+                 keys: Optional[jax.Array] = None) -> BackboneOutput:
+        """(B, S, S, 3) normalised images -> FPN levels (S/4, S/8, S/16 at scalp = 1); with
+        keys (B,), the trunk's stochastic depth at `drop_path_rate` (training)."""
+        fpn, pos = self.neck(self.trunk(images, drop_path_rate, keys))
         if self.scalp > 0:
             fpn, pos = fpn[: -self.scalp], pos[: -self.scalp]
         return BackboneOutput(fpn, pos)

@@ -74,6 +74,9 @@ class TrainConfig:
       attention: the model's attention implementation (`SAM2Config.attention`).
       freeze_image_encoder: the encoder runs forward only (official fine-tuning); False trains
         it with ``optim.vision_lr`` and layer decay.
+      drop_path_rate: stochastic depth of the Hiera blocks during training (0.1: the authors'
+        training yaml; the official trainer runs the frozen encoder in train mode too), spread
+        over the blocks as linspace(0, rate, depth); 0 turns it off.
       global_batch_size: images per step over all devices (a multiple of the device count).
       total_steps: 0 = epochs * dataset_multiplier * records / global_batch_size.
       epochs: passes over the (multiplied) data when ``total_steps`` is 0.
@@ -93,6 +96,7 @@ class TrainConfig:
     compute_dtype: str = "bfloat16"
     attention: str = "auto"
     freeze_image_encoder: bool = True
+    drop_path_rate: float = 0.1
     global_batch_size: int = 8
     total_steps: int = 0
     epochs: int = 15

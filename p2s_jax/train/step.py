@@ -4,7 +4,9 @@ One training step (``make_train_step``), per device, inside ``jax.shard_map`` ov
 ``Mesh`` of every device (axis ``"data"``):
 
 1. the frozen image encoder runs forward only (``stop_gradient``; ``freeze_image_encoder=False``
-   moves it inside the gradient with its own lr and layer decay);
+   moves it inside the gradient with its own lr and layer decay), with stochastic depth
+   (``drop_path_rate``) drawn per image from the image's key, as the official trainer runs the
+   whole model in train mode;
 2. ``no_mem_embed``, the decoder's high-res convs, the prompt encoder and the mask decoder run the
    correction loop (:func:`p2s_jax.train.correction.correction_loop`) on every image of the device's
    batch (``vmap``), the official losses summed over steps, divided by the number of objects
@@ -41,6 +43,13 @@ from p2s_jax.train.optim import lr_schedule
 from weights_conversion import load_model
 
 STEP_INPUTS = ("image", "masks", "keypoints", "visibility", "valid")  # the batch keys a step reads
+DROP_PATH_STREAM = 0x64726F70  # folded into an image's key for its stochastic-depth draws
+
+
+def drop_path_keys(keys: jax.Array) -> jax.Array:
+    """(B, ...) key data of the images -> (B,) typed keys for the encoder's stochastic depth."""
+    return jax.vmap(lambda k: jax.random.fold_in(jax.random.wrap_key_data(k),
+                                                 DROP_PATH_STREAM))(keys)
 
 
 # ------------------------------------------------------------------------------ model and state
@@ -78,7 +87,8 @@ def init_state(params: nnx.State, tx: optax.GradientTransformation, seed: int) -
 def _loss_fn(params, frozen, graphdef, fpn, images, batch, keys, num_objects, config: TrainConfig):
     model = nnx.merge(graphdef, params, frozen)
     if fpn is None:  # encoder trained: its forward inside the gradient
-        fpn = model.image_encoder(images).backbone_fpn
+        fpn = model.image_encoder(images, config.drop_path_rate,
+                                  drop_path_keys(keys)).backbone_fpn
     features = model.image_features(fpn)  # leading B
     targets = LoopTargets(batch["masks"], batch["keypoints"], batch["visibility"], batch["valid"])
 
@@ -107,7 +117,8 @@ def _device_step(state, frozen, batch, keys, *, graphdef, tx, config: TrainConfi
     fpn = None
     if config.freeze_image_encoder:
         encoder = nnx.merge(graphdef, state["params"], frozen).image_encoder
-        fpn = jax.lax.stop_gradient(encoder(images).backbone_fpn)
+        fpn = jax.lax.stop_gradient(
+            encoder(images, config.drop_path_rate, drop_path_keys(keys)).backbone_fpn)
     local_objects = jnp.sum(batch["valid"].astype(jnp.float32))
     num_objects = jnp.maximum(jax.lax.psum(local_objects, DATA_AXIS) / jax.lax.axis_size(DATA_AXIS), 1.0)
     # Differentiate a device-varying copy of the (replicated) parameters: the gradient of an
