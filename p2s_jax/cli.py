@@ -205,6 +205,12 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--workdir", required=True)
     export.add_argument("--out", required=True, help="the .pt file to write")
     export.add_argument("--step", type=int, default=None, help="default: the latest checkpoint")
+    export.add_argument("--base", default=None,
+                        help="the original .pt whose video-memory tensors the file carries "
+                             "(default: the run's init_checkpoint)")
+    export.add_argument("--image-only", action="store_true",
+                        help="write the image-path tensors alone when no base is known (the "
+                             "official strict loader refuses such a file)")
     return parser
 
 
@@ -352,8 +358,10 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    path = export_torch(args.workdir, args.out, args.step)
-    print(f"wrote {path} (official SAM 2.1 state_dict under 'model')")
+    path, carried = export_torch(args.workdir, args.out, args.step, args.base, args.image_only)
+    what = (f"official SAM 2.1 state_dict, {carried} video-memory tensors carried" if carried
+            else "image-path tensors only")
+    print(f"wrote {path} ({what} under 'model')")
     return 0
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -90,10 +91,10 @@ def test_non_finite_loss_stops_with_step_batch_and_checkpoint(tmp_path, env):
     assert all(np.isfinite(r["core_loss"]) for r in records)
 
 
-def _export(workdir, out, env):
+def _export(workdir, out, env, *flags):
     from p2s_jax.cli import main
 
-    assert main(["export", "--workdir", str(workdir), "--out", str(out)]) == 0
+    assert main(["export", "--workdir", str(workdir), "--out", str(out), *flags]) == 0
     import torch
 
     return torch.load(out, map_location="cpu", weights_only=True)["model"]
@@ -119,8 +120,8 @@ def test_resume_after_sigkill_is_bit_identical(tmp_path, env, uninterrupted):
     resumed = _run(_p2s("train", "--workdir", str(workdir), "--resume", "--no-progress"), env)
     assert "trained 4 steps" in resumed.stdout
 
-    ours = _export(workdir, tmp_path / "b.pt", env)
-    ref = _export(uninterrupted, tmp_path / "a.pt", env)
+    ours = _export(workdir, tmp_path / "b.pt", env, "--image-only")
+    ref = _export(uninterrupted, tmp_path / "a.pt", env, "--image-only")
     assert ours.keys() == ref.keys()
     for key in ref:
         assert np.array_equal(ours[key].numpy(), ref[key].numpy()), key
@@ -129,24 +130,66 @@ def test_resume_after_sigkill_is_bit_identical(tmp_path, env, uninterrupted):
     assert set(steps) == set(range(1, 13))
 
 
-def test_export_loads_in_the_official_model(tmp_path, env, uninterrupted):
-    state = _export(uninterrupted, tmp_path / "model.pt", env)
-    official = reference.official_model("sam2.1_hiera_t", 128)
-    missing, unexpected = official.load_state_dict(state, strict=False)
-    assert not unexpected
-    memory = ("memory_attention", "memory_encoder", "obj_ptr", "maskmem_tpos_enc",
-              "no_mem_pos_enc", "no_obj_ptr", "no_obj_embed_spatial", "mask_downsample")
-    assert missing and all(k.startswith(memory) for k in missing), missing
-    # and it holds the fine-tuned weights, not the initial ones
-    config = from_dict(json.loads((uninterrupted / "config.json").read_text()))
-    from p2s_jax.train.step import build_training_model
-    from weights_conversion.convert import to_state_dict
+def _strict_load(path):
+    """The official strict loader (`sam2.build_sam._load_checkpoint`, which BBoxMaskPose's
+    `prepare_model` uses through `build_sam2`) into the full official t model."""
+    from sam2.build_sam import _load_checkpoint
 
+    official = reference.official_model("sam2.1_hiera_t", 128)
+    saved = {k: v.clone() for k, v in official.state_dict().items()}
+    try:
+        _load_checkpoint(official, str(path))
+        return {k: v.clone() for k, v in official.state_dict().items()}
+    finally:
+        official.load_state_dict(saved)  # the cached reference model is shared
+
+
+def test_export_loads_with_the_official_strict_loader(tmp_path, env, uninterrupted, capsys):
+    import torch
+
+    from p2s_jax.cli import main
+    from p2s_jax.train.step import build_training_model
+    from weights_conversion import VIDEO_MEMORY_PREFIXES, convert_checkpoint, to_state_dict
+
+    original = tmp_path / "sam2.1_t.pt"  # the "original" checkpoint: official t, random weights
+    full = reference.official_state_dict(reference.official_model("sam2.1_hiera_t", 128))
+    torch.save({"model": {k: torch.from_numpy(v) for k, v in full.items()}}, original)
+    video = {k for k in full if k.startswith(VIDEO_MEMORY_PREFIXES)}
+    assert len(video) > 100
+
+    # A run from random weights knows no video tensors: a clear error, or --image-only / --base.
+    capsys.readouterr()
+    assert main(["export", "--workdir", str(uninterrupted), "--out",
+                 str(tmp_path / "x.pt")]) == 2
+    assert "pass --base ORIGINAL.pt" in capsys.readouterr().err
+    _export(uninterrupted, tmp_path / "image_only.pt", env, "--image-only")
+    with pytest.raises(RuntimeError, match="Missing key"):
+        _strict_load(tmp_path / "image_only.pt")
+    state = _export(uninterrupted, tmp_path / "based.pt", env, "--base", str(original))
+    loaded = _strict_load(tmp_path / "based.pt")
+    for key in video:
+        np.testing.assert_array_equal(loaded[key].numpy(), full[key])
+    config = from_dict(json.loads((uninterrupted / "config.json").read_text()))
     initial = to_state_dict(build_training_model(config))
-    key = "sam_mask_decoder.iou_prediction_head.layers.0.weight"
+    key = "sam_mask_decoder.iou_prediction_head.layers.0.weight"  # fine-tuned
     assert not np.array_equal(state[key].numpy(), initial[key])
+    np.testing.assert_array_equal(loaded[key].numpy(), state[key].numpy())
     key = "image_encoder.trunk.blocks.0.attn.qkv.weight"  # frozen
     assert np.array_equal(state[key].numpy(), initial[key])
+
+    # Runs initialised from the .pt or from the folder `p2s convert` wrote carry them by
+    # themselves (the same checkpoints, only the config's init_checkpoint differs).
+    folder, _ = convert_checkpoint(original, tmp_path / "converted", image_size=128)
+    for init in (original, folder):
+        workdir = tmp_path / f"from_{Path(init).name}"
+        shutil.copytree(uninterrupted, workdir)
+        saved = json.loads((workdir / "config.json").read_text())
+        saved["init_checkpoint"] = str(init)
+        (workdir / "config.json").write_text(json.dumps(saved))
+        _export(workdir, tmp_path / f"{workdir.name}.pt", env)
+        loaded = _strict_load(tmp_path / f"{workdir.name}.pt")
+        for key in video:
+            np.testing.assert_array_equal(loaded[key].numpy(), full[key])
 
 
 @pytest.fixture(scope="module")

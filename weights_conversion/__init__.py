@@ -13,10 +13,11 @@ from weights_conversion.convert import (
     load_orbax,
     to_state_dict,
     save_torch_checkpoint,
+    video_memory_tensors,
 )
 
 __all__ = [
     "CheckpointError", "METADATA_FILE", "convert_checkpoint", "VIDEO_MEMORY_PREFIXES", "detect_model_name", "from_state_dict",
     "load_model", "load_torch_state_dict", "save_orbax", "load_orbax", "to_state_dict",
-    "save_torch_checkpoint",
+    "save_torch_checkpoint", "video_memory_tensors",
 ]

@@ -6,7 +6,10 @@
   shape. Leftover tensors are allowed only under the video-memory prefixes; anything else, and any
   missing key, raises naming the key (and both shapes). Nothing is ever filled with a default.
 - `to_state_dict(model)`: the inverse, an official-format state_dict (the official code loads it).
-- `save_orbax` / `load_orbax`: a converted model as an Orbax checkpoint plus `p2s_model.json`.
+- `save_orbax` / `load_orbax`: a converted model as an Orbax checkpoint plus `p2s_model.json`;
+  `convert_checkpoint` also keeps the original's video-memory tensors (`video_memory.npz`), so
+  that a model fine-tuned from the folder exports to a file the official strict loader takes.
+- `video_memory_tensors(path)`: those tensors from a `.pt` or a converted folder.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ VIDEO_MEMORY_PREFIXES = (
     "maskmem_tpos_enc", "no_mem_pos_enc", "no_obj_ptr", "no_obj_embed_spatial", "mask_downsample.",
 )
 METADATA_FILE = "p2s_model.json"
+VIDEO_MEMORY_FILE = "video_memory.npz"  # beside the weights of a converted folder
 
 
 class CheckpointError(InputError):
@@ -138,12 +142,37 @@ def save_torch_checkpoint(model: SAM2Image, path, base_state_dict: Optional[Dict
     os.replace(tmp.name, path)
 
 
-def save_orbax(model: SAM2Image, out_dir, source: str = "") -> Path:
-    """Saves the weights (Orbax, atomic) and `p2s_model.json` (model name, image size)."""
+def video_memory_tensors(path) -> Optional[Dict[str, np.ndarray]]:
+    """The video-memory tensors of an official `.pt` or of a converted folder (None when the
+    folder was written without them)."""
+    path = Path(path)
+    if path.is_dir():
+        if not (path / VIDEO_MEMORY_FILE).is_file():
+            return None
+        with np.load(path / VIDEO_MEMORY_FILE) as stored:
+            return {key: stored[key] for key in stored.files}
+    return {k: v for k, v in load_torch_state_dict(path).items()
+            if k.startswith(VIDEO_MEMORY_PREFIXES)}
+
+
+def _save_npz_atomic(path: Path, arrays: Dict[str, np.ndarray]) -> None:
+    with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".tmp", delete=False) as tmp:
+        np.savez(tmp, **arrays)
+        tmp.flush()
+        os.fsync(tmp.fileno())
+    os.replace(tmp.name, path)
+
+
+def save_orbax(model: SAM2Image, out_dir, source: str = "",
+               video_memory: Optional[Dict[str, np.ndarray]] = None) -> Path:
+    """Saves the weights (Orbax, atomic), `p2s_model.json` (model name, image size) and, when
+    given, the video-memory tensors (`video_memory.npz`, for `p2s export`)."""
     out_dir = Path(out_dir).absolute()
     if (out_dir / "weights").exists():
         raise CheckpointError(f"{out_dir / 'weights'} exists already; choose an empty folder")
     out_dir.mkdir(parents=True, exist_ok=True)
+    if video_memory:
+        _save_npz_atomic(out_dir / VIDEO_MEMORY_FILE, video_memory)
     with ocp.StandardCheckpointer() as checkpointer:
         checkpointer.save(out_dir / "weights", nnx.state(model))
     meta = {"model": model.config.name, "image_size": model.config.image_size, "source": str(source)}
@@ -205,4 +234,5 @@ def convert_checkpoint(checkpoint, out_dir, model_name: Optional[str] = None,
         raise CheckpointError(f"{checkpoint}: cannot tell the model size; pass --model")
     model = abstract_model(get_config(name, image_size))
     ignored = from_state_dict(model, state_dict, source=str(checkpoint))
-    return save_orbax(model, out_dir, source=checkpoint), ignored
+    video = {k: state_dict[k] for k in ignored}
+    return save_orbax(model, out_dir, source=checkpoint, video_memory=video), ignored
