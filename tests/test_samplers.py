@@ -17,7 +17,7 @@ from scipy import ndimage, stats
 
 from p2s_jax.train import samplers
 from p2s_jax.train.samplers import (available_samplers, distance_transform, get_sampler,
-                              keypoint_pixels, register_sampler, sample_point_from_error_center,
+                              keypoint_pixels, register_sampler,
                               squared_distance_transform)
 from reference import import_torch, reference_available
 
@@ -417,3 +417,51 @@ def test_raw_uint32_keys():
     assert points.shape == (2,) and labels.dtype == jnp.int32
     rows, cols = pixels_of(np.asarray(points)[None])
     assert (GT | FN | FP)[rows, cols].all()
+
+
+# ------------------------------------------------------------------------------------------------
+# Fixed keypoints (Table 1, "mV" / "mS" training)
+# ------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name,selection", [("max_vis", "maxvis"), ("max_spread", "maxspread")])
+def test_fixed_keypoint_samplers_walk_the_selection(name, selection):
+    """Point t is the t-th keypoint of the inference selection (the NumPy reference of
+    tests/test_prompting.py), then MaskRefine draws once the selection is used up."""
+    from test_prompting import reference_positive_indices
+
+    from p2s_jax.inference.prompting import PromptConfig
+
+    rng = np.random.default_rng(4)
+    size = (60, 80)
+    gt = np.zeros(size, bool)
+    gt[10:50, 20:60] = True
+    pred = np.zeros(size, bool)
+    pred[10:30, 20:60] = True
+    sampler = get_sampler(name)
+    first_point = jax.jit(lambda k, g, kp, v, t: sampler(k, g, None, kp, v, t))
+    correction = jax.jit(sampler)
+    cfg = PromptConfig(selection=selection, num_points=6)
+    checked = 0
+    for visible_count in (2, 4, 9, 17):
+        keypoints = rng.uniform([20, 10], [60, 50], (17, 2)).astype(np.float32)
+        visibility = np.zeros(17, np.float32)
+        chosen = rng.choice(17, visible_count, replace=False)
+        visibility[chosen] = rng.uniform(0.55, 1, visible_count)
+        expected = reference_positive_indices(keypoints, visibility, size, cfg)
+        assert len(expected) == min(visible_count, 6)
+        for step in range(8):
+            key = jax.random.key(step)
+            first = step == 0
+            point, label = (first_point(key, gt, keypoints, visibility, jnp.int32(step)) if first
+                            else correction(key, gt, pred, keypoints, visibility, jnp.int32(step)))
+            if step < len(expected):
+                np.testing.assert_array_equal(np.asarray(point), keypoints[expected[step]])
+                assert int(label) == 1
+                checked += 1
+            else:
+                ref_point, ref_label = samplers.mask_refine(key, gt, None if first else pred,
+                                                            keypoints, visibility, step)
+                np.testing.assert_array_equal(np.asarray(point), np.asarray(ref_point))
+                assert int(label) == int(ref_label)
+    assert checked == 2 + 4 + 6 + 6
+    assert name in available_samplers()

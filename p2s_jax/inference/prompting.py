@@ -400,6 +400,19 @@ def _compact(coords: jax.Array, labels: jax.Array, num_slots: int):
 # Public entry points.
 
 
+def person_keypoints(keypoints, visibility, image_hw, config: PromptConfig):
+    """One person's positive keypoints in prompt order, without the `no_prompt` fallback:
+    keypoints (J, 2), visibility (J,), image_hw (2,) -> (indices (n,) int32, valid (n,) bool).
+    The training samplers `max_vis` / `max_spread` walk through them point by point."""
+    keypoints = jnp.asarray(keypoints, jnp.float32)
+    visibility = jnp.asarray(visibility, jnp.float32)
+    usable = _usable_keypoints(keypoints, jnp.asarray(image_hw, jnp.float32))
+    points = jnp.where(usable[:, None], keypoints, 0.0)
+    indices, valid, gated = _positive_keypoints(points, visibility, visibility, usable,
+                                                dataclasses.replace(config, no_prompt="skip"))
+    return indices, valid & gated
+
+
 def select_prompts(keypoints, scores, image_hw, config: PromptConfig, boxes=None,
                    confidence=None) -> Prompts:
     """Prompts for all people of one image.

@@ -35,6 +35,10 @@ Registered samplers (``available_samplers()``):
 * ``pose_mask_refine``  PoseMaskRefine (the paper's method, "PmR").
 * ``pose1_mask_refine`` Pose1MaskRefine ("P1mR"): pose first point, then MaskRefine.
 * ``center``            official evaluation mode, ``sample_one_point_from_error_center``.
+* ``max_vis``           Table 1's fixed-keypoint training ("mV"): point t is the t-th keypoint
+                        of MaxVis_n (n = ``num_keypoints``, 6); when the person has fewer, the
+                        remaining points are MaskRefine draws.
+* ``max_spread``        the same with MaxSpread_n ("mS").
 
 Differences from the official code, all deliberate: the GT-draw coin (``prob_to_sample_from_gt``)
 is tossed per object, not once per batch (``self.rng.random()`` in the official loop); and the
@@ -51,6 +55,7 @@ from typing import Protocol
 import jax
 import jax.numpy as jnp
 
+from p2s_jax.inference.prompting import PromptConfig, person_keypoints
 from p2s_jax.utils.errors import InputError
 
 Array = jax.Array
@@ -70,6 +75,8 @@ __all__ = [
     "pose_mask_refine",
     "pose1_mask_refine",
     "center",
+    "max_vis",
+    "max_spread",
 ]
 
 PROB_TO_SAMPLE_FROM_GT = 0.1  # official `prob_to_sample_from_gt_for_train` (MOSE / BMP configs)
@@ -392,3 +399,39 @@ def center(key: Array, gt_mask: Array, pred_mask: Array | None, keypoints: Array
     training).  The key and the keypoints are ignored."""
     del key, keypoints, visibility, step
     return sample_point_from_error_center(gt_mask, pred_mask)
+
+
+def _fixed_keypoints(selection: str, key: Array, gt_mask: Array, pred_mask: Array | None,
+                     keypoints: Array, visibility: Array, step: Array, num_keypoints: int,
+                     prob_to_sample_from_gt: float) -> tuple[Array, Array]:
+    """Point ``step`` of the person's MaxVis / MaxSpread selection (label 1), or the MaskRefine
+    draw once the selection is used up (or for an absent object)."""
+    gt, _ = _check_masks(gt_mask, pred_mask)
+    config = PromptConfig(selection=selection, num_points=num_keypoints)
+    indices, valid = person_keypoints(keypoints, visibility, gt.shape, config)
+    slot = jnp.clip(jnp.asarray(step, jnp.int32), 0, num_keypoints - 1)
+    use_kp = valid[slot] & (jnp.asarray(step) < num_keypoints) & jnp.any(gt)
+    fb_point, fb_label = mask_refine(key, gt_mask, pred_mask, keypoints, visibility, step,
+                                     prob_to_sample_from_gt=prob_to_sample_from_gt)
+    point = jnp.where(use_kp, jnp.asarray(keypoints, jnp.float32)[indices[slot]], fb_point)
+    return point, jnp.where(use_kp, 1, fb_label).astype(jnp.int32)
+
+
+@register_sampler("max_vis")
+def max_vis(key: Array, gt_mask: Array, pred_mask: Array | None, keypoints: Array,
+            visibility: Array, step: Array, *, num_keypoints: int = 6,
+            prob_to_sample_from_gt: float = PROB_TO_SAMPLE_FROM_GT) -> tuple[Array, Array]:
+    """Table 1's "mV" training: the t-th point is the t-th keypoint of MaxVis_n
+    (`prompting.person_keypoints`), then MaskRefine; the prediction is not looked at while
+    keypoints remain (the points are fixed, not corrections)."""
+    return _fixed_keypoints("maxvis", key, gt_mask, pred_mask, keypoints, visibility, step,
+                            num_keypoints, prob_to_sample_from_gt)
+
+
+@register_sampler("max_spread")
+def max_spread(key: Array, gt_mask: Array, pred_mask: Array | None, keypoints: Array,
+               visibility: Array, step: Array, *, num_keypoints: int = 6,
+               prob_to_sample_from_gt: float = PROB_TO_SAMPLE_FROM_GT) -> tuple[Array, Array]:
+    """Table 1's "mS" training: as `max_vis` with MaxSpread_n."""
+    return _fixed_keypoints("maxspread", key, gt_mask, pred_mask, keypoints, visibility, step,
+                            num_keypoints, prob_to_sample_from_gt)
