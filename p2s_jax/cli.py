@@ -27,10 +27,12 @@ from p2s_jax.inference.prompting import PromptConfig
 from p2s_jax.inference.segment import segment_people, write_segmentation
 from p2s_jax.inference.weights import released_checkpoint
 from p2s_jax.data import prepare
-from p2s_jax.data.coco import SCORE_NAMES, load_image_poses
+from p2s_jax.data.coco import SCORE_NAMES, load_coco, load_image_poses
 from p2s_jax.model.configs import COMPUTE_DTYPES, ConfigError, compute_dtype
 from p2s_jax.model.layers import ATTENTION_IMPLEMENTATIONS
 from p2s_jax.train.checkpoint import export_torch
+from p2s_jax.train.correction import CorrectionConfig
+from p2s_jax.train.curve import CurveConfig, correction_curve, write_curve_png
 from p2s_jax.train.config import load_config, parse_overrides
 from p2s_jax.train.loop import train
 from p2s_jax.parallel import describe_devices
@@ -38,7 +40,7 @@ from p2s_jax.utils import allocator
 from p2s_jax.utils.errors import Error, InputError
 from p2s_jax.utils.files import read_json
 from p2s_jax.utils.images import load_image
-from weights_conversion import METADATA_FILE, convert_checkpoint
+from weights_conversion import METADATA_FILE, convert_checkpoint, load_model
 
 PROG = "p2s"
 
@@ -189,6 +191,18 @@ def build_parser() -> argparse.ArgumentParser:
     aot_parser.add_argument("--batch", type=int, nargs="+", default=[1, 8],
                             help="images per chip (one compilation each)")
     aot_parser.add_argument("--train-preset", default="paper", choices=("paper", "tiny"))
+
+    curve = commands.add_parser("curve", help="mean IoU after each correction point (Fig. 2)")
+    curve.add_argument("--annotations", required=True, help="COCO-format ground truth")
+    curve.add_argument("--images", required=True, help="image folder")
+    _add_model_arguments(curve, checkpoint_required=True)
+    curve.add_argument("--points", type=int, default=8, help="1 + correction points (8)")
+    curve.add_argument("--sampler", default="center",
+                       help="a registered sampler (default center: the official evaluation "
+                            "mode, deterministic)")
+    curve.add_argument("--max-images", type=int, default=0, help="0: every image")
+    curve.add_argument("--max-people", type=int, default=8, help="persons per image")
+    curve.add_argument("--out", required=True, help="the plot to write (PNG)")
 
     prepare = commands.add_parser("prepare", help="evaluation sets in the COCO format")
     sets = prepare.add_subparsers(dest="dataset", required=True)
@@ -347,6 +361,18 @@ def cmd_aot(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_curve(args: argparse.Namespace) -> int:
+    config = CurveConfig(CorrectionConfig(num_points=args.points, sampler=args.sampler),
+                         max_people=args.max_people, max_images=args.max_images)
+    model = load_model(args.checkpoint, args.model, args.image_size,
+                       compute_dtype(args.dtype), args.attention)
+    result = correction_curve(model, load_coco(args.annotations), args.images, config)
+    path = write_curve_png(args.out, result, f"mean IoU after each point ({args.sampler})")
+    print(f"{result.num_persons} persons, {result.num_images} images; mean IoU after each "
+          f"point: {' '.join(f'{v:.4f}' for v in result.mean_iou)}\nplot: {path}")
+    return 0
+
+
 def cmd_prepare(args: argparse.Namespace) -> int:
     if args.dataset == "coco-persons":
         path = prepare.write_coco_persons(args.source, args.out, args.min_area)
@@ -365,9 +391,10 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
-COMPUTES = ("evaluate", "segment", "train")  # commands that say which devices they run on
+COMPUTES = ("evaluate", "segment", "train", "curve")  # commands that say which devices they run on
 COMMANDS = {"convert": cmd_convert, "evaluate": cmd_evaluate, "segment": cmd_segment,
-            "train": cmd_train, "export": cmd_export, "aot": cmd_aot, "prepare": cmd_prepare}
+            "train": cmd_train, "export": cmd_export, "aot": cmd_aot, "prepare": cmd_prepare,
+            "curve": cmd_curve}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -249,3 +249,52 @@ def test_oks_equals_pycocotools_and_gt_boxes_follow_it(coco):
 
 def copy_entries(detections):
     return [{k: v for k, v in d.items() if k != "ann"} for d in detections]
+
+
+# ------------------------------------------------------------------------------ Fig. 2
+
+
+def test_correction_curve_command_and_first_point_against_the_predictor(coco, models, tmp_path,
+                                                                        capsys):
+    """`p2s curve` on the real photos; its first value equals, person by person, the IoU of the
+    interactive predictor's best-of-three mask for the official evaluation point (the centre of
+    the ground truth, scipy's exact distance transform)."""
+    from PIL import Image
+    from scipy import ndimage
+
+    from p2s_jax import cli
+    from p2s_jax.inference.predictor import Predictor
+    from p2s_jax.train.correction import CorrectionConfig
+    from p2s_jax.train.curve import CurveConfig, correction_curve, image_targets
+    from weights_conversion import save_orbax
+
+    ours = models[1]
+    curve = correction_curve(ours, coco, REAL, CurveConfig(CorrectionConfig(
+        num_points=3, sampler="center")))
+    assert curve.num_persons == 14 and curve.num_images == 4 and curve.mean_iou.shape == (3,)
+    assert np.all((curve.mean_iou >= 0) & (curve.mean_iou <= 1))
+
+    predictor = Predictor(ours)
+    ious = []
+    for image_id in sorted(coco.getImgIds()):
+        image, targets = image_targets(coco, image_id, REAL, SIZE, 8)
+        predictor.set_image(image)
+        for mask in targets.masks[targets.valid]:
+            depth = ndimage.distance_transform_edt(np.pad(mask, 1))[1:-1, 1:-1]
+            row, col = np.unravel_index(np.argmax(depth), depth.shape)
+            out = predictor.predict(np.float32([[[col, row]]]), np.int32([[1]]),
+                                    multimask_output=True)
+            best = out.masks[0, np.argmax(out.iou[0])]
+            ious.append((best & mask).sum() / (best | mask).sum())
+    assert curve.mean_iou[0] == pytest.approx(np.mean(ious), abs=2e-3)
+
+    folder = tmp_path / "converted"
+    save_orbax(ours, folder)
+    out = tmp_path / "curve.png"
+    assert cli.main(["curve", "--annotations", str(REAL / "test_coco.json"), "--images",
+                     str(REAL), "--checkpoint", str(folder), "--points", "3", "--out",
+                     str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "14 persons, 4 images" in printed
+    assert " ".join(f"{v:.4f}" for v in curve.mean_iou) in printed  # deterministic
+    assert Image.open(out).size == (640, 400)
