@@ -298,3 +298,30 @@ def test_correction_curve_command_and_first_point_against_the_predictor(coco, mo
     assert "14 persons, 4 images" in printed
     assert " ".join(f"{v:.4f}" for v in curve.mean_iou) in printed  # deterministic
     assert Image.open(out).size == (640, 400)
+
+
+def test_segment_a_real_photo_with_the_preset(coco, models, tmp_path, capsys):
+    """`p2s segment --preset sam-pose2seg` on a real photo with its published keypoints: an
+    overlay of the photo's size and one mask per person."""
+    from PIL import Image
+
+    from p2s_jax import cli
+    from weights_conversion import save_orbax
+
+    image_id = 197388
+    anns = coco.loadAnns(coco.getAnnIds(imgIds=[image_id]))
+    poses = tmp_path / "poses.json"
+    poses.write_text(json.dumps([{"keypoints": a["keypoints"], "score": 1.0} for a in anns]))
+    folder = tmp_path / "converted"
+    save_orbax(models[1], folder)
+    out, masks_out = tmp_path / "overlay.png", tmp_path / "masks.json"
+    info = coco.imgs[image_id]
+    assert cli.main(["segment", "--image", str(REAL / info["file_name"]), "--keypoints",
+                     str(poses), "--checkpoint", str(folder), "--preset", "sam-pose2seg",
+                     "--out", str(out), "--masks-out", str(masks_out)]) == 0
+    assert "5 people, 5 masks" in capsys.readouterr().out
+    assert Image.open(out).size == (info["width"], info["height"])
+    people = json.loads(masks_out.read_text())["people"]
+    masks = np.stack([mask_utils.decode(p["segmentation"]) for p in people])
+    assert masks.sum(axis=0).max() <= 1  # exclusive, as the preset says
+    assert all(len(p["prompt"]) == 3 for p in people)  # MaxVis_3 on these well-labelled persons
