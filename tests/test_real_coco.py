@@ -11,6 +11,7 @@ then their exclusive masks.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -325,3 +326,55 @@ def test_segment_a_real_photo_with_the_preset(coco, models, tmp_path, capsys):
     masks = np.stack([mask_utils.decode(p["segmentation"]) for p in people])
     assert masks.sum(axis=0).max() <= 1  # exclusive, as the preset says
     assert all(len(p["prompt"]) == 3 for p in people)  # MaxVis_3 on these well-labelled persons
+
+
+# ------------------------------------------------------------------------------ Tab. 7 crops
+
+
+def test_crop_to_box_equals_the_official_predictor_on_each_crop(coco, models):
+    """Each person on its own 1.5x box crop (the authors' rounding and clipping), the mask
+    pasted back: person by person the official predictor's on the same crop; with exclusive
+    masks the pasted masks no longer overlap."""
+    from p2s_jax.evaluation.runner import crop_window
+
+    poses = ev.ground_truth_prompt_poses(coco)
+    config = ev.EvalConfig.from_preset("sam-pose2seg", ground_truth=True, images_per_device=2,
+                                       crop_to_box=1.5, exclusive=False,
+                                       postprocess=MaskPostprocess())
+    mesh = make_mesh(jax.devices()[:1])
+    run = ev.run_dataset(models[1], coco, REAL, poses, config, mesh=mesh, progress=False)
+    assert run.report.num_images == 4 and run.report.num_people == 14
+    predictor = reference.official_predictor(models[0])
+    by_image = {}
+    for result in run.results:
+        by_image.setdefault(result["image_id"], []).append(result)
+    for image_id, results in by_image.items():
+        image = load_image(REAL / coco.imgs[image_id]["file_name"])
+        prompts = run.prompts[image_id]
+        assert len(results) == len(prompts.has_prompt)
+        for person, result in enumerate(results):
+            x0, y0, x1, y1 = crop_window(poses[image_id].boxes[person], 1.5, image.shape[:2])
+            predictor.set_image(image[y0:y1, x0:x1])
+            labels = prompts.labels[person]
+            points = prompts.coords[person][labels >= 0] - np.float32([x0, y0])
+            logits, _, _ = predictor.predict(point_coords=points.reshape(-1, 2),
+                                             point_labels=labels[labels >= 0],
+                                             multimask_output=False, return_logits=True)
+            expected = np.zeros(image.shape[:2], bool)
+            expected[y0:y1, x0:x1] = logits[0] > 0
+            ours = mask_utils.decode(result["segmentation"]).astype(bool)
+            differ = ours != expected
+            assert differ.mean() < 1e-3, (image_id, person)
+            outside = np.ones(image.shape[:2], bool)
+            outside[y0:y1, x0:x1] = False
+            assert not ours[outside].any()  # nothing outside the crop
+    overlaps = [np.stack([mask_utils.decode(r["segmentation"]) for r in results]).sum(0).max()
+                for results in by_image.values()]
+    assert max(overlaps) > 1  # the crops' masks do overlap before exclusivity
+    exclusive = ev.run_dataset(models[1], coco, REAL, poses,
+                               dataclasses.replace(config, exclusive=True), mesh=mesh,
+                               progress=False)
+    for image_id in by_image:
+        masks = np.stack([mask_utils.decode(r["segmentation"]) for r in exclusive.results
+                          if r["image_id"] == image_id])
+        assert masks.sum(axis=0).max() <= 1

@@ -66,6 +66,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
+from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from tqdm.auto import tqdm
 
@@ -114,6 +115,10 @@ class EvalConfig:
       box_source: where box prompts come from: 'detection' (the pose's own box) or 'gt' (the
         box of the ground-truth person the pose matches by OKS, `matching.ground_truth_boxes`;
         Tab. 4's "GT" rows).
+      crop_to_box: 0 (off), or each person is segmented on its own crop of the photo: its box
+        (`box_source`) scaled by this factor about its centre (1.5 in Tab. 7), rounded and
+        clipped to the photo, as the authors' `crop` mode; the mask is pasted back, and
+        exclusive masks are applied across the persons of the photo afterwards.
       images_per_device: images encoded together on one device (the chunk size); 0: the
         backend's default (`backend_defaults`: 2 on CPU, 8 on accelerators).
       people_per_chunk: people of an image decoded together inside the decoder (a `lax.map`
@@ -130,6 +135,7 @@ class EvalConfig:
     exclusive: bool = False
     postprocess: MaskPostprocess = MaskPostprocess()
     box_source: str = "detection"
+    crop_to_box: float = 0.0
     images_per_device: int = 0
     people_per_chunk: int = 0
     num_workers: int = 4
@@ -143,6 +149,8 @@ class EvalConfig:
                 raise InputError(f"{name} must be one of {coco_lib.SCORE_NAMES}, got {value!r}")
         if self.box_source not in ("detection", "gt"):
             raise InputError(f"box_source must be 'detection' or 'gt', got {self.box_source!r}")
+        if self.crop_to_box < 0:
+            raise InputError(f"crop_to_box must be >= 0 (0: off), got {self.crop_to_box}")
         if self.result_score not in RESULT_SCORES:
             raise InputError(f"result_score must be one of {RESULT_SCORES}, "
                              f"got {self.result_score!r}")
@@ -264,12 +272,46 @@ def _pose_arrays(image_id: int, poses: coco_lib.PoseInstances, config: EvalConfi
 
 
 class _Item(NamedTuple):
-    """One image to run."""
+    """One image to run (or, with `crop_to_box`, one person's crop of it)."""
 
     image_id: int
     path: Path
-    hw: tuple  # (H, W) from the annotation file
+    hw: tuple  # (H, W) of what runs: the photo (as the annotation file says) or the crop
     poses: _Poses
+    crop: tuple | None = None  # (x0, y0, x1, y1) of the crop in the photo
+    photo_hw: tuple | None = None  # (H, W) of the photo when cropping
+    first_person: int = 0  # index of the item's first person in the photo
+
+
+def crop_window(box, factor: float, photo_hw: tuple[int, int]) -> tuple[int, int, int, int]:
+    """box (4,) xyxy -> (x0, y0, x1, y1) ints: scaled by `factor` about its centre, rounded and
+    clipped to the photo (the authors' `_pose2seg` crop), at least one pixel each way."""
+    box = np.asarray(box, np.float64)
+    centre, size = (box[:2] + box[2:]) / 2, (box[2:] - box[:2]) * factor
+    window = np.round(np.concatenate([centre - size / 2, centre + size / 2])).astype(int)
+    height, width = photo_hw
+    x0, y0 = np.clip(window[:2], 0, [width - 1, height - 1])
+    x1, y1 = np.clip(window[2:], [x0 + 1, y0 + 1], [width, height])
+    return int(x0), int(y0), int(x1), int(y1)
+
+
+def _crop_items(item: _Item, factor: float) -> list[_Item]:
+    """One item per person of `item`, on its crop, keypoints and box moved into the crop."""
+    if item.poses.boxes is None:
+        raise InputError(f"image {item.image_id}: crop_to_box needs person boxes (a detection "
+                         "file with 'bbox', ground-truth poses, or box_source 'gt')")
+    crops = []
+    for person in range(len(item.poses.det_score)):
+        x0, y0, x1, y1 = crop_window(item.poses.boxes[person], factor, item.hw)
+        shift = np.float32([x0, y0])
+        poses = _Poses(item.poses.keypoints[person:person + 1] - shift,
+                       item.poses.scores[person:person + 1],
+                       item.poses.confidence[person:person + 1],
+                       item.poses.boxes[person:person + 1] - np.tile(shift, 2),
+                       item.poses.det_score[person:person + 1])
+        crops.append(item._replace(hw=(y1 - y0, x1 - x0), poses=poses, crop=(x0, y0, x1, y1),
+                                   photo_hw=item.hw, first_person=person))
+    return crops
 
 
 def _items(coco: COCO, images_dir, poses: Mapping[int, coco_lib.PoseInstances],
@@ -282,9 +324,10 @@ def _items(coco: COCO, images_dir, poses: Mapping[int, coco_lib.PoseInstances],
         if pose is None or len(pose) == 0:
             continue
         info = coco.imgs[image_id]
-        items.append(_Item(image_id, images_dir / info["file_name"],
-                           (int(info["height"]), int(info["width"])),
-                           _pose_arrays(image_id, pose, config)))
+        item = _Item(image_id, images_dir / info["file_name"],
+                     (int(info["height"]), int(info["width"])),
+                     _pose_arrays(image_id, pose, config))
+        items += _crop_items(item, config.crop_to_box) if config.crop_to_box else [item]
     items.sort(key=lambda item: (-len(item.poses.det_score), item.image_id))
     return items
 
@@ -413,9 +456,13 @@ def _load_image(item: _Item, canvas: tuple[int, int]) -> tuple[np.ndarray | None
         image = load_image(item.path)
     except ImageError as err:
         return None, str(err)
-    if image.shape[:2] != item.hw:
+    expected = item.photo_hw or item.hw
+    if image.shape[:2] != expected:
         return None, (f"{item.path}: image is {image.shape[1]}x{image.shape[0]} (WxH) but the "
-                      f"annotation file says {item.hw[1]}x{item.hw[0]}")
+                      f"annotation file says {expected[1]}x{expected[0]}")
+    if item.crop is not None:
+        x0, y0, x1, y1 = item.crop
+        image = image[y0:y1, x0:x1]
     return pad_to_canvas(image, canvas), None
 
 
@@ -494,7 +541,8 @@ class _ImageResult(NamedTuple):
     prompts: ImagePrompts
     num_people: int
     without_prompt: int
-
+    first_person: int  # the item's first person in the photo (crops: one item per person)
+    iou: list  # predicted IoU of each result
 
 def _image_result(item: _Item, masks: np.ndarray, iou: np.ndarray, coords: np.ndarray,
                   labels: np.ndarray, has_prompt: np.ndarray, config: EvalConfig,
@@ -505,10 +553,17 @@ def _image_result(item: _Item, masks: np.ndarray, iou: np.ndarray, coords: np.nd
     has_prompt = has_prompt[:people]
     scores = _result_scores(item.poses.det_score, iou[:people], config.result_score)
     kept = np.flatnonzero(has_prompt)
-    results = coco_lib.encode_results(item.image_id, masks[kept, :height, :width], scores[kept],
-                                      category_id)
-    prompts = ImagePrompts(coords[:people], labels[:people], has_prompt)
-    return _ImageResult(item.image_id, results, prompts, people, int(people - kept.size))
+    masks, coords = masks[kept, :height, :width], coords[:people]
+    if item.crop is not None:  # paste back into the photo, prompts in photo pixels
+        x0, y0, x1, y1 = item.crop
+        photo = np.zeros((len(kept), *item.photo_hw), bool)
+        photo[:, y0:y1, x0:x1] = masks
+        masks = photo
+        coords = np.where(labels[:people, :, None] >= 0, coords + np.float32([x0, y0]), coords)
+    results = coco_lib.encode_results(item.image_id, masks, scores[kept], category_id)
+    prompts = ImagePrompts(coords, labels[:people], has_prompt)
+    return _ImageResult(item.image_id, results, prompts, people, int(people - kept.size),
+                        item.first_person, iou[kept].tolist())
 
 
 # ------------------------------------------------------------------------------ the run
@@ -575,7 +630,9 @@ def run_dataset(model: SAM2Image, coco: COCO, images_dir, poses: Mapping[int, An
     seconds = time.perf_counter() - start
     gathered = all_gather_json({"outputs": [_output_to_json(o) for o in outputs],
                                 "skipped": skipped})
-    return _assemble(gathered, len(items), seconds, num_devices)
+    num_images = len({item.image_id for item in items})
+    return _assemble(gathered, num_images, seconds, num_devices, bool(config.crop_to_box),
+                     config.exclusive)
 
 
 def _read_step(slots: Sequence[_Item | None], loads: Iterator[concurrent.futures.Future],
@@ -631,15 +688,41 @@ def _output_to_json(output: _ImageResult) -> dict:
     return {"image_id": output.image_id, "results": output.results,
             "coords": output.prompts.coords.tolist(), "labels": output.prompts.labels.tolist(),
             "has_prompt": output.prompts.has_prompt.tolist(), "num_people": output.num_people,
-            "without_prompt": output.without_prompt}
+            "without_prompt": output.without_prompt, "first_person": output.first_person,
+            "iou": output.iou}
+
+
+def _merge_crops(outputs: Sequence[dict], exclusive: bool) -> list[dict]:
+    """The per-person outputs of cropped photos -> one output per photo, in person order; with
+    `exclusive`, each pixel then goes to the covering mask with the highest predicted IoU."""
+    merged = []
+    for _, group in itertools.groupby(outputs, key=lambda o: o["image_id"]):
+        group = sorted(group, key=lambda o: o["first_person"])
+        out = dict(group[0])
+        for key in ("results", "coords", "labels", "has_prompt", "iou"):
+            out[key] = [v for o in group for v in o[key]]
+        for key in ("num_people", "without_prompt"):
+            out[key] = sum(o[key] for o in group)
+        if exclusive and len(out["results"]) > 1:
+            masks = np.stack([mask_utils.decode(r["segmentation"]) for r in out["results"]])
+            masks = np.asarray(exclusive_masks(masks.astype(bool), np.asarray(out["iou"])))
+            for result, rle in zip(out["results"], coco_lib.masks_to_rle(masks)):
+                result["segmentation"] = rle
+        merged.append(out)
+    return merged
 
 
 def _assemble(payloads: Sequence[dict], num_images: int, seconds: float,
-              num_devices: int) -> EvalOutput:
-    outputs = sorted((o for p in payloads for o in p["outputs"]), key=lambda o: o["image_id"])
-    skipped = sorted((s for p in payloads for s in p["skipped"]), key=lambda s: s["image_id"])
+              num_devices: int, crops: bool = False, exclusive: bool = False) -> EvalOutput:
+    outputs = sorted((o for p in payloads for o in p["outputs"]),
+                     key=lambda o: (o["image_id"], o["first_person"]))
+    skipped = sorted((s for p in payloads for s in p["skipped"]),
+                     key=lambda s: s["image_id"])
     skipped_ids = {s["image_id"] for s in skipped}
     outputs = [o for o in outputs if o["image_id"] not in skipped_ids]
+    if crops:
+        outputs = _merge_crops(outputs, exclusive)
+        skipped = list({s["image_id"]: s for s in skipped}.values())
     results = [r for o in outputs for r in o["results"]]
     prompts = {o["image_id"]: ImagePrompts(np.asarray(o["coords"], np.float32).reshape(
         len(o["has_prompt"]), -1, 2), np.asarray(o["labels"], np.int32).reshape(
