@@ -246,6 +246,16 @@ def test_oks_equals_pycocotools_and_gt_boxes_follow_it(coco):
     triplets = np.concatenate([gt.keypoints, gt.scores["visibility"][..., None]], -1)
     boxes, matched = ground_truth_boxes(gt, triplets, np.asarray([1e4]), far)
     assert not matched[0] and boxes[0].tolist() == [1, 2, 3, 4]
+    # persons without keypoints (as all of CIHP's) match by box IoU
+    gt = coco_lib.ground_truth_poses(coco, 40083)
+    triplets = np.concatenate([gt.keypoints, gt.scores["visibility"][..., None]], -1)
+    bare = int(np.flatnonzero(~(triplets[..., 2] > 0).any(-1))[0])
+    near = gt.boxes[bare] + np.float32([1, -1, 1, 1])
+    pose = coco_lib.PoseInstances(np.full((1, 17, 2), np.nan, np.float32),
+                                  {"confidence": np.zeros((1, 17))}, near[None],
+                                  np.ones(1, np.float32))
+    boxes, matched = ground_truth_boxes(gt, triplets, np.ones(len(gt)), pose)
+    assert matched[0] and np.array_equal(boxes[0], gt.boxes[bare])
 
 
 def copy_entries(detections):

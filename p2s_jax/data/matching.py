@@ -6,9 +6,10 @@ unmatched ground-truth person of largest box IoU, if >= `IOU_THRESHOLD` (box: th
 'bbox', else the extent of its keypoints).
 
 Evaluating with ground-truth boxes and detected keypoints (Tab. 4, `ground_truth_boxes`): each
-detection, highest score first, takes the unmatched ground-truth person of highest OKS (COCO's
-keypoint similarity, `keypoint_similarity`, the measure the pose detector is evaluated with), if
->= `OKS_THRESHOLD`, and is prompted with that person's box.
+detection, highest score first, takes the unmatched ground-truth person of highest similarity,
+if >= `OKS_THRESHOLD`, and is prompted with that person's box. The similarity is OKS (COCO's
+keypoint similarity, `keypoint_similarity`, the measure the pose detector is evaluated with)
+for persons with labelled keypoints, and box IoU for persons without (CIHP has none).
 """
 
 from __future__ import annotations
@@ -158,10 +159,13 @@ def ground_truth_boxes(gt: PoseInstances, gt_triplets: np.ndarray, gt_areas: np.
     matched = np.zeros(len(detections), bool)
     if not len(detections) or not len(gt):
         return boxes, matched
-    oks = keypoint_similarity(detections.keypoints, gt_triplets, gt_areas)
+    with_keypoints = (np.asarray(gt_triplets)[..., 2] > 0).any(-1)
+    similarity = np.where(with_keypoints[None],
+                          keypoint_similarity(detections.keypoints, gt_triplets, gt_areas),
+                          box_iou(detection_boxes(detections), gt.boxes))
     taken = np.zeros(len(gt), bool)
     for d in np.argsort(-np.asarray(detections.det_score, np.float64), kind="stable"):
-        candidates = np.where(taken, -1.0, oks[d])
+        candidates = np.where(taken, -1.0, similarity[d])
         best = int(np.argmax(candidates))
         if candidates[best] >= oks_threshold:
             taken[best], matched[d] = True, True
