@@ -57,6 +57,7 @@ def _people():
     return scenes
 
 
+@pytest.mark.slow  # 50 s; bf16 AP (test_evaluation) and the bf16 training loop stay in CI
 def test_bf16_masks_follow_official_float32():
     from p2s_jax.inference.predictor import Predictor
     from p2s_jax.model.configs import get_config

@@ -258,6 +258,7 @@ def test_padding_objects_change_nothing():
     np.testing.assert_array_equal(out_pad.point_coords[:1], out_one.point_coords)
 
 
+@pytest.mark.slow  # 33 s; bf16 inference against float32 stays in CI (test_evaluation)
 def test_bf16_compute_follows_float32():
     """The paper's bf16 compute (float32 weights): the first step (its point does not depend on a
     prediction) gives losses and IoUs close to float32's."""

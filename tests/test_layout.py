@@ -18,7 +18,7 @@ PACKAGES = ("p2s_jax", "weights_conversion")
 # top; nothing imports the cli.
 ALLOWED = {
     "model": set(),
-    "keypoints": set(),
+    "keypoints": {"utils"},
     "parallel": set(),
     "utils": set(),
     "weights_conversion": {"model", "utils"},

@@ -250,11 +250,12 @@ def _assert_same_training(a, b):
             assert rb[name] == pytest.approx(ra[name], rel=1e-4, abs=1e-6), name
 
 
+@pytest.mark.slow  # 86 s of two training processes; the evaluator's 1 vs 4 devices stays in CI
 def test_one_and_four_devices_give_the_same_update(device_runs):
     _assert_same_training(device_runs(1, 1), device_runs(1, 4))
 
 
-@pytest.mark.slow  # 80 s; test_one_and_four_devices_give_the_same_update covers the mesh in CI
+@pytest.mark.slow  # 80 s of training processes
 def test_two_processes_give_the_same_update(device_runs):
     """Multi-host: 2 processes x 2 devices (jax.distributed on this machine, gloo collectives),
     each feeding its half of the batch, train as 1 process on 1 device does."""
