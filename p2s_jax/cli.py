@@ -28,6 +28,7 @@ from p2s_jax.inference.segment import segment_people, write_segmentation
 from p2s_jax.inference.weights import released_checkpoint
 from p2s_jax.data import prepare
 from p2s_jax.data.coco import SCORE_NAMES, load_coco, load_image_poses
+from p2s_jax.keypoints import available_schemas, get_schema, schema_for_count
 from p2s_jax.model.configs import COMPUTE_DTYPES, ConfigError, compute_dtype
 from p2s_jax.model.layers import ATTENTION_IMPLEMENTATIONS
 from p2s_jax.train.checkpoint import export_torch
@@ -159,6 +160,8 @@ def build_parser() -> argparse.ArgumentParser:
                               "per person")
     _add_model_arguments(segment, checkpoint_required=False)
     _add_prompt_arguments(segment)
+    segment.add_argument("--schema", choices=available_schemas(), default=None,
+                         help="the keypoint schema (default: the one with as many keypoints)")
     segment.add_argument("--out", required=True, help="overlay image to write (PNG)")
     segment.add_argument("--masks-out", default=None,
                          help="also write the masks (COCO RLE) and prompts as JSON")
@@ -295,7 +298,12 @@ def cmd_segment(args: argparse.Namespace) -> int:
     image = load_image(args.image)
     settings = inference_config(args, ground_truth=False)
     poses, score_type = load_image_poses(args.keypoints, args.score_type)
-    config = settings.prompt
+    schema = (get_schema(args.schema) if args.schema
+              else schema_for_count(poses.keypoints.shape[1], args.keypoints))
+    if schema.num_keypoints != poses.keypoints.shape[1]:
+        raise UsageError(f"--schema {schema.name} has {schema.num_keypoints} keypoints, "
+                         f"{args.keypoints} {poses.keypoints.shape[1]}")
+    config = dataclasses.replace(settings.prompt, face=schema.face)
     if config.box != "none" and poses.boxes is None:
         raise UsageError(f"--box {config.box} needs a 'bbox' for every person in "
                          f"{args.keypoints}")
@@ -312,7 +320,7 @@ def cmd_segment(args: argparse.Namespace) -> int:
                             boxes=poses.boxes, exclusive=settings.exclusive,
                             confidence=confidence)
     overlay = draw_overlay(image, result.masks, poses.keypoints, scores, result.coords,
-                           result.labels, config.visibility_threshold)
+                           result.labels, config.visibility_threshold, schema.skeleton)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     overlay.save(out)

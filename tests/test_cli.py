@@ -202,7 +202,15 @@ def test_segment_input_errors(converted, tmp_path, capsys):
     args[args.index("--keypoints") + 1] = str(bad)
     assert cli.main(args) == 2
     err = capsys.readouterr().err
-    assert "bad.json: person 0: 'keypoints' must hold 51 numbers" in err
+    assert "bad.json: 1 keypoints per person fit no schema" in err
+    bad.write_text(json.dumps([[[10, 10, 1]] * 14]))  # CrowdPose or AI Challenger?
+    assert cli.main(args) == 2
+    assert "14 keypoints per person fit several schemas ['crowdpose14', 'aic14']; name one " \
+        "(--schema)" in capsys.readouterr().err
+    bad.write_text(json.dumps([[[10, 10, 1]] * 17, [[10, 10, 1]] * 14]))
+    assert cli.main(args) == 2
+    assert "persons carry different numbers of keypoints (17 for person 0, 14 for person 1)" \
+        in capsys.readouterr().err
     args[args.index("--image") + 1] = str(tmp_path / "missing.jpg")
     assert cli.main(args) == 2
     assert "missing.jpg: image file not found" in capsys.readouterr().err

@@ -483,8 +483,10 @@ def test_detection_file_errors(tmp_path, dataset, coco):
 
 
 def test_pose_instances_validation():
-    with pytest.raises(ValueError, match=r"keypoints must have shape \(P, 17, 2\)"):
-        PoseInstances(np.zeros((2, 16, 2)), {})
+    with pytest.raises(ValueError, match=r"keypoints must have shape \(P, J, 2\)"):
+        PoseInstances(np.zeros((2, 16, 3)), {})
+    assert PoseInstances(np.zeros((2, 14, 2)), {"visibility": np.ones((2, 14))}).keypoints.shape \
+        == (2, 14, 2)  # any schema
     with pytest.raises(ValueError, match=r"scores\['visibility'\] must have shape \(2, 17\)"):
         PoseInstances(np.zeros((2, 17, 2)), {"visibility": np.zeros((2, 16))})
     with pytest.raises(ValueError, match="unknown keypoint score 'vis'"):

@@ -519,8 +519,9 @@ def test_validate_pose_inputs():
     scores[2, 4] = np.nan
     with pytest.raises(ValueError, match=r"image 42: person index 2"):
         validate_pose_inputs(keypoints, scores, image_id=42)
-    with pytest.raises(ValueError, match=r"image 5:.*\(3, 16, 2\)"):
-        validate_pose_inputs(keypoints[:, :16], scores[:, :16], image_id=5)
+    validate_pose_inputs(keypoints[:, :14], np.zeros((3, 14)), image_id=5)  # another schema
+    with pytest.raises(ValueError, match=r"image 5:.*\(3, 16, 3\)"):
+        validate_pose_inputs(np.zeros((3, 16, 3)), scores[:, :16], image_id=5)
     with pytest.raises(ValueError, match=r"image 5:.*\(3, 16\).*\(3, 17, 2\)"):
         validate_pose_inputs(keypoints, scores[:, :16], image_id=5)
     with pytest.raises(ValueError, match=r"boxes.*\(3, 4\)"):

@@ -28,7 +28,8 @@ import numpy as np
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 
-from p2s_jax.keypoints import NUM_KEYPOINTS
+from p2s_jax.keypoints import (COCO17, NUM_KEYPOINTS, KeypointSchema, schema_for_count,
+                               schema_for_names)
 from p2s_jax.utils.errors import InputError
 from p2s_jax.utils.files import read_json
 
@@ -178,8 +179,9 @@ class PoseInstances:
     """The P person poses of one image: the prompts of SAM-pose2seg.
 
     Attributes:
-      keypoints: (P, 17, 2) float32 x, y in image pixels, COCO keypoint order (`KEYPOINT_NAMES`).
-      scores: name -> (P, 17) float32 per-keypoint scores, names among `SCORE_NAMES`:
+      keypoints: (P, J, 2) float32 x, y in image pixels, in the order of the file's keypoint
+        schema (`p2s_jax.keypoints`; J = 17 for COCO).
+      scores: name -> (P, J) float32 per-keypoint scores, names among `SCORE_NAMES`:
         'visibility' (ProbPose's visibility, or binary v > 0 for ground truth; 0 = unusable),
         'presence' (probability that the keypoint lies in the image), 'expected_oks' (predicted
         localisation quality) and 'confidence' (the s of each [x, y, s] triplet).
@@ -196,15 +198,14 @@ class PoseInstances:
 
     def __post_init__(self):
         keypoints = np.asarray(self.keypoints, np.float32)
-        if keypoints.ndim != 3 or keypoints.shape[1:] != (NUM_KEYPOINTS, 2):
-            raise ValueError(f"keypoints must have shape (P, {NUM_KEYPOINTS}, 2), "
-                             f"got {keypoints.shape}")
-        num = keypoints.shape[0]
+        if keypoints.ndim != 3 or keypoints.shape[2] != 2:
+            raise ValueError(f"keypoints must have shape (P, J, 2), got {keypoints.shape}")
+        num, joints = keypoints.shape[:2]
         scores = {}
         for name, value in self.scores.items():
             if name not in SCORE_NAMES:
                 raise ValueError(f"unknown keypoint score {name!r}; expected one of {SCORE_NAMES}")
-            scores[name] = _shaped(value, (num, NUM_KEYPOINTS), f"scores[{name!r}]", np.float32)
+            scores[name] = _shaped(value, (num, joints), f"scores[{name!r}]", np.float32)
         boxes = None if self.boxes is None else _shaped(self.boxes, (num, 4), "boxes", np.float32)
         det_score = (np.ones(num, np.float32) if self.det_score is None
                      else _shaped(self.det_score, (num,), "det_score", np.float32))
@@ -218,10 +219,11 @@ class PoseInstances:
         return self.keypoints.shape[0]
 
     @classmethod
-    def empty(cls, score_names: Iterable[str] = (), with_boxes: bool = False) -> PoseInstances:
+    def empty(cls, score_names: Iterable[str] = (), with_boxes: bool = False,
+              num_keypoints: int = NUM_KEYPOINTS) -> PoseInstances:
         """No person (P = 0), with the given score names (and boxes), so that shapes line up."""
-        return cls(np.zeros((0, NUM_KEYPOINTS, 2), np.float32),
-                   {n: np.zeros((0, NUM_KEYPOINTS), np.float32) for n in score_names},
+        return cls(np.zeros((0, num_keypoints, 2), np.float32),
+                   {n: np.zeros((0, num_keypoints), np.float32) for n in score_names},
                    np.zeros((0, 4), np.float32) if with_boxes else None)
 
     def select(self, index: np.ndarray | Sequence[int]) -> PoseInstances:
@@ -238,6 +240,22 @@ def _shaped(value: Any, shape: tuple[int, ...], name: str, dtype) -> np.ndarray:
     if array.shape != shape:
         raise ValueError(f"{name} must have shape {shape}, got {array.shape}")
     return array
+
+
+def keypoint_schema(coco: COCO) -> KeypointSchema:
+    """The keypoint schema of a COCO-format file: its person category's `keypoints` names
+    (`schema_for_names`), else the one schema with as many keypoints as its annotations carry,
+    else COCO-17 (a file without any keypoints)."""
+    category = coco.cats[person_category_id(coco)]
+    if category.get("keypoints"):
+        return schema_for_names(category["keypoints"], "categories[person].keypoints")
+    lengths = {len(a["keypoints"]) for a in coco.anns.values() if a.get("keypoints")}
+    if not lengths:
+        return COCO17
+    if len(lengths) > 1 or min(lengths) % 3:
+        raise CocoFormatError(f"annotations carry keypoint lists of lengths {sorted(lengths)}; "
+                              "expected 3 numbers per keypoint, the same count everywhere")
+    return schema_for_count(min(lengths) // 3, "annotations' keypoints")
 
 
 def ground_truth_poses(coco: COCO, image_id: int, include_crowd: bool = False) -> PoseInstances:
@@ -260,14 +278,15 @@ def ground_truth_poses(coco: COCO, image_id: int, include_crowd: bool = False) -
     check_image_id(coco, image_id)
     ann_ids = coco.getAnnIds(imgIds=[image_id], catIds=[person_category_id(coco)])
     anns = [a for a in coco.loadAnns(ann_ids) if include_crowd or not a.get("iscrowd", 0)]
-    triplets = np.zeros((len(anns), NUM_KEYPOINTS, 3), np.float32)
+    joints = keypoint_schema(coco).num_keypoints
+    triplets = np.zeros((len(anns), joints, 3), np.float32)
     for i, ann in enumerate(anns):
         if ann.get("keypoints"):
             values = np.asarray(ann["keypoints"], np.float32)
-            if values.shape != (3 * NUM_KEYPOINTS,):
+            if values.shape != (3 * joints,):
                 raise CocoFormatError(f"annotation id {ann['id']}: 'keypoints' must hold "
-                                      f"{3 * NUM_KEYPOINTS} numbers, got {values.size}")
-            triplets[i] = values.reshape(NUM_KEYPOINTS, 3)
+                                      f"{3 * joints} numbers, got {values.size}")
+            triplets[i] = values.reshape(joints, 3)
     boxes = np.asarray([a["bbox"] for a in anns], np.float32).reshape(len(anns), 4)
     return PoseInstances(
         keypoints=triplets[..., :2],
@@ -301,18 +320,20 @@ def _numbers(where: str, value: Any, key: str, length: int) -> np.ndarray:
 class _Person(NamedTuple):
     """One person of a keypoint file."""
 
-    keypoints: np.ndarray  # (17, 2) float32, NaN where the triplet is [0, 0, 0]
-    scores: dict  # name -> (17,) float32
+    keypoints: np.ndarray  # (J, 2) float32, NaN where the triplet is [0, 0, 0]
+    scores: dict  # name -> (J,) float32
     box: np.ndarray | None  # (4,) xyxy
     score: float  # instance score
 
 
 def _parse_person(where: str, entry: Any, optional: Sequence[str],
-                  default_score: float | None = None) -> _Person:
+                  default_score: float | None = None, num_keypoints: int | None = None
+                  ) -> _Person:
     """One person of a keypoint file: a COCO keypoint result object ({"keypoints": [x, y, s] *
-    17, "score", optional per-keypoint "visibility", "presence", "expected_oks" and "bbox"
-    [x, y, w, h]}), or a bare list of 17 [x, y, s] triplets. `optional`: keys that must be
-    present; `default_score`: the score when the entry has none (None: "score" is required)."""
+    J, "score", optional per-keypoint "visibility", "presence", "expected_oks" and "bbox"
+    [x, y, w, h]}), or a bare list of J [x, y, s] triplets. `optional`: keys that must be
+    present; `default_score`: the score when the entry has none (None: "score" is required);
+    `num_keypoints`: J (None: 3 numbers per keypoint, as many as the entry has)."""
     if not isinstance(entry, dict):
         if not isinstance(entry, list):
             raise CocoFormatError(f"{where} must be an object or a list of keypoint triplets, "
@@ -327,24 +348,32 @@ def _parse_person(where: str, entry: Any, optional: Sequence[str],
     score = entry.get("score", default_score)
     if not isinstance(score, int | float) or isinstance(score, bool) or not math.isfinite(score):
         raise CocoFormatError(f"{where}: 'score' must be a finite number, got {score!r}")
-    triplets = _numbers(where, entry["keypoints"], "keypoints", 3 * NUM_KEYPOINTS).reshape(-1, 3)
+    if num_keypoints is None:
+        count = np.size(entry["keypoints"]) if isinstance(entry["keypoints"], list) else 0
+        num_keypoints = count // 3 if count and count % 3 == 0 else NUM_KEYPOINTS
+    triplets = _numbers(where, entry["keypoints"], "keypoints", 3 * num_keypoints).reshape(-1, 3)
     absent = np.all(triplets == 0, axis=1)
     keypoints = np.where(absent[:, None], np.nan, triplets[:, :2]).astype(np.float32)
     scores = {"confidence": triplets[:, 2]}
     for name in _DETECTION_SCORE_KEYS:
         key = _score_key(entry, name)
         if key is not None:
-            scores[name] = _numbers(where, entry[key], key, NUM_KEYPOINTS)
+            scores[name] = _numbers(where, entry[key], key, num_keypoints)
     box = None
     if "bbox" in entry:
         box = xywh_to_xyxy(_numbers(where, entry["bbox"], "bbox", 4))
     return _Person(keypoints, scores, box, float(score))
 
 
-def _stack_people(people: Sequence[_Person], score_names: Sequence[str],
-                  with_boxes: bool) -> PoseInstances:
+def _stack_people(people: Sequence[_Person], score_names: Sequence[str], with_boxes: bool,
+                  num_keypoints: int = NUM_KEYPOINTS, where: str = "") -> PoseInstances:
     if not people:
-        return PoseInstances.empty(score_names, with_boxes)
+        return PoseInstances.empty(score_names, with_boxes, num_keypoints)
+    counts = [len(p.keypoints) for p in people]
+    if len(set(counts)) > 1:
+        first = counts.index(counts[-1]) if counts[0] != counts[-1] else 0
+        raise CocoFormatError(f"{where}: persons carry different numbers of keypoints "
+                              f"({counts[0]} for person 0, {counts[first]} for person {first})")
     return PoseInstances(
         keypoints=np.stack([p.keypoints for p in people]),
         scores={n: np.stack([p.scores[n] for p in people]) for n in score_names},
@@ -382,6 +411,7 @@ def load_keypoint_detections(path: str | os.PathLike, coco: COCO) -> dict[int, P
         raise CocoFormatError(f"{path}: expected a JSON list of detections (COCO keypoint results "
                               f"format), got a JSON {type(entries).__name__}")
     person = person_category_id(coco)
+    joints = keypoint_schema(coco).num_keypoints
     first = entries[0] if entries and isinstance(entries[0], dict) else {}
     optional = [k for k in _DETECTION_SCORE_KEYS if _score_key(first, k)]
     optional += ["bbox"] if "bbox" in first else []
@@ -395,7 +425,7 @@ def load_keypoint_detections(path: str | os.PathLike, coco: COCO) -> dict[int, P
         for key in ("image_id", "category_id"):
             if key not in entry:
                 raise CocoFormatError(f"{where}: missing key '{key}'")
-        parsed = _parse_person(where, entry, optional)
+        parsed = _parse_person(where, entry, optional, num_keypoints=joints)
         if entry["category_id"] != person:
             raise CocoFormatError(f"{where}: category_id {entry['category_id']} is not the "
                                   f"person category ({person})")
@@ -410,7 +440,8 @@ def load_keypoint_detections(path: str | os.PathLike, coco: COCO) -> dict[int, P
         warnings.warn(f"{path}: dropped {unknown} of {len(entries)} detections whose image is not "
                       "in the ground truth", stacklevel=2)
     score_names = ("confidence", *[k for k in _DETECTION_SCORE_KEYS if k in optional])
-    return {image_id: _stack_people(per_image.get(image_id, []), score_names, "bbox" in optional)
+    return {image_id: _stack_people(per_image.get(image_id, []), score_names, "bbox" in optional,
+                                    joints)
             for image_id in coco.getImgIds()}
 
 
@@ -439,7 +470,9 @@ def load_image_poses(path: str | os.PathLike,
         raise CocoFormatError(f"{path}: --score-type {score_type} needs '{score_type}' for every "
                               f"person; available: {complete}")
     with_boxes = bool(people) and all(p.box is not None for p in people)
-    return _stack_people(people, complete or ["confidence"], with_boxes), score_type
+    return (_stack_people(people, complete or ["confidence"], with_boxes,
+                          people[0].keypoints.shape[0] if people else NUM_KEYPOINTS, str(path)),
+            score_type)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -21,7 +21,7 @@ import numpy as np
 from pycocotools.coco import COCO
 
 from p2s_jax.data.coco import CocoFormatError, PoseInstances
-from p2s_jax.keypoints import NUM_KEYPOINTS
+from p2s_jax.utils.errors import InputError
 from p2s_jax.utils.files import read_json
 
 IOU_THRESHOLD = 0.5
@@ -112,9 +112,9 @@ def matched_poses(gt: PoseInstances, detections: PoseInstances, det_ids: np.ndar
     found = match >= 0
     index = np.where(found, match, 0)
     scores = detections.scores.get("visibility", detections.scores["confidence"])
-    num = len(gt)
-    keypoints = np.zeros((num, NUM_KEYPOINTS, 2), np.float32)
-    visibility = np.zeros((num, NUM_KEYPOINTS), np.float32)
+    num, joints = len(gt), detections.keypoints.shape[1]
+    keypoints = np.zeros((num, joints, 2), np.float32)
+    visibility = np.zeros((num, joints), np.float32)
     score = np.zeros(num, np.float32)
     if len(detections):
         keypoints[found] = detections.keypoints[index[found]]
@@ -134,6 +134,9 @@ def keypoint_similarity(det_keypoints: np.ndarray, gt_triplets: np.ndarray,
     """
     det = np.asarray(det_keypoints, np.float64)[:, None]  # (D, 1, 17, 2)
     gt = np.asarray(gt_triplets, np.float64)[None]  # (1, G, 17, 3)
+    if gt.shape[-2] != len(OKS_SIGMAS):
+        raise InputError(f"OKS is defined for COCO's 17 keypoints; these poses have "
+                         f"{gt.shape[-2]} (match by box instead: --box given)")
     variances = (2 * OKS_SIGMAS) ** 2
     squared = np.sum((det - gt[..., :2]) ** 2, axis=-1)  # (D, G, 17)
     squared = np.where(np.isnan(squared), np.inf, squared)

@@ -81,7 +81,7 @@ from p2s_jax.inference.preprocess import (CANVAS_MULTIPLE, bucket, canvas_hw, pa
                                           preprocess_on_device, upsample_matrix)
 from p2s_jax.inference.prompting import (PromptConfig, exclusive_masks, select_prompts,
                                          validate_pose_inputs)
-from p2s_jax.keypoints import NUM_KEYPOINTS, labelled_points
+from p2s_jax.keypoints import labelled_points
 from p2s_jax.model.configs import compute_dtype
 from p2s_jax.model.sam2 import SAM2Image
 from p2s_jax.parallel import (DATA, REPLICATED, all_gather_json, host_to_global, local_positions,
@@ -492,14 +492,14 @@ class _HostBatch(NamedTuple):
 
 def _host_batch(slots: Sequence[_Item | None], images: Sequence[np.ndarray | None],
                 num_people: int, low: int, canvas: tuple[int, int],
-                with_boxes: bool) -> _HostBatch:
+                with_boxes: bool, joints: int) -> _HostBatch:
     """Stacks this process's slots; empty slots (padding, skipped images) have no people."""
     n = len(slots)
     batch = _HostBatch(
         images=np.zeros((n, *canvas, 3), np.uint8),
-        keypoints=np.full((n, num_people, NUM_KEYPOINTS, 2), np.nan, np.float32),
-        scores=np.zeros((n, num_people, NUM_KEYPOINTS), np.float32),
-        confidence=np.zeros((n, num_people, NUM_KEYPOINTS), np.float32),
+        keypoints=np.full((n, num_people, joints, 2), np.nan, np.float32),
+        scores=np.zeros((n, num_people, joints), np.float32),
+        confidence=np.zeros((n, num_people, joints), np.float32),
         boxes=np.zeros((n, num_people, 4), np.float32) if with_boxes else None,
         image_hw=np.ones((n, 2), np.int32),
         num_people=np.zeros(n, np.int32),
@@ -590,6 +590,9 @@ def run_dataset(model: SAM2Image, coco: COCO, images_dir, poses: Mapping[int, An
     mesh = make_mesh() if mesh is None else mesh
     num_devices = mesh.devices.size
     config = config.for_backend(mesh.devices.flat[0].platform)
+    schema = coco_lib.keypoint_schema(coco)
+    config = dataclasses.replace(config, prompt=dataclasses.replace(config.prompt,
+                                                                    face=schema.face))
     if config.box_source == "gt":
         poses = with_ground_truth_boxes(coco, poses)
     items = _items(coco, images_dir, poses, config)
@@ -617,7 +620,7 @@ def run_dataset(model: SAM2Image, coco: COCO, images_dir, poses: Mapping[int, An
                 [items[i] if i >= 0 else None for i in local_step], loads, skipped, bar)
             num_people = _step_people(plan[step_index], items, config.people_per_chunk)
             batch = _host_batch(slots, images, num_people, model.config.low_res_mask_size,
-                                canvas, with_boxes)
+                                canvas, with_boxes, schema.num_keypoints)
             device_out = _run_step(graphdef, state, mesh, batch, config,
                                    model.config.image_size)
             if in_flight is not None:

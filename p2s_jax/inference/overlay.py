@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image, ImageDraw
 
-from p2s_jax.keypoints import SKELETON
+from p2s_jax.keypoints import COCO17
 
 # One colour per person (RGB), cycled.
 PALETTE = ((230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 30, 180),
@@ -14,12 +14,13 @@ PALETTE = ((230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 30
 
 def draw_overlay(image: np.ndarray, masks: np.ndarray, keypoints: np.ndarray,
                  scores: np.ndarray, coords: np.ndarray, labels: np.ndarray,
-                 threshold: float):
+                 threshold: float, skeleton=COCO17.skeleton):
     """The photo with every person's mask, skeleton and prompt points (a PIL RGB image).
 
-    image (H, W, 3) uint8; masks (P, H, W) bool; keypoints (P, 17, 2) (NaN = absent);
-    scores (P, 17); coords (P, K, 2) and labels (P, K) the prompts (1 positive: white-ringed
-    dot, 0 negative: red cross, 2 / 3 box corners: rectangle, -1 unused).
+    image (H, W, 3) uint8; masks (P, H, W) bool; keypoints (P, J, 2) (NaN = absent);
+    scores (P, J); coords (P, K, 2) and labels (P, K) the prompts (1 positive: white-ringed
+    dot, 0 negative: red cross, 2 / 3 box corners: rectangle, -1 unused); skeleton: 0-based
+    limb pairs of the pose's schema.
     """
     height, width = image.shape[:2]
     canvas = image.astype(np.float32)
@@ -33,8 +34,7 @@ def draw_overlay(image: np.ndarray, masks: np.ndarray, keypoints: np.ndarray,
         colour = PALETTE[i % len(PALETTE)]
         inside = _inside(keypoints[i], height, width)
         visible = inside & (scores[i] >= threshold)
-        for a, b in SKELETON:
-            a, b = a - 1, b - 1
+        for a, b in skeleton:
             if visible[a] and visible[b]:
                 draw.line([tuple(keypoints[i, a]), tuple(keypoints[i, b])], fill=colour,
                           width=unit)

@@ -77,7 +77,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from p2s_jax.keypoints import NUM_FACE_KEYPOINTS, NUM_KEYPOINTS
+from p2s_jax.keypoints import COCO17
 from p2s_jax.utils.errors import InputError
 
 
@@ -108,6 +108,8 @@ class PromptConfig:
       spread_percentile: MaxSpread's percentile rule; None disables it (MaxSpread only).
       face_rule: keep only the best of nose and eyes; None: on for MaxSpread, off for MaxVis
         (the authors' code).
+      face: the slots of the nose and eyes in the pose's schema (`KeypointSchema.face`;
+        COCO-17's by default, empty for schemas without eyes: the rule then keeps all).
       negatives: 'none', 'closest_other' (other people's keypoints) or 'least_visible_own'.
       num_negatives: negative points per person when `negatives` is not 'none'.
       box: 'none', 'given' (the pose's box) or 'inflated' (scaled about its centre).
@@ -122,6 +124,7 @@ class PromptConfig:
     no_prompt: NoPrompt = "best_keypoint"
     spread_percentile: float | None = 80.0
     face_rule: bool | None = None
+    face: tuple = COCO17.face
     negatives: Negatives = "none"
     num_negatives: int = 1
     box: BoxMode = "none"
@@ -138,8 +141,8 @@ class PromptConfig:
         if self.no_prompt not in ("best_keypoint", "empty", "skip"):
             raise InputError(f"no_prompt must be 'best_keypoint', 'empty' or 'skip', "
                              f"got {self.no_prompt!r}")
-        if not 1 <= self.num_points <= NUM_KEYPOINTS:
-            raise InputError(f"num_points must be in [1, {NUM_KEYPOINTS}], got {self.num_points}")
+        if self.num_points < 1:
+            raise InputError(f"num_points must be >= 1, got {self.num_points}")
         if self.visibility_threshold < 0.0:  # scores are probabilities; -1 marks picked points
             raise InputError(f"visibility_threshold must be >= 0, got {self.visibility_threshold}")
         if self.num_negatives < 1:
@@ -212,12 +215,12 @@ class Prompts(NamedTuple):
 def validate_pose_inputs(keypoints, scores, image_id, boxes=None) -> None:
     """Raises ValueError on malformed poses of one image, naming the image and the person.
 
-    keypoints (P, 17, 2), scores (P, 17) finite (NaN coordinates are allowed and mean "absent";
+    keypoints (P, J, 2), scores (P, J) finite (NaN coordinates are allowed and mean "absent";
     a NaN score is an error), boxes None or (P, 4).
     """
     keypoints, scores = np.asarray(keypoints), np.asarray(scores)
-    if keypoints.ndim != 3 or keypoints.shape[1:] != (NUM_KEYPOINTS, 2):
-        raise InputError(f"image {image_id}: keypoints must have shape (P, {NUM_KEYPOINTS}, 2), "
+    if keypoints.ndim != 3 or keypoints.shape[2] != 2:
+        raise InputError(f"image {image_id}: keypoints must have shape (P, J, 2), "
                          f"got {keypoints.shape}")
     if scores.shape != keypoints.shape[:2]:
         raise InputError(f"image {image_id}: scores shape {scores.shape} does not match keypoints "
@@ -254,14 +257,16 @@ def _rank(keys: jax.Array, candidates: jax.Array) -> tuple[jax.Array, jax.Array]
     return order.astype(jnp.int32), candidates.sum(dtype=jnp.int32)
 
 
-def _face_rule_keep(visibility: jax.Array, usable: jax.Array) -> jax.Array:
-    """(J,), (J,) -> (J,) bool: False for the face keypoints other than the most visible usable
-    one."""
-    face_scores = jnp.where(usable[:NUM_FACE_KEYPOINTS], visibility[:NUM_FACE_KEYPOINTS],
-                            -jnp.inf)
-    best_face = jnp.argmax(face_scores)  # first maximum: nose, then left eye, then right eye
+def _face_rule_keep(visibility: jax.Array, usable: jax.Array, face: tuple) -> jax.Array:
+    """(J,), (J,) -> (J,) bool: False for the face keypoints (slots `face`) other than the most
+    visible usable one; all True without a face group."""
     index = jnp.arange(visibility.shape[0])
-    return (index >= NUM_FACE_KEYPOINTS) | (index == best_face)
+    if not face:
+        return jnp.ones(visibility.shape, bool)
+    face = jnp.asarray(face)
+    face_scores = jnp.where(usable[face], visibility[face], -jnp.inf)
+    best_face = face[jnp.argmax(face_scores)]  # first maximum: nose, then left eye, right eye
+    return ~jnp.isin(index, face) | (index == best_face)
 
 
 def _pairwise_distance(points: jax.Array) -> jax.Array:
@@ -331,7 +336,7 @@ def _positive_keypoints(points: jax.Array, visibility: jax.Array, confidence: ja
     the gate (if not, the indices follow `config.no_prompt`)."""
     visible = usable & (visibility >= config.visibility_threshold)
     if config.uses_face_rule:
-        visible &= _face_rule_keep(visibility, usable)
+        visible &= _face_rule_keep(visibility, usable, config.face)
     if config.selection == "maxvis":
         indices, valid = _max_vis(visibility, visible, config.num_points)
     else:
@@ -417,10 +422,10 @@ def select_prompts(keypoints, scores, image_hw, config: PromptConfig, boxes=None
                    confidence=None) -> Prompts:
     """Prompts for all people of one image.
 
-    keypoints (P, 17, 2) float (x, y) original-image pixels (NaN = absent); scores (P, 17) float
+    keypoints (P, J, 2) float (x, y) original-image pixels (NaN = absent); scores (P, J) float
     visibilities, finite (see `validate_pose_inputs`); image_hw (2,) = (H, W), Python ints or
     an array; boxes None or (P, 4) xyxy (needed when config.box != "none"; when given, also
-    the reference point of "closest_other" negatives); confidence None (= scores) or (P, 17)
+    the reference point of "closest_other" negatives); confidence None (= scores) or (P, J)
     (the gate and MaxSpread's ranking).  Jit with `config` static:
     `jax.jit(select_prompts, static_argnames="config")`.  Returns `Prompts` with K slots.
     """
@@ -431,8 +436,11 @@ def select_prompts(keypoints, scores, image_hw, config: PromptConfig, boxes=None
     if config.box != "none" and boxes is None:
         raise ValueError(f"box mode {config.box!r} needs boxes (P, 4)")
     num_people, num_joints = scores.shape
-    if keypoints.shape != (num_people, num_joints, 2) or num_joints < NUM_FACE_KEYPOINTS:
+    if keypoints.shape != (num_people, num_joints, 2):
         raise ValueError(f"keypoints {keypoints.shape} and scores {scores.shape} do not match")
+    if config.num_points > num_joints or any(f >= num_joints for f in config.face):
+        raise InputError(f"num_points {config.num_points} / face slots {config.face} do not fit "
+                         f"poses of {num_joints} keypoints")
 
     usable = _usable_keypoints(keypoints, image_hw)  # (P, J)
     points = jnp.where(usable[..., None], keypoints, 0.0)  # no NaN past this point
