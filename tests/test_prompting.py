@@ -40,7 +40,7 @@ def reference_positive_indices(xy, scores, image_hw, cfg: PromptConfig) -> list[
     """One person: keypoint indices of the positive prompts, in prompt order."""
     height, width = image_hw
     threshold = cfg.visibility_threshold
-    kept = [j for j in range(NUM_KEYPOINTS) if _usable(xy[j], height, width)]
+    kept = [j for j in range(len(xy)) if _usable(xy[j], height, width)]
     if not kept:
         return []
     # The authors count the visible points with a strict '>' before selecting.
@@ -48,11 +48,11 @@ def reference_positive_indices(xy, scores, image_hw, cfg: PromptConfig) -> list[
         return [max(kept, key=lambda j: (scores[j], -j))]  # project fallback: best usable point
 
     if cfg.uses_face_rule:  # the authors' face anchor, on the usable face points
-        face = [j for j in kept if j < 3]
+        face = [j for j in cfg.face if j in kept]
         if face:
             best = face[int(np.argmax([scores[j] for j in face]))]
             if scores[best] >= threshold:
-                kept = [best] + [j for j in kept if j >= 3]
+                kept = [best] + [j for j in kept if j not in cfg.face]
     kept = [j for j in kept if scores[j] >= threshold]
     ranked = sorted(kept, key=lambda j: (-scores[j], j))  # documented tie rule
 
@@ -87,7 +87,8 @@ def reference_prompts(keypoints, scores, image_hw, cfg: PromptConfig, boxes=None
     """All people: list of (coords (k, 2), labels (k,)) with only the real prompts."""
     height, width = image_hw
     num_people = len(keypoints)
-    usable = [[_usable(keypoints[p][j], height, width) for j in range(NUM_KEYPOINTS)]
+    joints = len(keypoints[0]) if num_people else NUM_KEYPOINTS
+    usable = [[_usable(keypoints[p][j], height, width) for j in range(joints)]
               for p in range(num_people)]
     result = []
     for p in range(num_people):
@@ -108,7 +109,7 @@ def reference_prompts(keypoints, scores, image_hw, cfg: PromptConfig, boxes=None
         points += [tuple(keypoints[p][j]) for j in positives]
         labels += [1] * len(positives)
         if cfg.negatives == "least_visible_own":
-            candidates = [j for j in range(NUM_KEYPOINTS) if usable[p][j] and j not in positives]
+            candidates = [j for j in range(joints) if usable[p][j] and j not in positives]
             chosen = sorted(candidates, key=lambda j: (scores[p][j], j))[: cfg.num_negatives]
             points += [tuple(keypoints[p][j]) for j in chosen]
             labels += [0] * len(chosen)
@@ -116,14 +117,14 @@ def reference_prompts(keypoints, scores, image_hw, cfg: PromptConfig, boxes=None
             if boxes is not None:
                 centre = _box_centre(boxes[p])
             else:
-                own = np.asarray([keypoints[p][j] for j in range(NUM_KEYPOINTS) if usable[p][j]])
+                own = np.asarray([keypoints[p][j] for j in range(joints) if usable[p][j]])
                 centre = (own.min(axis=0) + own.max(axis=0)) / 2
             candidates = []
             for q in range(num_people):
-                for j in range(NUM_KEYPOINTS):
+                for j in range(joints):
                     if q != p and usable[q][j] and scores[q][j] >= cfg.visibility_threshold:
                         d = float(np.linalg.norm(np.float32(keypoints[q][j]) - np.float32(centre)))
-                        candidates.append((d, q * NUM_KEYPOINTS + j, tuple(keypoints[q][j])))
+                        candidates.append((d, q * joints + j, tuple(keypoints[q][j])))
             chosen = sorted(candidates)[: cfg.num_negatives]
             points += [c[2] for c in chosen]
             labels += [0] * len(chosen)

@@ -43,7 +43,7 @@ import math
 import numpy as np
 from PIL import Image, ImageEnhance
 
-from p2s_jax.keypoints import FLIP_PERMUTATION, NUM_KEYPOINTS
+from p2s_jax.keypoints import FLIP_PERMUTATION
 from p2s_jax.utils.errors import InputError
 
 # The official RandomAffine fills the uncovered border with the ImageNet mean in uint8.
@@ -170,11 +170,11 @@ def _check_inputs(image: np.ndarray, masks: np.ndarray, keypoints: np.ndarray,
     if masks.ndim != 3 or masks.shape[1:] != image.shape[:2] or masks.dtype != np.bool_:
         raise ValueError(f"masks must be (M, H, W) bool with (H, W) = {image.shape[:2]}, got "
                          f"{masks.shape} {masks.dtype}")
-    if keypoints.ndim != 3 or keypoints.shape[1:] != (NUM_KEYPOINTS, 2):
-        raise ValueError(f"keypoints must be (P, {NUM_KEYPOINTS}, 2), got {keypoints.shape}")
+    if keypoints.ndim != 3 or keypoints.shape[2] != 2:
+        raise ValueError(f"keypoints must be (P, J, 2), got {keypoints.shape}")
     if visibility.shape != keypoints.shape[:2]:
-        raise ValueError(f"visibility must be (P, {NUM_KEYPOINTS}) = {keypoints.shape[:2]} to "
-                         f"match keypoints, got {visibility.shape}")
+        raise ValueError(f"visibility must be (P, J) = {keypoints.shape[:2]} to match "
+                         f"keypoints, got {visibility.shape}")
 
 
 def clear_outside(keypoints: np.ndarray, visibility: np.ndarray, height: int, width: int
@@ -200,19 +200,24 @@ def clear_outside(keypoints: np.ndarray, visibility: np.ndarray, height: int, wi
 # Geometry
 
 
-def hflip(image: np.ndarray, masks: np.ndarray, keypoints: np.ndarray, visibility: np.ndarray
+def hflip(image: np.ndarray, masks: np.ndarray, keypoints: np.ndarray, visibility: np.ndarray,
+          flip_permutation: tuple = FLIP_PERMUTATION
           ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Mirrors left <-> right: x -> (W - 1) - x, and left / right keypoint slots swapped.
 
     Args:
-      image: (H, W, 3); masks: (M, H, W); keypoints: (P, 17, 2); visibility: (P, 17).
+      image: (H, W, 3); masks: (M, H, W); keypoints: (P, J, 2); visibility: (P, J).
+      flip_permutation: the schema's (`KeypointSchema.flip_permutation`; COCO-17's default).
 
     Returns:
       The four arrays flipped, keypoints as float64: exact for float32 (or float64 with at most
       ~50 significant bits) coordinates, so that flipping twice gives the inputs back.
     """
     width = image.shape[1]
-    perm = list(FLIP_PERMUTATION)
+    perm = list(flip_permutation)
+    if len(perm) != np.shape(keypoints)[1]:
+        raise ValueError(f"flip permutation of {len(perm)} keypoints for poses of "
+                         f"{np.shape(keypoints)[1]}")
     flipped = np.asarray(keypoints, np.float64)[:, perm]
     flipped[..., 0] = (width - 1) - flipped[..., 0]
     return (np.ascontiguousarray(image[:, ::-1]), np.ascontiguousarray(masks[:, :, ::-1]),
@@ -355,7 +360,8 @@ def grayscale(image: np.ndarray) -> np.ndarray:
 
 def apply_params(params: AugmentParams, image: np.ndarray, masks: np.ndarray,
                  keypoints: np.ndarray, visibility: np.ndarray, image_size: int,
-                 fill: tuple[int, int, int] = IMAGE_FILL
+                 fill: tuple[int, int, int] = IMAGE_FILL,
+                 flip_permutation: tuple = FLIP_PERMUTATION
                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """flip -> affine -> resize -> jitter -> grayscale -> jitter, as drawn in `params`.
 
@@ -365,6 +371,7 @@ def apply_params(params: AugmentParams, image: np.ndarray, masks: np.ndarray,
         pixels, visibility: (P, 17) (M and P may differ).
       image_size: S, the side of the square output.
       fill: image border colour of the affine.
+      flip_permutation: the keypoint schema's left / right swap (COCO-17 by default).
 
     Returns:
       image (S, S, 3) uint8, masks (M, S, S) bool, keypoints (P, 17, 2) float32 in output pixels,
@@ -378,7 +385,8 @@ def apply_params(params: AugmentParams, image: np.ndarray, masks: np.ndarray,
     keypoints, visibility = clear_outside(np.asarray(keypoints, np.float64), visibility,
                                           *image.shape[:2])
     if params.flip:
-        image, masks, keypoints, visibility = hflip(image, masks, keypoints, visibility)
+        image, masks, keypoints, visibility = hflip(image, masks, keypoints, visibility,
+                                                    flip_permutation)
     image, masks, keypoints, visibility = random_affine(params.affines, image, masks, keypoints,
                                                         visibility, fill)
     image, masks, keypoints = resize(image, masks, keypoints, image_size)
@@ -392,7 +400,8 @@ def apply_params(params: AugmentParams, image: np.ndarray, masks: np.ndarray,
 
 def augment(rng: np.random.Generator, image: np.ndarray, masks: np.ndarray,
             keypoints: np.ndarray, visibility: np.ndarray, config: AugmentConfig,
-            image_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+            image_size: int, flip_permutation: tuple = FLIP_PERMUTATION
+            ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Random augmentation of one image with its masks and poses (see `apply_params`).
 
     Args:
@@ -406,4 +415,5 @@ def augment(rng: np.random.Generator, image: np.ndarray, masks: np.ndarray,
       (P, 17) float32.
     """
     params = sample_params(rng, config)
-    return apply_params(params, image, masks, keypoints, visibility, image_size, config.fill)
+    return apply_params(params, image, masks, keypoints, visibility, image_size, config.fill,
+                        flip_permutation)
