@@ -18,6 +18,7 @@ import jax
 
 from p2s_jax import aot
 from p2s_jax.evaluation import runner
+from p2s_jax.evaluation.annotate import AnnotateConfig, annotate
 from p2s_jax.evaluation.report import EvalReport, format_report
 from p2s_jax.inference.overlay import draw_overlay
 from p2s_jax.inference.postprocess import MaskPostprocess
@@ -198,6 +199,31 @@ def build_parser() -> argparse.ArgumentParser:
                             help="images per chip (one compilation each)")
     aot_parser.add_argument("--train-preset", default="paper", choices=("paper", "tiny"))
 
+    annotate_parser = commands.add_parser(
+        "annotate", help="keypoint-only persons -> instance masks (resumable, data parallel)")
+    annotate_parser.add_argument("--keypoints", required=True,
+                                 help="COCO-format persons with keypoints, or keypoint results "
+                                      "(then --image-info)")
+    annotate_parser.add_argument("--image-info", default=None,
+                                 help="COCO-format file listing the images of keypoint results")
+    annotate_parser.add_argument("--images", required=True, help="image folder")
+    annotate_parser.add_argument("--out", required=True, help="the annotated file to write")
+    _add_model_arguments(annotate_parser, checkpoint_required=False)
+    _add_prompt_arguments(annotate_parser)
+    annotate_parser.add_argument("--min-iou", type=float, default=0.0,
+                                 help="predicted IoU below this: status low_iou (default 0)")
+    annotate_parser.add_argument("--overlays", default=None,
+                                 help="folder for a sample of drawn images")
+    annotate_parser.add_argument("--sample", type=int, default=50,
+                                 help="images drawn into --overlays (default 50)")
+    annotate_parser.add_argument("--shard-images", type=int, default=256,
+                                 help="images per resumable shard (default 256)")
+    annotate_parser.add_argument("--batch-size", type=int, default=0)
+    annotate_parser.add_argument("--workers", type=int, default=4)
+    annotate_parser.add_argument("--no-progress", action="store_true")
+    annotate_parser.add_argument("--distributed", action="store_true",
+                                 help="call jax.distributed.initialize() first (multi-host)")
+
     curve = commands.add_parser("curve", help="mean IoU after each correction point (Fig. 2)")
     curve.add_argument("--annotations", required=True, help="COCO-format ground truth")
     curve.add_argument("--images", required=True, help="image folder")
@@ -372,6 +398,30 @@ def cmd_aot(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_annotate(args: argparse.Namespace) -> int:
+    if args.distributed:
+        jax.distributed.initialize()
+    inference = dataclasses.replace(inference_config(args, ground_truth=False),
+                                    images_per_device=args.batch_size,
+                                    num_workers=args.workers)
+    config = AnnotateConfig(inference, min_iou=args.min_iou, shard_images=args.shard_images,
+                            overlay_sample=args.sample)
+    checkpoint = args.checkpoint or released_checkpoint(progress=not args.no_progress)
+    model = load_model(checkpoint, args.model, args.image_size, compute_dtype(args.dtype),
+                       args.attention)
+    summary = annotate(model, args.keypoints, args.images, args.out, config,
+                       image_info=args.image_info, checkpoint=str(checkpoint),
+                       overlays=args.overlays, progress=not args.no_progress)
+    speed = summary["images_per_second"]
+    print(f"{summary['persons']} persons on {summary['images']} images ({summary['schema']}): "
+          + ", ".join(f"{k} {v}" for k, v in summary["status"].items())
+          + (f"; {speed:.2f} images/s" if speed else "; nothing left to run"))
+    for image in summary["skipped_images"]:
+        print(f"unreadable image {image['file_name']}: {image['reason']}")
+    print(f"annotated: {summary['output']}")
+    return 0
+
+
 def cmd_curve(args: argparse.Namespace) -> int:
     config = CurveConfig(CorrectionConfig(num_points=args.points, sampler=args.sampler),
                          max_people=args.max_people, max_images=args.max_images)
@@ -402,10 +452,10 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
-COMPUTES = ("evaluate", "segment", "train", "curve")  # commands that say which devices they run on
+COMPUTES = ("evaluate", "segment", "train", "curve", "annotate")  # commands that say which devices they run on
 COMMANDS = {"convert": cmd_convert, "evaluate": cmd_evaluate, "segment": cmd_segment,
             "train": cmd_train, "export": cmd_export, "aot": cmd_aot, "prepare": cmd_prepare,
-            "curve": cmd_curve}
+            "curve": cmd_curve, "annotate": cmd_annotate}
 
 
 def main(argv: list[str] | None = None) -> int:

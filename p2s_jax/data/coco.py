@@ -54,6 +54,7 @@ SMALL_AREA = 32.0**2
 _IMAGE_KEYS = ("id", "width", "height", "file_name")
 _CATEGORY_KEYS = ("id", "name")
 _ANNOTATION_KEYS = ("id", "image_id", "category_id", "segmentation", "area", "bbox", "iscrowd")
+_KEYPOINT_ANNOTATION_KEYS = ("id", "image_id", "category_id", "keypoints")
 
 
 class CocoFormatError(InputError):
@@ -100,7 +101,7 @@ def _check_segmentation(path: Path, index: int, ann: dict) -> None:
             f"list of polygons or an RLE object with 'size' and 'counts', got {str(seg)[:80]}")
 
 
-def _validate_ground_truth(path: Path, data: Any) -> None:
+def _validate_ground_truth(path: Path, data: Any, keypoints_only: bool = False) -> None:
     if not isinstance(data, dict):
         raise CocoFormatError(f"{path}: expected a JSON object with 'images', 'annotations' and "
                               f"'categories', got a JSON {type(data).__name__}")
@@ -111,7 +112,8 @@ def _validate_ground_truth(path: Path, data: Any) -> None:
                 "ground-truth file needs 'images', 'annotations' and 'categories'")
     image_ids = _check_entries(path, data["images"], "images", _IMAGE_KEYS)
     category_ids = _check_entries(path, data["categories"], "categories", _CATEGORY_KEYS)
-    _check_entries(path, data["annotations"], "annotations", _ANNOTATION_KEYS)
+    _check_entries(path, data["annotations"], "annotations",
+                   _KEYPOINT_ANNOTATION_KEYS if keypoints_only else _ANNOTATION_KEYS)
     for i, ann in enumerate(data["annotations"]):
         where = f"{path}: annotations[{i}] (id={ann['id']})"
         if ann["id"] == 0:  # COCOeval stores matches as ids with 0 meaning "unmatched"
@@ -122,7 +124,48 @@ def _validate_ground_truth(path: Path, data: Any) -> None:
         if ann["category_id"] not in category_ids:
             raise CocoFormatError(f"{where}: category_id {ann['category_id']} is not in "
                                   "'categories'")
-        _check_segmentation(path, i, ann)
+        if not keypoints_only:
+            _check_segmentation(path, i, ann)
+
+
+def _index(data: dict) -> COCO:
+    coco = COCO()
+    coco.dataset = data
+    with quiet():
+        coco.createIndex()
+    return coco
+
+
+def load_keypoint_annotations(path: str | os.PathLike) -> tuple[dict, COCO]:
+    """A COCO-format person file whose annotations carry keypoints but maybe no mask (CrowdPose,
+    AI Challenger, MPII, Halpe in COCO format) -> (the file's dict as read, an indexed COCO).
+
+    Annotations need 'id', 'image_id', 'category_id' and 'keypoints'; the COCO object sees
+    copies with what is missing filled in ('iscrowd' 0, 'bbox' from the labelled keypoints,
+    'area' from the box, no segmentation), so that nothing of the file is changed."""
+    path = Path(path)
+    data = read_json(path, "keypoint annotation file", CocoFormatError)
+    return data, load_keypoint_annotations_dict(data, path)
+
+
+def load_keypoint_annotations_dict(data: Any, source: str | os.PathLike) -> COCO:
+    """`load_keypoint_annotations` of a dict read from `source` (named in errors)."""
+    _validate_ground_truth(Path(source), data, keypoints_only=True)
+    filled = []
+    for ann in data["annotations"]:
+        ann = dict(ann)
+        ann.setdefault("iscrowd", 0)
+        if "bbox" not in ann:
+            triplets = np.asarray(ann["keypoints"], np.float64).reshape(-1, 3)
+            labelled = triplets[triplets[:, 2] > 0, :2]
+            low = labelled.min(0) if len(labelled) else np.zeros(2)
+            high = labelled.max(0) if len(labelled) else np.zeros(2)
+            ann["bbox"] = [float(low[0]), float(low[1]), float(high[0] - low[0]),
+                           float(high[1] - low[1])]
+        ann.setdefault("area", float(ann["bbox"][2] * ann["bbox"][3]))
+        ann.setdefault("segmentation", [])
+        filled.append(ann)
+    return _index({**data, "annotations": filled})
 
 
 def load_coco(path: str | os.PathLike) -> COCO:
@@ -140,11 +183,7 @@ def load_coco(path: str | os.PathLike) -> COCO:
     path = Path(path)
     data = read_json(path, "COCO annotation file", CocoFormatError)
     _validate_ground_truth(path, data)
-    coco = COCO()
-    coco.dataset = data
-    with quiet():
-        coco.createIndex()
-    return coco
+    return _index(data)
 
 
 def person_category_id(coco: COCO) -> int:

@@ -207,6 +207,7 @@ class EvalOutput(NamedTuple):
     results: list  # COCO segm results, by image id, then person order; people with a prompt only
     report: EvalReport
     prompts: dict  # image_id -> ImagePrompts (images that were run and not skipped)
+    predictions: dict  # image_id -> (iou (R,), object score logits (R,)) of its R results
 
 
 # ------------------------------------------------------------------------------ poses per image
@@ -388,7 +389,8 @@ def _prompts_shard(keypoints, scores, confidence, boxes, image_hw, num_people, *
 def _decode_shard(graphdef, state, features, coords, labels, has_prompt, up_y, up_x, *,
                   people_per_chunk: int | None, exclusive: bool, postprocess: MaskPostprocess):
     """features (B, ...), coords (B, P, K, 2), labels (B, P, K), has_prompt (B, P),
-    up_y (B, Hc, low), up_x (B, Wc, low) -> masks (B, P, Hc, Wc) bool, iou (B, P).
+    up_y (B, Hc, low), up_x (B, Wc, low) -> masks (B, P, Hc, Wc) bool, iou (B, P), object
+    score logits (B, P).
 
     The P people of an image are decoded `people_per_chunk` at a time inside the decoder
     (`SAM2Image.decode`; None: all at once); people without a prompt get empty masks; with `exclusive`, every
@@ -398,13 +400,13 @@ def _decode_shard(graphdef, state, features, coords, labels, has_prompt, up_y, u
         out, masks = decode_prompts(graphdef, state, image_features, image_coords, image_labels,
                                     None, None, image_up_y, image_up_x, multimask_output=False,
                                     people_per_chunk=people_per_chunk, postprocess=postprocess)
-        return masks[:, 0], out.iou[:, 0]
+        return masks[:, 0], out.iou[:, 0], out.object_score_logits
 
-    masks, iou = jax.vmap(one_image)(features, coords, labels, up_y, up_x)
+    masks, iou, object_score = jax.vmap(one_image)(features, coords, labels, up_y, up_x)
     masks = masks & has_prompt[:, :, None, None]
     if exclusive:
         masks = jax.vmap(exclusive_masks)(masks, jnp.where(has_prompt, iou, 0.0))
-    return masks, iou
+    return masks, iou, object_score.reshape(iou.shape)
 
 
 # The three steps as jitted `shard_map`s over 'data': weights replicated, everything else split
@@ -543,8 +545,10 @@ class _ImageResult(NamedTuple):
     without_prompt: int
     first_person: int  # the item's first person in the photo (crops: one item per person)
     iou: list  # predicted IoU of each result
+    object_score: list  # object score logit of each result
 
-def _image_result(item: _Item, masks: np.ndarray, iou: np.ndarray, coords: np.ndarray,
+def _image_result(item: _Item, masks: np.ndarray, iou: np.ndarray, object_score: np.ndarray,
+                  coords: np.ndarray,
                   labels: np.ndarray, has_prompt: np.ndarray, config: EvalConfig,
                   category_id: int) -> _ImageResult:
     """One image's device rows (P slots) -> its COCO results (people with a prompt only)."""
@@ -563,7 +567,7 @@ def _image_result(item: _Item, masks: np.ndarray, iou: np.ndarray, coords: np.nd
     results = coco_lib.encode_results(item.image_id, masks, scores[kept], category_id)
     prompts = ImagePrompts(coords, labels[:people], has_prompt)
     return _ImageResult(item.image_id, results, prompts, people, int(people - kept.size),
-                        item.first_person, iou[kept].tolist())
+                        item.first_person, iou[kept].tolist(), object_score[kept].tolist())
 
 
 # ------------------------------------------------------------------------------ the run
@@ -666,19 +670,20 @@ def _run_step(graphdef, state, mesh: Mesh, batch: _HostBatch, config: EvalConfig
             batch.keypoints, batch.scores, batch.confidence, batch.boxes, batch.image_hw,
             batch.num_people)))
     chunk = decoder_chunk(batch.keypoints.shape[1], config.people_per_chunk)
-    masks, iou = decode_step(graphdef, mesh, chunk, config.exclusive, config.postprocess, state,
+    masks, iou, object_score = decode_step(graphdef, mesh, chunk, config.exclusive,
+                                           config.postprocess, state,
                               features, model_coords, labels, has_prompt,
                               host_to_global(mesh, batch.up_y), host_to_global(mesh, batch.up_x))
-    return masks, iou, coords, labels, has_prompt
+    return masks, iou, object_score, coords, labels, has_prompt
 
 
 def _collect(slots: Sequence[_Item | None], device_out, config: EvalConfig, category_id: int,
              bar, pool: concurrent.futures.Executor) -> list[concurrent.futures.Future]:
     """Reads one step's local rows back; the masks of its real images are RLE-encoded in the
     thread pool (futures of `_ImageResult`, in order)."""
-    masks, iou, coords, labels, has_prompt = (local_rows(a) for a in device_out)
-    results = [pool.submit(_image_result, item, masks[row], iou[row], coords[row], labels[row],
-                           has_prompt[row], config, category_id)
+    masks, iou, object_score, coords, labels, has_prompt = (local_rows(a) for a in device_out)
+    results = [pool.submit(_image_result, item, masks[row], iou[row], object_score[row],
+                           coords[row], labels[row], has_prompt[row], config, category_id)
                for row, item in enumerate(slots) if item is not None]
     bar.update(sum(item is not None for item in slots))
     return results
@@ -692,7 +697,7 @@ def _output_to_json(output: _ImageResult) -> dict:
             "coords": output.prompts.coords.tolist(), "labels": output.prompts.labels.tolist(),
             "has_prompt": output.prompts.has_prompt.tolist(), "num_people": output.num_people,
             "without_prompt": output.without_prompt, "first_person": output.first_person,
-            "iou": output.iou}
+            "iou": output.iou, "object_score": output.object_score}
 
 
 def _merge_crops(outputs: Sequence[dict], exclusive: bool) -> list[dict]:
@@ -702,7 +707,7 @@ def _merge_crops(outputs: Sequence[dict], exclusive: bool) -> list[dict]:
     for _, group in itertools.groupby(outputs, key=lambda o: o["image_id"]):
         group = sorted(group, key=lambda o: o["first_person"])
         out = dict(group[0])
-        for key in ("results", "coords", "labels", "has_prompt", "iou"):
+        for key in ("results", "coords", "labels", "has_prompt", "iou", "object_score"):
             out[key] = [v for o in group for v in o[key]]
         for key in ("num_people", "without_prompt"):
             out[key] = sum(o[key] for o in group)
@@ -737,7 +742,9 @@ def _assemble(payloads: Sequence[dict], num_images: int, seconds: float,
         people_without_prompt=sum(o["without_prompt"] for o in outputs),
         skipped_images=skipped, seconds=seconds, num_devices=num_devices,
         num_processes=jax.process_count())
-    return EvalOutput(results, report, prompts)
+    predictions = {o["image_id"]: (np.asarray(o["iou"], np.float32),
+                                   np.asarray(o["object_score"], np.float32)) for o in outputs}
+    return EvalOutput(results, report, prompts, predictions)
 
 
 # ------------------------------------------------------------------------------ files in, files out

@@ -1,0 +1,271 @@
+"""`p2s annotate`: keypoint-only person datasets -> instance masks, resumable, for any schema.
+
+Input: a COCO-format file whose person annotations carry keypoints (ground truth, v in
+{0, 1, 2}; masks absent or ignored), or a keypoint-results list (detections with scores, as a
+pose estimator writes them) together with a COCO-format file that lists the images. The
+keypoint names of `categories[].keypoints` pick the schema (`p2s_jax.keypoints`).
+
+Output: the input annotations, every field kept, each person with
+  * `segmentation` (compressed RLE), `area` and `bbox` from the predicted mask (the input's own
+    `bbox` / `area`, when present, move to `p2s.input_bbox` / `p2s.input_area`);
+  * `p2s`: `status` (`ok`, `no_prompt`, `low_iou`, `empty_mask`, `missing_image`),
+    `predicted_iou`, `object_score` (logit), `prompt` ([x, y, label] per point).
+A summary (counts by status, images/s, the images that could not be read) is printed and
+written beside the output (`<out>.summary.json`).
+
+How the work runs: the evaluator's data-parallel runner (`evaluation.runner.run_dataset`, the
+same jitted encode / prompt / decode steps) over *shards* of `shard_images` images in image-id
+order. Each finished shard goes to `<out>.shards/<index>.json` atomically; a run started again
+with the same command skips the finished shards, and the output is assembled from the shards in
+order, so a killed and resumed run ends with the same bytes as an uninterrupted one. The shard
+folder records the settings it was made with and refuses others.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import time
+from collections import Counter
+from pathlib import Path
+
+import jax
+import numpy as np
+from jax.sharding import Mesh
+from pycocotools import mask as mask_utils
+
+from p2s_jax.data import coco as coco_lib
+from p2s_jax.evaluation.runner import EvalConfig, ground_truth_prompt_poses, run_dataset
+from p2s_jax.inference.overlay import draw_overlay
+from p2s_jax.keypoints import labelled_points
+from p2s_jax.model.sam2 import SAM2Image
+from p2s_jax.parallel import make_mesh
+from p2s_jax.utils.errors import InputError
+from p2s_jax.utils.files import read_json, write_atomic, write_json
+from p2s_jax.utils.images import ImageError, load_image
+
+STATUSES = ("ok", "no_prompt", "low_iou", "empty_mask", "missing_image")
+
+
+@dataclasses.dataclass(frozen=True)
+class AnnotateConfig:
+    """Attributes:
+      inference: prompts, post-processing and batching (`EvalConfig`; a preset's for the paper).
+      min_iou: a mask whose predicted IoU is below this gets status `low_iou` (kept, marked).
+      shard_images: images per shard (the unit of resumption).
+      overlay_sample: images drawn into the overlay folder, chosen evenly over the image ids.
+    """
+
+    inference: EvalConfig = EvalConfig()
+    min_iou: float = 0.0
+    shard_images: int = 256
+    overlay_sample: int = 50
+
+    def __post_init__(self):
+        if self.shard_images < 1 or self.overlay_sample < 0 or not 0 <= self.min_iou <= 1:
+            raise InputError(f"shard_images must be >= 1, overlay_sample >= 0 and min_iou in "
+                             f"[0, 1]; got {self.shard_images}, {self.overlay_sample}, "
+                             f"{self.min_iou}")
+
+
+class AnnotationInput:
+    """The persons to annotate: the output's skeleton (`data`), an indexed COCO of them, their
+    poses per image and the annotation id of each pose."""
+
+    def __init__(self, keypoints_path, image_info_path=None):
+        keypoints_path = Path(keypoints_path)
+        raw = read_json(keypoints_path, "keypoint file", coco_lib.CocoFormatError)
+        if isinstance(raw, list):  # detections (keypoint results): persons of a listed image set
+            if image_info_path is None:
+                raise InputError(f"{keypoints_path} is a list of detections: give --image-info, "
+                                 "a COCO-format file whose 'images' and 'categories' they refer to")
+            info = read_json(image_info_path, "image list", coco_lib.CocoFormatError)
+            self.data = {**{k: v for k, v in info.items() if k != "annotations"},
+                         "annotations": _detections_as_annotations(keypoints_path, raw)}
+            self.coco = coco_lib.load_keypoint_annotations_dict(self.data, keypoints_path)
+            self.poses = coco_lib.load_keypoint_detections(keypoints_path, self.coco)
+            self.ann_ids = {}
+            for ann in self.data["annotations"]:
+                self.ann_ids.setdefault(ann["image_id"], []).append(ann["id"])
+        else:
+            self.data, self.coco = coco_lib.load_keypoint_annotations(keypoints_path)
+            self.poses = ground_truth_prompt_poses(self.coco)
+            self.ann_ids = {i: p.ann_ids.tolist() for i, p in self.poses.items()}
+        self.schema = coco_lib.keypoint_schema(self.coco)
+        self.image_ids = [i for i in sorted(self.coco.getImgIds()) if len(self.poses.get(i, ()))]
+
+
+def _detections_as_annotations(path: Path, entries: list) -> list[dict]:
+    """Keypoint results -> annotations (ids 1.. in file order), every field kept."""
+    annotations = []
+    for index, entry in enumerate(entries):
+        if not isinstance(entry, dict) or "image_id" not in entry or "keypoints" not in entry:
+            raise coco_lib.CocoFormatError(f"{path}: entry {index} must be an object with "
+                                           "'image_id' and 'keypoints'")
+        annotations.append({"id": index + 1, "category_id": 1, "iscrowd": 0, **entry})
+    return annotations
+
+
+def _settings(source: AnnotationInput, keypoints_path, checkpoint, model: SAM2Image,
+              config: AnnotateConfig) -> dict:
+    return {"keypoints": str(Path(keypoints_path).absolute()), "checkpoint": str(checkpoint),
+            "model": model.config.name, "image_size": model.config.image_size,
+            "schema": source.schema.name, "images": len(source.image_ids),
+            "config": json.loads(json.dumps(dataclasses.asdict(config), default=str))}
+
+
+def _shard_dir(out: Path) -> Path:
+    return out.with_name(out.name + ".shards")
+
+
+def _check_settings(shards: Path, settings: dict) -> None:
+    """The shard folder's recorded settings must be these (a resumed run is the same run)."""
+    recorded = shards / "settings.json"
+    if recorded.is_file():
+        old = read_json(recorded, "annotation settings")
+        if old != settings:
+            keys = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
+            raise InputError(f"{shards} holds shards of another run (different {keys}); "
+                             "remove it or write to another --out")
+    elif jax.process_index() == 0:
+        write_json(recorded, settings, indent=2)
+
+
+def _person_records(source: AnnotationInput, output, image_ids, min_iou: float) -> dict:
+    """ann_id (str) -> its annotation fields from one run of `run_dataset`."""
+    skipped = {s["image_id"]: s for s in output.report.skipped_images}
+    by_image: dict[int, list] = {}
+    for result in output.results:
+        by_image.setdefault(result["image_id"], []).append(result)
+    records = {}
+    for image_id in image_ids:
+        ids = source.ann_ids.get(image_id, [])
+        if image_id in skipped:
+            for ann_id in ids:
+                records[str(ann_id)] = {"p2s": {"status": "missing_image"}}
+            continue
+        prompts = output.prompts[image_id]
+        results = iter(by_image.get(image_id, []))
+        iou, object_score = output.predictions.get(image_id, ((), ()))
+        kept = iter(range(len(iou)))
+        for person, ann_id in enumerate(ids):
+            labels = prompts.labels[person]
+            used = labels != -1
+            prompt = [[round(float(x), 2), round(float(y), 2), int(label)] for (x, y), label
+                      in zip(prompts.coords[person][used], labels[used])]
+            if not prompts.has_prompt[person]:
+                records[str(ann_id)] = {"p2s": {"status": "no_prompt", "prompt": prompt}}
+                continue
+            result, k = next(results), next(kept)
+            area = float(mask_utils.area(result["segmentation"]))
+            status = ("empty_mask" if area == 0 else "low_iou" if iou[k] < min_iou else "ok")
+            records[str(ann_id)] = {
+                "segmentation": result["segmentation"], "area": area,
+                "bbox": [round(float(v), 2) for v in mask_utils.toBbox(result["segmentation"])],
+                "p2s": {"status": status, "predicted_iou": round(float(iou[k]), 5),
+                        "object_score": round(float(object_score[k]), 4), "prompt": prompt}}
+    return records
+
+
+def annotate(model: SAM2Image, keypoints_path, images_dir, out, config: AnnotateConfig =
+             AnnotateConfig(), *, image_info=None, checkpoint: str = "", overlays=None,
+             mesh: Mesh | None = None, progress: bool = True) -> dict:
+    """Annotates every person of `keypoints_path` with a mask (module docstring); -> summary."""
+    out = Path(out)
+    source = AnnotationInput(keypoints_path, image_info)
+    mesh = make_mesh() if mesh is None else mesh
+    shards = _shard_dir(out)
+    if jax.process_index() == 0:
+        shards.mkdir(parents=True, exist_ok=True)
+    _check_settings(shards, _settings(source, keypoints_path, checkpoint, model, config))
+    ids = source.image_ids
+    chunks = [ids[i:i + config.shard_images] for i in range(0, len(ids), config.shard_images)]
+    start, run_images = time.perf_counter(), 0
+    for index, chunk in enumerate(chunks):
+        path = shards / f"{index:06d}.json"
+        if path.is_file():
+            continue
+        if progress and jax.process_index() == 0:
+            print(f"shard {index + 1}/{len(chunks)}: {len(chunk)} images", flush=True)
+        output = run_dataset(model, source.coco, images_dir,
+                             {i: source.poses[i] for i in chunk}, config.inference, mesh=mesh,
+                             progress=progress)
+        run_images += len(chunk)
+        records = _person_records(source, output, chunk, config.min_iou)
+        if jax.process_index() == 0:
+            write_json(path, {"images": chunk, "skipped": output.report.skipped_images,
+                              "persons": records})
+    seconds = time.perf_counter() - start
+    records, skipped = {}, []
+    for index in range(len(chunks)):
+        shard = read_json(shards / f"{index:06d}.json", "annotation shard")
+        records.update(shard["persons"])
+        skipped += shard["skipped"]
+    data = _merge(source.data, records)
+    counts = Counter(a["p2s"]["status"] for a in data["annotations"] if "p2s" in a)
+    summary = {"output": str(out), "schema": source.schema.name, "images": len(ids),
+               "persons": sum(counts.values()),
+               "status": {s: counts.get(s, 0) for s in STATUSES},
+               "images_per_second": run_images / seconds if run_images and seconds > 0 else None,
+               "images_this_run": run_images, "skipped_images": skipped}
+    if jax.process_index() == 0:
+        write_atomic(out, json.dumps(data))
+        write_json(out.with_name(out.stem + ".summary.json"), summary, indent=2)
+        if overlays is not None and config.overlay_sample:
+            summary["overlays"] = draw_overlays(source, data, images_dir, overlays,
+                                                config.overlay_sample,
+                                                config.inference.prompt.visibility_threshold)
+    return summary
+
+
+def _merge(data: dict, records: dict) -> dict:
+    """The input with each annotated person's fields; the input's own bbox / area move into
+    `p2s` (`input_bbox`, `input_area`) when a mask replaces them."""
+    data = copy.deepcopy(data)
+    for ann in data["annotations"]:
+        record = records.get(str(ann["id"]))
+        if record is None:
+            continue
+        if "segmentation" in record:
+            for key in ("bbox", "area"):
+                if key in ann:
+                    record["p2s"][f"input_{key}"] = ann[key]
+        ann.update(copy.deepcopy(record))
+    return data
+
+
+def draw_overlays(source: AnnotationInput, data: dict, images_dir, folder, sample: int,
+                  threshold: float) -> list[str]:
+    """`sample` images spread evenly over the annotated ones, drawn with their masks,
+    skeletons and prompt points -> the PNG paths."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    picks = sorted({source.image_ids[int(i)] for i in
+                    np.linspace(0, len(source.image_ids) - 1, min(sample, len(source.image_ids)))})
+    by_id = {a["id"]: a for a in data["annotations"]}
+    written = []
+    for image_id in picks:
+        try:
+            image = load_image(Path(images_dir) / source.coco.imgs[image_id]["file_name"])
+        except ImageError:
+            continue
+        anns = [by_id[i] for i in source.ann_ids[image_id]]
+        masks = np.stack([mask_utils.decode(a["segmentation"]).astype(bool) if "segmentation"
+                          in a and isinstance(a["segmentation"], dict)
+                          else np.zeros(image.shape[:2], bool) for a in anns])
+        keypoints, visibility = labelled_points(np.asarray(
+            [a["keypoints"] for a in anns], np.float32).reshape(len(anns), -1, 3))
+        prompts = [np.asarray(a["p2s"].get("prompt", []), np.float32).reshape(-1, 3)
+                   for a in anns]
+        slots = max(1, max(len(p) for p in prompts))
+        coords = np.zeros((len(anns), slots, 2), np.float32)
+        labels = np.full((len(anns), slots), -1, np.int32)
+        for i, prompt in enumerate(prompts):
+            coords[i, :len(prompt)], labels[i, :len(prompt)] = prompt[:, :2], prompt[:, 2]
+        overlay = draw_overlay(image, masks, keypoints, visibility, coords, labels, threshold,
+                               source.schema.skeleton)
+        path = folder / f"{image_id}.png"
+        overlay.save(path)
+        written.append(str(path))
+    return written

@@ -1,0 +1,166 @@
+"""`p2s annotate` end to end on a generated keypoint-only dataset in CrowdPose-14 layout: each
+person's mask against the official predictor with the same prompts, resumption after SIGKILL
+(byte-identical output), 4 devices against 1, and training one `tiny` step on the result."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+from pycocotools import mask as mask_utils
+
+import reference
+from conftest import model_pair
+from p2s_jax import cli
+from p2s_jax.evaluation.annotate import AnnotateConfig, annotate
+from p2s_jax.keypoints import CROWDPOSE14
+from p2s_jax.parallel import make_mesh
+from p2s_jax.utils.images import load_image
+from weights_conversion import save_orbax
+
+pytestmark = pytest.mark.skipif(not reference.reference_available(),
+                                reason="needs torch, sam2 and hydra (the dev extra)")
+MODEL, SIZE = "sam2.1_hiera_t", 256
+REPO = Path(__file__).resolve().parents[1]
+# COCO-17 slot of each CrowdPose-14 keypoint; "neck" is the shoulders' midpoint
+FROM_COCO = [5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 0, None]
+
+
+def crowdpose_layout(root: Path, num_images: int = 6) -> tuple[Path, Path]:
+    """Generated persons (scikit-image photos) as CrowdPose-14 keypoints without masks, the
+    names title-cased as some published files write them. -> (keypoint file, image folder)."""
+    from p2s_jax.data.synthetic import make_coco_dataset
+
+    annotations, images = make_coco_dataset(root, num_images, (2, 3), seed=5,
+                                            image_size=(200, 260))
+    data = json.loads(Path(annotations).read_text())
+    for ann in data["annotations"]:
+        coco = np.asarray(ann["keypoints"], np.float64).reshape(17, 3)
+        neck = np.append((coco[5, :2] + coco[6, :2]) / 2, min(coco[5, 2], coco[6, 2]))
+        crowd = np.stack([coco[j] if j is not None else neck for j in FROM_COCO])
+        crowd[crowd[:, 2] == 0] = 0
+        ann["keypoints"] = [round(float(v), 2) for v in crowd.ravel()]
+        ann["num_keypoints"] = int((crowd[:, 2] > 0).sum())
+        for key in ("segmentation", "area", "bbox"):
+            ann.pop(key)
+        ann["source_note"] = f"kept {ann['id']}"  # an input field the output must keep
+    data["categories"][0]["keypoints"] = [n.replace("_", " ").title()
+                                          for n in CROWDPOSE14.keypoint_names]
+    data["categories"][0]["skeleton"] = [[a + 1, b + 1] for a, b in CROWDPOSE14.skeleton]
+    path = root / "crowdpose_like.json"
+    path.write_text(json.dumps(data))
+    return path, Path(images)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("annotate")
+    keypoints, images = crowdpose_layout(root)
+    official, ours = model_pair(MODEL, SIZE)
+    folder = root / "converted"
+    save_orbax(ours, folder)
+    return {"root": root, "keypoints": keypoints, "images": images, "official": official,
+            "ours": ours, "checkpoint": folder}
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(setup):
+    out = setup["root"] / "one" / "annotated.json"
+    summary = annotate(setup["ours"], setup["keypoints"], setup["images"], out,
+                       AnnotateConfig(shard_images=2, overlay_sample=2),
+                       checkpoint=str(setup["checkpoint"]), overlays=out.parent / "overlays",
+                       mesh=make_mesh(jax.devices()[:1]), progress=False)
+    return out, summary
+
+
+def test_masks_equal_the_official_predictor_with_the_same_prompts(setup, uninterrupted):
+    out, summary = uninterrupted
+    data = json.loads(out.read_text())
+    source = json.loads(setup["keypoints"].read_text())
+    assert [a["id"] for a in data["annotations"]] == [a["id"] for a in source["annotations"]]
+    assert summary["schema"] == "crowdpose14" and summary["persons"] == len(data["annotations"])
+    assert sum(summary["status"].values()) == summary["persons"] >= 12
+    predictor = reference.official_predictor(setup["official"])
+    images = {im["id"]: im for im in data["images"]}
+    checked = 0
+    for ann, original in zip(data["annotations"], source["annotations"]):
+        assert ann["source_note"] == original["source_note"]
+        assert ann["keypoints"] == original["keypoints"]  # every input field kept
+        p2s = ann["p2s"]
+        if p2s["status"] == "no_prompt":
+            continue
+        prompt = np.asarray(p2s["prompt"], np.float32)
+        assert prompt.shape[1] == 3 and len(prompt) == 3  # MaxVis_3
+        # the prompts are this person's own keypoints, the three most visible
+        triplets = np.asarray(original["keypoints"], np.float32).reshape(14, 3)
+        for x, y, label in prompt:
+            assert label == 1 and np.abs(triplets[:, :2] - [x, y]).sum(1).min() < 0.01
+        mask = mask_utils.decode(ann["segmentation"]).astype(bool)
+        assert ann["area"] == mask.sum() and ann["p2s"]["predicted_iou"] > 0
+        np.testing.assert_allclose(ann["bbox"], mask_utils.toBbox(ann["segmentation"]),
+                                   atol=0.01)
+        predictor.set_image(load_image(setup["images"] / images[ann["image_id"]]["file_name"]))
+        logits, iou, _ = predictor.predict(point_coords=prompt[:, :2],
+                                           point_labels=prompt[:, 2].astype(np.int32),
+                                           multimask_output=False, return_logits=True)
+        differ = mask != (logits[0] > 0)
+        assert differ.mean() < 1e-3
+        assert np.all(np.abs(logits[0][differ]) < 1e-3 * np.abs(logits[0]).max())
+        assert p2s["predicted_iou"] == pytest.approx(float(iou[0]), abs=1e-4)
+        checked += 1
+    assert checked >= 10
+    overlays = sorted((out.parent / "overlays").glob("*.png"))
+    assert len(overlays) == 2 and overlays[0].stat().st_size > 1000
+
+
+def test_resume_after_sigkill_on_four_devices_is_byte_identical(setup, uninterrupted):
+    """A 4-device run killed with SIGKILL between shards, then resumed on 1 device: the output
+    bytes equal the uninterrupted 1-device run's (so 4 devices computed the same shards)."""
+    out = setup["root"] / "killed" / "annotated.json"
+    args = ["annotate", "--keypoints", str(setup["keypoints"]), "--images",
+            str(setup["images"]), "--out", str(out), "--checkpoint", str(setup["checkpoint"]),
+            "--shard-images", "2", "--overlays", str(out.parent / "overlays"), "--sample", "2",
+            "--no-progress"]
+    env = {**os.environ, "JAX_PLATFORMS": "cpu",
+           "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
+           "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.Popen([sys.executable, "-m", "p2s_jax.cli", *args], env=env, cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    shards = out.with_name(out.name + ".shards")
+    deadline = time.time() + 300
+    while not (shards / "000000.json").exists() and proc.poll() is None:
+        assert time.time() < deadline
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    log = proc.stdout.read().decode()
+    assert "4 device(s)" in log, log
+    done = sorted(p.name for p in shards.glob("0*.json"))
+    assert done and len(done) < 3 and not out.exists(), (done, log)  # killed mid-run
+    assert cli.main(args) == 0
+    assert out.read_bytes() == uninterrupted[0].read_bytes()
+
+
+def test_settings_mismatch_and_bad_input_are_named(setup, uninterrupted, tmp_path, capsys):
+    out = uninterrupted[0]
+    args = ["annotate", "--keypoints", str(setup["keypoints"]), "--images",
+            str(setup["images"]), "--out", str(out), "--checkpoint", str(setup["checkpoint"]),
+            "--shard-images", "3", "--no-progress"]
+    assert cli.main(args) == 2
+    assert "holds shards of another run (different ['config'])" in capsys.readouterr().err
+    bad = json.loads(setup["keypoints"].read_text())
+    del bad["annotations"][4]["keypoints"]
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps(bad))
+    args[args.index("--keypoints") + 1], args[args.index("--out") + 1] = str(path), str(
+        tmp_path / "x.json")
+    assert cli.main(args) == 2
+    assert "annotations[4]" in capsys.readouterr().err and not (tmp_path / "x.json").exists()
