@@ -164,3 +164,68 @@ def test_settings_mismatch_and_bad_input_are_named(setup, uninterrupted, tmp_pat
         tmp_path / "x.json")
     assert cli.main(args) == 2
     assert "annotations[4]" in capsys.readouterr().err and not (tmp_path / "x.json").exists()
+
+
+# ------------------------------------------------------------------------------ closing the loop
+
+
+def test_annotated_file_is_training_data(setup, uninterrupted, tmp_path):
+    """The annotated CrowdPose file as a training source: the kept statuses only, masks from
+    `segmentation`, 14 keypoints from the same annotation, flipped with CrowdPose's pairs."""
+    from p2s_jax.data.augment import AugmentConfig
+    from p2s_jax.data.builder import PersonSegmentationConfig, load_source, prepare
+    from p2s_jax.data.loader import TrainLoader
+
+    out = uninterrupted[0]
+    data = json.loads(out.read_text())
+    statuses = ("ok", "low_iou", "empty_mask")
+    kept = [a for a in data["annotations"] if a["p2s"]["status"] in statuses]
+    config = PersonSegmentationConfig(name="annotated", annotations=str(out),
+                                      images=str(setup["images"]), statuses=statuses,
+                                      schema="crowdpose14")
+    prepare("/", tmp_path / "tfds", config)
+    source = load_source(tmp_path / "tfds", "annotated")
+    assert source.schema == "crowdpose14"
+    records = [source[i] for i in range(len(source))]
+    assert sorted(int(i) for r in records for i in r["annotation_id"]) == sorted(
+        a["id"] for a in kept)
+    by_id = {a["id"]: a for a in kept}
+    for record in records:
+        for j, ann_id in enumerate(record["annotation_id"]):
+            ann = by_id[int(ann_id)]
+            assert record["rle"][j].decode() == ann["segmentation"]["counts"]
+            triplets = np.asarray(ann["keypoints"], np.float32).reshape(14, 3)
+            np.testing.assert_array_equal(record["visibility"][j], triplets[:, 2] > 0)
+    still = dict(degrees=0.0, shear=0.0, jitter=(0.0, 0.0, 0.0), grayscale_p=0.0,
+                 jitter_after_grayscale=(0.0, 0.0, 0.0))
+    batches = []
+    for flip_p in (0.0, 1.0):
+        loader = TrainLoader(source, global_batch_size=2, image_size=64, objects_per_image=2,
+                             seed=0, augment_config=AugmentConfig(flip_p=flip_p, **still),
+                             num_workers=0, num_keypoints=17)
+        batches.append(loader.batch(0))
+        assert batches[-1]["keypoints"].shape == (2, 2, 17, 2)
+        assert not batches[-1]["visibility"][..., 14:].any()  # 14 slots, padded to 17
+    plain, flipped = batches
+    perm = list(CROWDPOSE14.flip_permutation)
+    np.testing.assert_array_equal(flipped["visibility"][..., :14],
+                                  plain["visibility"][..., perm])
+    seen = plain["visibility"][..., perm] > 0
+    np.testing.assert_allclose(flipped["keypoints"][..., :14, 0][seen],
+                               63 - plain["keypoints"][..., perm, 0][seen], atol=1e-3)
+    np.testing.assert_array_equal(flipped["masks"], plain["masks"][..., ::-1])
+    with pytest.raises(Exception, match="keypoints are crowdpose14, the builder config says "
+                                        "coco17"):
+        prepare("/", tmp_path / "tfds2", PersonSegmentationConfig(
+            name="wrong", annotations=str(out), images=str(setup["images"])))
+
+
+@pytest.mark.slow  # a tiny training step compiles for a minute
+def test_annotated_file_trains_one_tiny_step(setup, uninterrupted, tmp_path, capsys):
+    out = uninterrupted[0]
+    assert cli.main(["train", "--config", "tiny", "--workdir", str(tmp_path / "run"),
+                     "--no-progress", f"data.annotations={out}",
+                     f"data.images={setup['images']}", "data.manual_dir=/",
+                     f"data.data_dir={tmp_path / 'tfds'}", "data.synthetic_images=0",
+                     "total_steps=1", "checkpoint_every=1"]) == 0
+    assert "trained 1 steps" in capsys.readouterr().out

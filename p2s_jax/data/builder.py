@@ -16,8 +16,10 @@ Record (P = the image's non-crowd persons, small ones included, in annotation-fi
   height, width  int64        from the annotation file (checked against the image header)
   rle            (P,) bytes   COCO compressed RLE counts of each person's mask; the mask size is
                               (height, width) (checked at build time)
-  keypoints      (P, 17, 2)   float32 x, y in original image pixels (pixel-centre convention)
-  visibility     (P, 17)      float32; 0 = unusable (unmatched person, unlabelled keypoint)
+  keypoints      (P, J, 2)    float32 x, y in original image pixels (pixel-centre convention);
+                              J and the order are the file's keypoint schema (`p2s_jax.keypoints`,
+                              named in the dataset's metadata: `load_source(...).schema`)
+  visibility     (P, J)       float32; 0 = unusable (unmatched person, unlabelled keypoint)
   bbox           (P, 4)       float32 ground-truth box [x, y, w, h]
   area           (P,)         float32 ground-truth mask area
   annotation_id  (P,)         int64 ground-truth annotation id
@@ -32,7 +34,9 @@ if >= 0.5 (box: the detection's 'bbox', else the extent of its keypoints). visib
 detection's per-keypoint 'visibility' (ProbPose), else the triplets' confidence s. A person left
 without a detection gets visibility 0 everywhere, so the prompt sampler falls back to its mask.
 
-Crowd regions (iscrowd = 1) are not targets and are not stored. A missing image is an error that
+Annotated files (`p2s annotate`): persons whose `p2s.status` is not among the config's
+`statuses` are left out (by default only `ok` masks are trained on); annotations without a
+`p2s` field are kept. Crowd regions (iscrowd = 1) are not targets and are not stored. A missing image is an error that
 lists the missing files (checked before anything is written); an image whose header size differs
 from the annotation is an error naming the file.
 """
@@ -51,10 +55,12 @@ from etils import epath
 from PIL import Image, UnidentifiedImageError
 from pycocotools.coco import COCO
 
-from p2s_jax.data.coco import (CocoFormatError, PoseInstances, ground_truth_poses, load_coco,
-                               load_keypoint_detections, person_category_id)
+from p2s_jax.data.coco import (CocoFormatError, PoseInstances, coco_from_dict,
+                               ground_truth_poses, keypoint_schema, load_keypoint_detections,
+                               person_category_id)
 from p2s_jax.data.matching import load_detection_ids, matched_poses
-from p2s_jax.keypoints import NUM_KEYPOINTS
+from p2s_jax.keypoints import NUM_KEYPOINTS, get_schema
+from p2s_jax.utils.files import read_json
 
 BUILDER_NAME = "p2s_person_segmentation"
 
@@ -68,11 +74,15 @@ class PersonSegmentationConfig(tfds.core.BuilderConfig):
       images: the folder the ground truth's 'file_name's are relative to.
       detections: keypoint detections (COCO keypoint results, ProbPose format) or None for the
         ground-truth keypoints.
+      statuses: the `p2s.status` values of an annotated file (`p2s annotate`) kept as targets.
+      schema: the annotation file's keypoint schema (`p2s_jax.keypoints`): the records' J.
     """
 
     annotations: str = ""
     images: str = ""
     detections: str | None = None
+    statuses: tuple = ("ok",)
+    schema: str = "coco17"
 
 
 def _config(name: str, annotations: str, images: str, detections: str | None,
@@ -96,8 +106,10 @@ class PersonSegmentation(tfds.core.GeneratorBasedBuilder):
     """Persons of COCO-format datasets with masks and keypoint prompts; see the module doc."""
 
     name = BUILDER_NAME
-    VERSION = tfds.core.Version("1.0.0")
-    RELEASE_NOTES = {"1.0.0": "Initial release."}
+    VERSION = tfds.core.Version("1.1.0")
+    RELEASE_NOTES = {"1.0.0": "Initial release.",
+                     "1.1.0": "Any keypoint schema (J per dataset, in the metadata); annotated "
+                              "files filtered by status."}
     BUILDER_CONFIGS = list(BUILDER_CONFIGS)
     MANUAL_DOWNLOAD_INSTRUCTIONS = (
         "Place the files named by the builder config inside manual_dir (see docs/data.md): a "
@@ -112,8 +124,10 @@ class PersonSegmentation(tfds.core.GeneratorBasedBuilder):
         return epath.Path(__file__)
 
     def _info(self) -> tfds.core.DatasetInfo:
+        schema = get_schema(self.builder_config.schema)
         return tfds.core.DatasetInfo(
-            builder=self, features=record_features(),
+            builder=self, features=record_features(schema.num_keypoints),
+            metadata=tfds.core.MetadataDict(schema=schema.name),
             description="Person masks with keypoint prompts, one record per image.")
 
     def _split_generators(self, dl_manager):
@@ -127,7 +141,8 @@ class PersonSegmentation(tfds.core.GeneratorBasedBuilder):
 
     def _generate_examples(self, annotations: Path, images_dir: Path, detections: Path | None
                            ) -> Iterator[tuple[int, dict]]:
-        yield from generate_examples(annotations, images_dir, detections)
+        yield from generate_examples(annotations, images_dir, detections,
+                                     self.builder_config.statuses, self.builder_config.schema)
 
 
 def _resolve(root: Path, relative: str, what: str) -> Path:
@@ -136,7 +151,7 @@ def _resolve(root: Path, relative: str, what: str) -> Path:
     return root / relative
 
 
-def record_features() -> tfds.features.FeaturesDict:
+def record_features(num_keypoints: int = NUM_KEYPOINTS) -> tfds.features.FeaturesDict:
     """The record layout (see the module docstring); every feature encodes without TensorFlow."""
     tensor = tfds.features.Tensor
     return tfds.features.FeaturesDict({
@@ -146,8 +161,8 @@ def record_features() -> tfds.features.FeaturesDict:
         "height": tensor(shape=(), dtype=np.int64),
         "width": tensor(shape=(), dtype=np.int64),
         "rle": tensor(shape=(None,), dtype=np.object_),
-        "keypoints": tensor(shape=(None, NUM_KEYPOINTS, 2), dtype=np.float32),
-        "visibility": tensor(shape=(None, NUM_KEYPOINTS), dtype=np.float32),
+        "keypoints": tensor(shape=(None, num_keypoints, 2), dtype=np.float32),
+        "visibility": tensor(shape=(None, num_keypoints), dtype=np.float32),
         "bbox": tensor(shape=(None, 4), dtype=np.float32),
         "area": tensor(shape=(None,), dtype=np.float32),
         "annotation_id": tensor(shape=(None,), dtype=np.int64),
@@ -249,7 +264,18 @@ def missing_images(coco: COCO, image_ids: list[int], images_dir: Path) -> list[P
     return [p for p in paths if not p.is_file()]
 
 
-def generate_examples(annotations: Path, images_dir: Path, detections: Path | None = None
+def _annotated(annotations: Path, statuses: tuple) -> COCO:
+    """The ground truth, without the annotated persons whose `p2s.status` is not kept."""
+    data = read_json(annotations, "COCO annotation file", CocoFormatError)
+    if isinstance(data, dict) and isinstance(data.get("annotations"), list):
+        data = {**data, "annotations": [
+            a for a in data["annotations"] if not isinstance(a, dict) or a.get("iscrowd")
+            or "p2s" not in a or a["p2s"].get("status") in statuses]}
+    return coco_from_dict(data, annotations)
+
+
+def generate_examples(annotations: Path, images_dir: Path, detections: Path | None = None,
+                      statuses: tuple = ("ok",), schema: str = "coco17"
                       ) -> Iterator[tuple[int, dict]]:
     """(image_id, record) for every image with a non-crowd person, by increasing image id.
 
@@ -259,7 +285,11 @@ def generate_examples(annotations: Path, images_dir: Path, detections: Path | No
         missing annotation / detection file.
       CocoFormatError: malformed annotation or detection files, naming the file and the entry.
     """
-    coco = load_coco(annotations)
+    coco = _annotated(annotations, statuses)
+    found = keypoint_schema(coco).name
+    if found != schema:
+        raise CocoFormatError(f"{annotations}: its keypoints are {found}, the builder config "
+                              f"says {schema}")
     image_ids = person_image_ids(coco)
     if not images_dir.is_dir():
         raise FileNotFoundError(f"image folder not found: {images_dir}")
@@ -330,7 +360,22 @@ def load_source(data_dir: str | os.PathLike, name: str, split: str = "train"):
         raise FileNotFoundError(f"no prepared dataset '{name}' under {root} (prepared configs "
                                 f"in {root.parent}: {found}); run prepare() first")
     builder = tfds.builder_from_directory(os.fspath(versions[-1]))
-    return builder.as_data_source(split=split)
+    return SchemaSource(builder.as_data_source(split=split),
+                        builder.info.metadata.get("schema", "coco17")
+                        if builder.info.metadata else "coco17")
+
+
+class SchemaSource:
+    """A prepared source and the keypoint schema of its records (`schema`, a name)."""
+
+    def __init__(self, source, schema: str):
+        self.source, self.schema = source, schema
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, index: int):
+        return {**self.source[index], "schema": self.schema}
 
 
 def _is_version(text: str) -> bool:

@@ -168,6 +168,12 @@ def load_keypoint_annotations_dict(data: Any, source: str | os.PathLike) -> COCO
     return _index({**data, "annotations": filled})
 
 
+def coco_from_dict(data: Any, source: str | os.PathLike) -> COCO:
+    """`load_coco` of a dict read from `source` (named in errors)."""
+    _validate_ground_truth(Path(source), data)
+    return _index(data)
+
+
 def load_coco(path: str | os.PathLike) -> COCO:
     """Loads a COCO-format ground-truth file (COCO, OCHuman, CIHP) as a pycocotools COCO.
 
@@ -295,6 +301,17 @@ def keypoint_schema(coco: COCO) -> KeypointSchema:
         raise CocoFormatError(f"annotations carry keypoint lists of lengths {sorted(lengths)}; "
                               "expected 3 numbers per keypoint, the same count everywhere")
     return schema_for_count(min(lengths) // 3, "annotations' keypoints")
+
+
+def annotation_schema(path: str | os.PathLike) -> KeypointSchema:
+    """`keypoint_schema` of a COCO-format file, without indexing it."""
+    data = read_json(Path(path), "COCO annotation file", CocoFormatError)
+    coco = COCO()
+    coco.dataset = {"categories": data.get("categories", []),
+                    "annotations": [a for a in data.get("annotations", [])[:1]]}
+    with quiet():
+        coco.createIndex()
+    return keypoint_schema(coco)
 
 
 def ground_truth_poses(coco: COCO, image_id: int, include_crowd: bool = False) -> PoseInstances:

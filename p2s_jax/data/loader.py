@@ -45,7 +45,7 @@ import numpy as np
 from pycocotools import mask as mask_utils
 
 from p2s_jax.data.augment import AugmentConfig, augment
-from p2s_jax.keypoints import NUM_KEYPOINTS
+from p2s_jax.keypoints import NUM_KEYPOINTS, get_schema
 from p2s_jax.utils.errors import Error
 from p2s_jax.utils.images import ImageError, decode_image
 
@@ -112,18 +112,20 @@ def choose_persons(rng: np.random.Generator, num_persons: int, objects_per_image
 
 
 def make_sample(record: Mapping[str, Any], rng: np.random.Generator, *, image_size: int,
-                objects_per_image: int, augment_config: AugmentConfig) -> dict[str, np.ndarray]:
+                objects_per_image: int, augment_config: AugmentConfig,
+                num_keypoints: int = NUM_KEYPOINTS) -> dict[str, np.ndarray]:
     """One training sample from one record (the batch layout without the batch axis).
 
     Args:
       record: a source record (`p2s_jax.data.builder`): image bytes, height, width, rle (N,),
-        keypoints (N, 17, 2), visibility (N, 17), image_id.
+        keypoints (N, J, 2), visibility (N, J), image_id, and the schema name (flip pairs).
       rng: this sample's generator (`sample_rng`): persons, then augmentation.
       image_size: S. objects_per_image: P. augment_config: the augmentation.
+      num_keypoints: J' >= J, the batch's keypoint slots (padding: visibility 0).
 
     Returns:
-      image (S, S, 3) uint8, masks (P, S, S) bool, keypoints (P, 17, 2) float32, visibility
-      (P, 17) float32, valid (P,) bool, image_id () int64.
+      image (S, S, 3) uint8, masks (P, S, S) bool, keypoints (P, J', 2) float32, visibility
+      (P, J') float32, valid (P,) bool, image_id () int64.
     """
     height, width = int(record["height"]), int(record["width"])
     name = f"image_id {int(record['image_id'])}"
@@ -135,24 +137,29 @@ def make_sample(record: Mapping[str, Any], rng: np.random.Generator, *, image_si
     masks = decode_masks([record["rle"][i] for i in chosen], height, width)
     keypoints = np.asarray(record["keypoints"], np.float32)[chosen]
     visibility = np.asarray(record["visibility"], np.float32)[chosen]
+    flip = get_schema(record.get("schema", "coco17")).flip_permutation
     image, masks, keypoints, visibility = augment(rng, image, masks, keypoints, visibility,
-                                                  augment_config, image_size)
+                                                  augment_config, image_size, flip)
     return _pad(image, masks, keypoints, visibility, objects_per_image,
-                int(record["image_id"]))
+                int(record["image_id"]), num_keypoints)
 
 
 def _pad(image: np.ndarray, masks: np.ndarray, keypoints: np.ndarray, visibility: np.ndarray,
-         objects_per_image: int, image_id: int) -> dict[str, np.ndarray]:
+         objects_per_image: int, image_id: int, num_keypoints: int = NUM_KEYPOINTS
+         ) -> dict[str, np.ndarray]:
     """Pads the k <= P persons to P slots; valid = a real person with a non-empty mask."""
     count, size = len(masks), image.shape[0]
     valid = np.zeros(objects_per_image, bool)
     valid[:count] = masks.any(axis=(1, 2))
     out_masks = np.zeros((objects_per_image, size, size), bool)
     out_masks[:count] = masks
-    out_keypoints = np.zeros((objects_per_image, NUM_KEYPOINTS, 2), np.float32)
-    out_keypoints[:count] = keypoints
-    out_visibility = np.zeros((objects_per_image, NUM_KEYPOINTS), np.float32)
-    out_visibility[:count] = visibility
+    joints = keypoints.shape[1]
+    if joints > num_keypoints:
+        raise ValueError(f"record has {joints} keypoints per person, the batch {num_keypoints}")
+    out_keypoints = np.zeros((objects_per_image, num_keypoints, 2), np.float32)
+    out_keypoints[:count, :joints] = keypoints
+    out_visibility = np.zeros((objects_per_image, num_keypoints), np.float32)
+    out_visibility[:count, :joints] = visibility
     out_visibility[~valid] = 0.0
     return {"image": image, "masks": out_masks, "keypoints": out_keypoints,
             "visibility": out_visibility, "valid": valid, "image_id": np.int64(image_id)}
@@ -187,12 +194,13 @@ class TrainLoader:
         jax.process_count()).
       num_workers: sample threads; 0 makes every sample in the calling thread.
       prefetch: batches prepared ahead of the one being consumed (with num_workers > 0).
+      num_keypoints: keypoint slots of a batch, the most of any source's schema (17).
     """
 
     def __init__(self, source, *, global_batch_size: int, image_size: int,
                  objects_per_image: int, seed: int, augment_config: AugmentConfig,
                  host_index: int = 0, host_count: int = 1, num_workers: int = 4,
-                 prefetch: int = 2):
+                 prefetch: int = 2, num_keypoints: int = NUM_KEYPOINTS):
         _check_positive(global_batch_size=global_batch_size, image_size=image_size,
                         objects_per_image=objects_per_image, host_count=host_count)
         if global_batch_size % host_count:
@@ -217,6 +225,7 @@ class TrainLoader:
         self.augment_config = augment_config
         self.host_index, self.host_count = int(host_index), int(host_count)
         self.prefetch = int(prefetch)
+        self.num_keypoints = int(num_keypoints)
         self._pool = (futures.ThreadPoolExecutor(num_workers, thread_name_prefix="p2s-data")
                       if num_workers else None)
 
@@ -241,7 +250,8 @@ class TrainLoader:
             sample = make_sample(record, sample_rng(self.seed, int(epoch), int(record_index)),
                                  image_size=self.image_size,
                                  objects_per_image=self.objects_per_image,
-                                 augment_config=self.augment_config)
+                                 augment_config=self.augment_config,
+                                 num_keypoints=self.num_keypoints)
         except Exception as e:
             raise DataError(f"step {step}: record {int(record_index)} (image_id {image_id}): "
                             f"{type(e).__name__}: {e}") from e

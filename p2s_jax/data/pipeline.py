@@ -12,6 +12,8 @@ import jax
 from p2s_jax.utils.errors import InputError, MissingFileError
 from p2s_jax.data.augment import NO_AUGMENT, AugmentConfig
 from p2s_jax.data.builder import PersonSegmentationConfig, load_source, prepare
+from p2s_jax.data.coco import annotation_schema
+from p2s_jax.keypoints import get_schema
 from p2s_jax.data.loader import TrainLoader
 from p2s_jax.data.synthetic import make_coco_dataset, make_keypoint_detections
 
@@ -21,6 +23,7 @@ class ConcatSource:
 
     def __init__(self, sources):
         self.sources = list(sources)
+        self.schemas = [getattr(s, "schema", "coco17") for s in self.sources]
         self.ends = []
         total = 0
         for source in self.sources:
@@ -38,7 +41,9 @@ class ConcatSource:
         return self.sources[which][index - start]
 
 
-def _prepared(data_dir: str, name: str, manual_dir: str, config=None):
+def _prepared(data_dir: str, name: str, manual_dir: str, make_config=None):
+    """The records of `name`, prepared first (from `make_config()`, or the predefined config
+    of that name) when they are not there yet."""
     try:
         return load_source(data_dir, name)
     except FileNotFoundError:
@@ -46,7 +51,7 @@ def _prepared(data_dir: str, name: str, manual_dir: str, config=None):
             raise MissingFileError(
                 f"dataset '{name}' is not prepared under {data_dir!r} and no data.manual_dir "
                 f"is given to prepare it from (see docs/data.md)") from None
-        prepare(manual_dir, data_dir, config or name)
+        prepare(manual_dir, data_dir, make_config() if make_config else name)
         return load_source(data_dir, name)
 
 
@@ -62,7 +67,7 @@ def synthetic_source(workdir: Path, num_images: int, seed: int):
         make_keypoint_detections(annotations, seed, 2.0, root / "raw" / "detections.json")
     config = PersonSegmentationConfig(name=name, annotations="annotations.json",
                                       images="images", detections="detections.json")
-    return _prepared(os.fspath(data_dir), name, os.fspath(root / "raw"), config)
+    return _prepared(os.fspath(data_dir), name, os.fspath(root / "raw"), lambda: config)
 
 
 def source_from_config(config, workdir):
@@ -73,10 +78,15 @@ def source_from_config(config, workdir):
     if not data.data_dir:
         raise InputError("set data.data_dir (the tfds data folder), or data.synthetic_images")
     if data.annotations:
-        custom = PersonSegmentationConfig(name=data.custom_name, annotations=data.annotations,
-                                          images=data.images,
-                                          detections=data.keypoints or None)
-        return _prepared(data.data_dir, data.custom_name, data.manual_dir or "/", custom)
+        manual_dir = data.manual_dir or "/"
+
+        def custom():
+            schema = annotation_schema(Path(manual_dir) / data.annotations).name
+            return PersonSegmentationConfig(
+                name=data.custom_name, annotations=data.annotations, images=data.images,
+                detections=data.keypoints or None, statuses=tuple(data.statuses), schema=schema)
+
+        return _prepared(data.data_dir, data.custom_name, manual_dir, custom)
     sources = [_prepared(data.data_dir, name, data.manual_dir) for name in data.datasets]
     return sources[0] if len(sources) == 1 else ConcatSource(sources)
 
@@ -84,7 +94,9 @@ def source_from_config(config, workdir):
 def loader_from_config(config, workdir) -> TrainLoader:
     """This process's ``TrainLoader`` for ``config`` (a ``TrainConfig``)."""
     data = config.data
-    return TrainLoader(source_from_config(config, workdir),
+    source = source_from_config(config, workdir)
+    schemas = getattr(source, "schemas", [getattr(source, "schema", "coco17")])
+    return TrainLoader(source, num_keypoints=max(get_schema(s).num_keypoints for s in schemas),
                        global_batch_size=config.global_batch_size,
                        image_size=config.image_size, objects_per_image=data.objects_per_image,
                        seed=config.seed, augment_config=AugmentConfig() if data.augment

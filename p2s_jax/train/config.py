@@ -40,6 +40,7 @@ class DataConfig:
         (``keypoints`` = ProbPose detections, "" = ground-truth poses), relative to
         ``manual_dir``, prepared as config ``custom_name``.
       custom_name: the builder config name of those files.
+      statuses: of an annotated file (`p2s annotate`), the `p2s.status` values trained on.
       synthetic_images: > 0 generates that many COCO-format images on scikit-image photos into
         ``<workdir>/synthetic`` and trains on them (tests, smoke runs).
       objects_per_image: persons per training image (official: 1; more are drawn at random).
@@ -55,6 +56,7 @@ class DataConfig:
     images: str = ""
     keypoints: str = ""
     custom_name: str = "custom"
+    statuses: tuple = ("ok",)
     synthetic_images: int = 0
     objects_per_image: int = 1
     augment: bool = True
