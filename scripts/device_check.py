@@ -1,5 +1,5 @@
-"""One call on an accelerator: parity, encoder, decoder, evaluation and training against the
-official code, written as one JSON and one markdown table.
+"""One call on an accelerator: parity, encoder, decoder, evaluation, annotation and training
+against the official code, written as one JSON and one markdown table.
 
     python scripts/device_check.py                 # on the GPU machine: b+ at 1024, bf16
     python scripts/device_check.py --smoke         # the same code on CPU: t at 256, about a minute
@@ -18,7 +18,9 @@ same random weights; on a GPU the official side runs under `torch.autocast(bfloa
    the official batched call;
 4. evaluation: `run_dataset` on a generated dataset, images/s and the projected wall time for
    COCO val2017's 2693 person images;
-5. training: `scripts/benchmark_train.py` (the paper step against the official `SAM2Train`).
+5. annotate: `scripts/benchmark_annotate.py`, `p2s annotate` on a keypoint-only generated
+   dataset against the official per-person loop on the same prompts;
+6. training: `scripts/benchmark_train.py` (the paper step against the official `SAM2Train`).
 """
 
 from __future__ import annotations
@@ -222,6 +224,17 @@ def section_evaluation(ctx: Context) -> dict:
             "projected_coco_val2017_s": COCO_VAL_PERSON_IMAGES / rate}
 
 
+def section_annotate(ctx: Context) -> dict:
+    from benchmark_annotate import run
+
+    profile = ctx.profile
+    result = run(profile["model"], profile["image_size"], profile["eval_images"],
+                 profile["eval_people"], 0, True, profile["dtype"])
+    return {key: result.get(key) for key in (
+        "images", "persons", "ours_images_per_s", "official_images_per_s",
+        "ratio_official_over_ours", "warmup_s")}
+
+
 def section_training(ctx: Context) -> dict:
     with tempfile.TemporaryDirectory() as root:
         out = Path(root) / "train.json"
@@ -239,7 +252,8 @@ def section_training(ctx: Context) -> dict:
 
 
 SECTIONS = {"parity": section_parity, "encoder": section_encoder, "decoder": section_decoder,
-            "evaluation": section_evaluation, "training": section_training}
+            "evaluation": section_evaluation, "annotate": section_annotate,
+            "training": section_training}
 
 
 def markdown(report: dict) -> str:
@@ -280,6 +294,12 @@ def markdown(report: dict) -> str:
         lines += [f"Evaluation: {r['images']} images, {r['masks']} masks, "
                   f"{r['images_per_s']:.2f} images/s; COCO val2017 person images projected "
                   f"{r['projected_coco_val2017_s']:.0f} s.", ""]
+    if "rows" in s.get("annotate", {}):
+        r = s["annotate"]["rows"]
+        lines += [f"Annotation: {r['images']} images, {r['persons']} persons; ours "
+                  f"{r['ours_images_per_s']:.2f} images/s, official per-person loop "
+                  f"{fmt(r['official_images_per_s'], '{:.2f}')} images/s "
+                  f"({fmt(r['ratio_official_over_ours'], '{:.2f}')}x).", ""]
     if "rows" in s.get("training", {}):
         r = s["training"]["rows"]
         lines += [f"Training ({r['image_size']} px): ours {r['ours_images_per_s']:.2f} images/s, "
