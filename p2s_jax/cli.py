@@ -223,6 +223,9 @@ def build_parser() -> argparse.ArgumentParser:
     annotate_parser.add_argument("--no-progress", action="store_true")
     annotate_parser.add_argument("--distributed", action="store_true",
                                  help="call jax.distributed.initialize() first (multi-host)")
+    annotate_parser.add_argument("--import", dest="imports", action="append", default=[],
+                                 metavar="MODULE", help="import MODULE first, e.g. one that "
+                                                        "registers a keypoint schema")
 
     curve = commands.add_parser("curve", help="mean IoU after each correction point (Fig. 2)")
     curve.add_argument("--annotations", required=True, help="COCO-format ground truth")
@@ -363,11 +366,7 @@ def cmd_segment(args: argparse.Namespace) -> int:
 def cmd_train(args: argparse.Namespace) -> int:
     if args.distributed:
         jax.distributed.initialize()
-    for module in args.imports:
-        try:
-            importlib.import_module(module)
-        except ImportError as err:
-            raise UsageError(f"--import {module}: {err}") from None
+    _import_modules(args.imports)
     config_name = args.config
     if config_name is None:
         saved = Path(args.workdir) / "config.json"
@@ -398,13 +397,23 @@ def cmd_aot(args: argparse.Namespace) -> int:
     return 0
 
 
+def _import_modules(modules: list[str]) -> None:
+    for module in modules:
+        try:
+            importlib.import_module(module)
+        except ImportError as err:
+            raise UsageError(f"--import {module}: {err}") from None
+
+
 def cmd_annotate(args: argparse.Namespace) -> int:
     if args.distributed:
         jax.distributed.initialize()
+    _import_modules(args.imports)
     inference = dataclasses.replace(inference_config(args, ground_truth=False),
                                     images_per_device=args.batch_size,
                                     num_workers=args.workers)
-    config = AnnotateConfig(inference, min_iou=args.min_iou, shard_images=args.shard_images,
+    config = AnnotateConfig(inference, inference_config(args, ground_truth=True).prompt,
+                            min_iou=args.min_iou, shard_images=args.shard_images,
                             overlay_sample=args.sample)
     checkpoint = args.checkpoint or released_checkpoint(progress=not args.no_progress)
     model = load_model(checkpoint, args.model, args.image_size, compute_dtype(args.dtype),

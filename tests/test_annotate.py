@@ -21,6 +21,8 @@ import reference
 from conftest import model_pair
 from p2s_jax import cli
 from p2s_jax.evaluation.annotate import AnnotateConfig, annotate
+from p2s_jax.evaluation.runner import EvalConfig
+from p2s_jax.inference.prompting import PromptConfig
 from p2s_jax.keypoints import CROWDPOSE14
 from p2s_jax.parallel import make_mesh
 from p2s_jax.utils.images import load_image
@@ -74,8 +76,9 @@ def setup(tmp_path_factory):
 @pytest.fixture(scope="module")
 def uninterrupted(setup):
     out = setup["root"] / "one" / "annotated.json"
-    summary = annotate(setup["ours"], setup["keypoints"], setup["images"], out,
-                       AnnotateConfig(shard_images=2, overlay_sample=2),
+    config = AnnotateConfig(EvalConfig(), PromptConfig.ground_truth(), shard_images=2,
+                            overlay_sample=2)  # what `p2s annotate` runs without a preset
+    summary = annotate(setup["ours"], setup["keypoints"], setup["images"], out, config,
                        checkpoint=str(setup["checkpoint"]), overlays=out.parent / "overlays",
                        mesh=make_mesh(jax.devices()[:1]), progress=False)
     return out, summary
@@ -98,8 +101,8 @@ def test_masks_equal_the_official_predictor_with_the_same_prompts(setup, uninter
         if p2s["status"] == "no_prompt":
             continue
         prompt = np.asarray(p2s["prompt"], np.float32)
-        assert prompt.shape[1] == 3 and len(prompt) == 3  # MaxVis_3
-        # the prompts are this person's own keypoints, the three most visible
+        assert prompt.shape[1] == 3 and len(prompt) == 3  # 3 points
+        # the prompts are this person's own keypoints
         triplets = np.asarray(original["keypoints"], np.float32).reshape(14, 3)
         for x, y, label in prompt:
             assert label == 1 and np.abs(triplets[:, :2] - [x, y]).sum(1).min() < 0.01

@@ -38,6 +38,7 @@ from pycocotools import mask as mask_utils
 from p2s_jax.data import coco as coco_lib
 from p2s_jax.evaluation.runner import EvalConfig, ground_truth_prompt_poses, run_dataset
 from p2s_jax.inference.overlay import draw_overlay
+from p2s_jax.inference.prompting import PromptConfig
 from p2s_jax.keypoints import labelled_points
 from p2s_jax.model.sam2 import SAM2Image
 from p2s_jax.parallel import make_mesh
@@ -52,12 +53,15 @@ STATUSES = ("ok", "no_prompt", "low_iou", "empty_mask", "missing_image")
 class AnnotateConfig:
     """Attributes:
       inference: prompts, post-processing and batching (`EvalConfig`; a preset's for the paper).
+      ground_truth_prompt: the prompt for ground-truth keypoints (binary visibility cannot rank:
+        MaxSpread, Tab. 3); None: `inference.prompt` for both kinds of input.
       min_iou: a mask whose predicted IoU is below this gets status `low_iou` (kept, marked).
       shard_images: images per shard (the unit of resumption).
       overlay_sample: images drawn into the overlay folder, chosen evenly over the image ids.
     """
 
     inference: EvalConfig = EvalConfig()
+    ground_truth_prompt: PromptConfig | None = None
     min_iou: float = 0.0
     shard_images: int = 256
     overlay_sample: int = 50
@@ -85,12 +89,14 @@ class AnnotationInput:
                          "annotations": _detections_as_annotations(keypoints_path, raw)}
             self.coco = coco_lib.load_keypoint_annotations_dict(self.data, keypoints_path)
             self.poses = coco_lib.load_keypoint_detections(keypoints_path, self.coco)
+            self.ground_truth = False
             self.ann_ids = {}
             for ann in self.data["annotations"]:
                 self.ann_ids.setdefault(ann["image_id"], []).append(ann["id"])
         else:
             self.data, self.coco = coco_lib.load_keypoint_annotations(keypoints_path)
             self.poses = ground_truth_prompt_poses(self.coco)
+            self.ground_truth = True
             self.ann_ids = {i: p.ann_ids.tolist() for i, p in self.poses.items()}
         self.schema = coco_lib.keypoint_schema(self.coco)
         self.image_ids = [i for i in sorted(self.coco.getImgIds()) if len(self.poses.get(i, ()))]
@@ -174,6 +180,9 @@ def annotate(model: SAM2Image, keypoints_path, images_dir, out, config: Annotate
     """Annotates every person of `keypoints_path` with a mask (module docstring); -> summary."""
     out = Path(out)
     source = AnnotationInput(keypoints_path, image_info)
+    inference = config.inference
+    if source.ground_truth and config.ground_truth_prompt is not None:
+        inference = dataclasses.replace(inference, prompt=config.ground_truth_prompt)
     mesh = make_mesh() if mesh is None else mesh
     shards = _shard_dir(out)
     if jax.process_index() == 0:
@@ -189,7 +198,7 @@ def annotate(model: SAM2Image, keypoints_path, images_dir, out, config: Annotate
         if progress and jax.process_index() == 0:
             print(f"shard {index + 1}/{len(chunks)}: {len(chunk)} images", flush=True)
         output = run_dataset(model, source.coco, images_dir,
-                             {i: source.poses[i] for i in chunk}, config.inference, mesh=mesh,
+                             {i: source.poses[i] for i in chunk}, inference, mesh=mesh,
                              progress=progress)
         run_images += len(chunk)
         records = _person_records(source, output, chunk, config.min_iou)
@@ -215,7 +224,7 @@ def annotate(model: SAM2Image, keypoints_path, images_dir, out, config: Annotate
         if overlays is not None and config.overlay_sample:
             summary["overlays"] = draw_overlays(source, data, images_dir, overlays,
                                                 config.overlay_sample,
-                                                config.inference.prompt.visibility_threshold)
+                                                inference.prompt.visibility_threshold)
     return summary
 
 
