@@ -232,3 +232,36 @@ def test_annotated_file_trains_one_tiny_step(setup, uninterrupted, tmp_path, cap
                      f"data.data_dir={tmp_path / 'tfds'}", "data.synthetic_images=0",
                      "total_steps=1", "checkpoint_every=1"]) == 0
     assert "trained 1 steps" in capsys.readouterr().out
+
+
+def test_keypoint_results_input_and_a_missing_image(setup, tmp_path):
+    """A pose estimator's output (keypoint results with scores) and the image list: every
+    entry becomes an annotation (its fields kept); the persons of an image that is gone get
+    `missing_image` and the run goes on."""
+    import shutil
+
+    source = json.loads(setup["keypoints"].read_text())
+    results = [{"image_id": a["image_id"], "category_id": 1, "keypoints": a["keypoints"],
+                "score": 0.5 + 0.01 * i} for i, a in enumerate(source["annotations"])]
+    (tmp_path / "results.json").write_text(json.dumps(results))
+    (tmp_path / "images.json").write_text(json.dumps(
+        {"images": source["images"], "categories": source["categories"]}))
+    images = tmp_path / "images"
+    shutil.copytree(setup["images"], images)
+    gone = source["images"][1]
+    (images / gone["file_name"]).unlink()
+    summary = annotate(setup["ours"], tmp_path / "results.json", images, tmp_path / "out.json",
+                       AnnotateConfig(EvalConfig(keypoint_score="confidence"), shard_images=4),
+                       image_info=tmp_path / "images.json",
+                       mesh=make_mesh(jax.devices()[:1]), progress=False)
+    data = json.loads((tmp_path / "out.json").read_text())
+    assert len(data["annotations"]) == len(results) == summary["persons"]
+    assert [s["image_id"] for s in summary["skipped_images"]] == [gone["id"]]
+    for ann, result in zip(data["annotations"], results):
+        assert ann["score"] == result["score"] and ann["keypoints"] == result["keypoints"]
+        missing = ann["image_id"] == gone["id"]
+        assert (ann["p2s"]["status"] == "missing_image") == missing
+        assert ("segmentation" in ann) == (ann["p2s"]["status"] not in ("missing_image",
+                                                                         "no_prompt"))
+    assert summary["status"]["missing_image"] == sum(a["image_id"] == gone["id"]
+                                                     for a in results) > 0
