@@ -72,8 +72,12 @@ class MaskPostprocess:
 
 
 def _window(labels: jax.Array, init, reducer) -> jax.Array:
-    """(H, W) -> (H, W): `reducer` over each pixel's 3 x 3 neighbourhood (outside = `init`)."""
-    return jax.lax.reduce_window(labels, init, reducer, (3, 3), (1, 1), "SAME")
+    """(H, W) -> (H, W): `reducer` (jnp.minimum / jnp.maximum) over each pixel's 3 x 3
+    neighbourhood (outside = `init`), separably by shifted slices, which XLA's CPU backend runs
+    several times faster than `lax.reduce_window` (docs/performance.md)."""
+    padded = jnp.pad(labels, 1, constant_values=init)
+    rows = reducer(reducer(padded[:, :-2], padded[:, 1:-1]), padded[:, 2:])
+    return reducer(reducer(rows[:-2], rows[1:-1]), rows[2:])
 
 
 def small_components(region: jax.Array, max_area: float) -> jax.Array:
@@ -88,11 +92,11 @@ def small_components(region: jax.Array, max_area: float) -> jax.Array:
                        outside)
 
     def spread(_, labels):
-        return jnp.where(region, _window(labels, outside, jax.lax.min), outside)
+        return jnp.where(region, _window(labels, outside, jnp.minimum), outside)
 
     labels = jax.lax.fori_loop(0, max_pixels, spread, labels)
-    lowest = _window(labels, outside, jax.lax.min)
-    highest = _window(jnp.where(region, labels, -1), -1, jax.lax.max)
+    lowest = _window(labels, outside, jnp.minimum)
+    highest = _window(jnp.where(region, labels, -1), -1, jnp.maximum)
     unfinished_pixel = region & ((lowest != labels) | (highest != labels))
     flat = labels.reshape(-1)
     counts = jnp.zeros(outside + 1, jnp.int32).at[flat].add(1)
