@@ -29,7 +29,7 @@ pytestmark = pytest.mark.skipif(not reference.reference_available(),
 
 MODEL, SIZE = "sam2.1_hiera_t", 256
 
-ASSETS = Path(cli.__file__).parent / "assets"
+ASSETS = Path(cli.__file__).parents[1] / "assets"
 EXAMPLE_IMAGE = ASSETS / "example.jpg"  # the README's main-job photo
 EXAMPLE_KEYPOINTS = ASSETS / "example_keypoints.json"
 

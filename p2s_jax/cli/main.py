@@ -1,0 +1,48 @@
+"""`p2s`: parses the command line and dispatches to a command (`commands`).
+
+An expected failure (`p2s_jax.utils.errors.Error`: a missing or malformed file, a checkpoint
+that does not fit, a bad argument) ends the command with one line naming the cause and exit
+status 2; anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from p2s_jax.model.configs import ConfigError
+from p2s_jax.parallel import describe_devices
+from p2s_jax.utils import allocator
+from p2s_jax.utils.errors import Error
+from p2s_jax.cli.arguments import PROG, build_parser
+from p2s_jax.cli.commands import COMMANDS, COMPUTES
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the `p2s` console script; returns the exit status."""
+    args = build_parser().parse_args(argv)
+    if allocator.set_mode(allocator.choose_mode(args.malloc, args.command)):
+        print(f"{PROG}: host memory: freed blocks are kept for reuse (--malloc default to turn "
+              "off)", file=sys.stderr)
+    if args.command in COMPUTES:
+        print(f"{PROG}: {describe_devices()}")
+    try:
+        return COMMANDS[args.command](args)
+    except (Error, ConfigError) as err:
+        print(f"{PROG} {args.command}: error: {one_line(err)}", file=sys.stderr)
+        return 2
+
+
+def one_line(err: Exception, max_details: int = 3) -> str:
+    """The error on one line (a long list of details is cut), except download instructions."""
+    message = str(err).strip() or type(err).__name__
+    lines = [line.strip() for line in message.splitlines() if line.strip()]
+    if getattr(err, "keep_lines", False) or len(lines) <= 1:
+        return message
+    details = "; ".join(lines[1:1 + max_details])
+    more = len(lines) - 1 - max_details
+    return f"{lines[0]} {details}" + (f"; and {more} more" if more > 0 else "")
+
+
+
+if __name__ == "__main__":
+    sys.exit(main())
