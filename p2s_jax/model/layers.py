@@ -177,6 +177,8 @@ def _library_attention(q, k, v, key_mask, implementation: str):
     if key_mask is not None:
         key_mask = jnp.broadcast_to(key_mask, lead + key_mask.shape[-1:])
         mask = key_mask.reshape(-1, 1, 1, key_mask.shape[-1])
+        if implementation == "cudnn":  # cuDNN takes a mask of the logits' full shape only
+            mask = jnp.broadcast_to(mask, (q.shape[0], q.shape[2], q.shape[1], k.shape[1]))
     out = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=implementation)
     return out.reshape(lead + out.shape[-3:])
 
