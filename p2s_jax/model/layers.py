@@ -126,7 +126,7 @@ def from_blocks(x: jax.Array, levels: int) -> jax.Array:
 #                more memory (docs/performance.md, TPU table).
 #   xla          jax.nn.dot_product_attention's XLA path.
 #   cudnn        jax.nn.dot_product_attention's cuDNN flash attention (GPU, bf16 / fp16, head
-#                dims up to 128 in multiples of 8).
+#                dims up to 128 in multiples of 8); its gradient goes through the XLA path.
 #   auto         cpu_chunked on CPU, einsum on TPU, cudnn on GPU where the dtype and head dim
 #                allow, else xla.
 ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "cudnn", "cpu_chunked", "einsum")
@@ -179,8 +179,33 @@ def _library_attention(q, k, v, key_mask, implementation: str):
         mask = key_mask.reshape(-1, 1, 1, key_mask.shape[-1])
         if implementation == "cudnn":  # cuDNN takes a mask of the logits' full shape only
             mask = jnp.broadcast_to(mask, (q.shape[0], q.shape[2], q.shape[1], k.shape[1]))
-    out = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=implementation)
+    if implementation == "cudnn":
+        out = _cudnn_attention(q, k, v, mask)
+    else:
+        out = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=implementation)
     return out.reshape(lead + out.shape[-3:])
+
+
+@jax.custom_vjp
+def _cudnn_attention(q, k, v, mask):
+    """cuDNN flash attention forward; the backward through XLA's path. cuDNN's backward takes
+    only sequence lengths in multiples of 64, which the decoder's token attentions (a few
+    prompt and output tokens) are not, and the paper's training differentiates exactly those."""
+    return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation="cudnn")
+
+
+def _cudnn_attention_fwd(q, k, v, mask):
+    return _cudnn_attention(q, k, v, mask), (q, k, v, mask)
+
+
+def _cudnn_attention_bwd(residuals, cotangent):
+    q, k, v, mask = residuals
+    _, vjp = jax.vjp(lambda *qkv: jax.nn.dot_product_attention(*qkv, mask=mask,
+                                                               implementation="xla"), q, k, v)
+    return (*vjp(cotangent), None)
+
+
+_cudnn_attention.defvjp(_cudnn_attention_fwd, _cudnn_attention_bwd)
 
 
 def _einsum_attention(q, k, v, key_mask, chunked: bool):
