@@ -37,6 +37,13 @@ def normalize_name(name: str) -> str:
     return "_".join(words)
 
 
+def mirrored_name(name: str) -> str:
+    """'left_wrist' <-> 'right_wrist'; names without a side stay."""
+    side, _, rest = name.partition("_")
+    mirror = {"left": "right", "right": "left"}
+    return f"{mirror[side]}_{rest}" if side in mirror else name
+
+
 @dataclasses.dataclass(frozen=True)
 class KeypointSchema:
     """One pose format.
@@ -61,9 +68,7 @@ class KeypointSchema:
                 raise InputError(f"schema {self.name!r}: skeleton pair ({a}, {b}) is outside "
                                  f"its {len(names)} keypoints")
         for name in names:
-            side, _, rest = name.partition("_")
-            if side in ("left", "right") and f"{'right' if side == 'left' else 'left'}_{rest}" \
-                    not in names:
+            if mirrored_name(name) not in names:
                 raise InputError(f"schema {self.name!r}: {name!r} has no mirrored keypoint")
 
     @property
@@ -74,13 +79,7 @@ class KeypointSchema:
     def flip_permutation(self) -> tuple[int, ...]:
         """Slot j of a horizontally flipped pose holds the mirrored keypoint [j]."""
         index = {n: i for i, n in enumerate(self.keypoint_names)}
-        mirror = {"left": "right", "right": "left"}
-
-        def mirrored(name):
-            side, _, rest = name.partition("_")
-            return f"{mirror[side]}_{rest}" if side in mirror else name
-
-        return tuple(index[mirrored(n)] for n in self.keypoint_names)
+        return tuple(index[mirrored_name(n)] for n in self.keypoint_names)
 
     @property
     def flip_pairs(self) -> tuple[tuple[int, int], ...]:

@@ -26,7 +26,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 
 sys.path.insert(0, os.path.dirname(__file__))
 from benchmark_eval import make_dataset, run_official  # noqa: E402
@@ -45,19 +44,15 @@ def keypoint_only(coco, root: Path) -> Path:
 
 def prompts_of(annotated: dict):
     """image_id -> ImagePrompts of the annotated persons (for the official loop)."""
+    from p2s_jax.evaluation.annotate import prompt_arrays
     from p2s_jax.evaluation.runner import ImagePrompts
 
-    out = {}
+    people = {}
     for ann in annotated["annotations"]:
-        out.setdefault(ann["image_id"], []).append(ann["p2s"].get("prompt", []))
+        people.setdefault(ann["image_id"], []).append(ann)
     prompts = {}
-    for image_id, people in out.items():
-        slots = max(1, max(len(p) for p in people))
-        coords = np.zeros((len(people), slots, 2), np.float32)
-        labels = np.full((len(people), slots), -1, np.int32)
-        for i, prompt in enumerate(people):
-            prompt = np.asarray(prompt, np.float32).reshape(-1, 3)
-            coords[i, :len(prompt)], labels[i, :len(prompt)] = prompt[:, :2], prompt[:, 2]
+    for image_id, anns in people.items():
+        coords, labels = prompt_arrays(anns)
         prompts[image_id] = ImagePrompts(coords, labels, (labels == 1).any(axis=1))
     return prompts
 

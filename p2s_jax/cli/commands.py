@@ -200,7 +200,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
-COMPUTES = ("evaluate", "segment", "train", "curve", "annotate")  # commands that say which devices they run on
+# Commands that say which devices they run on.
+COMPUTES = ("evaluate", "segment", "train", "curve", "annotate")
 COMMANDS = {"convert": cmd_convert, "evaluate": cmd_evaluate, "segment": cmd_segment,
             "train": cmd_train, "export": cmd_export, "aot": cmd_aot, "prepare": cmd_prepare,
             "curve": cmd_curve, "annotate": cmd_annotate}

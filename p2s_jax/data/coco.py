@@ -28,8 +28,8 @@ import numpy as np
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 
-from p2s_jax.keypoints import (COCO17, NUM_KEYPOINTS, KeypointSchema, schema_for_count,
-                               schema_for_names)
+from p2s_jax.keypoints import (COCO17, KEYPOINT_NAMES, NUM_KEYPOINTS, SKELETON, KeypointSchema,
+                               schema_for_count, schema_for_names)
 from p2s_jax.utils.errors import InputError
 from p2s_jax.utils.files import read_json
 
@@ -50,6 +50,9 @@ def _score_key(entry: dict, name: str) -> str | None:
     """The key under which `entry` stores the per-keypoint score `name`, or None."""
     return next((key for key in SCORE_KEY_ALIASES[name] if key in entry), None)
 SMALL_AREA = 32.0**2
+# The person category of files this project writes (COCO-17 names, COCO's 1-based skeleton).
+PERSON_CATEGORY = {"id": 1, "name": "person", "supercategory": "person",
+                   "keypoints": list(KEYPOINT_NAMES), "skeleton": [list(e) for e in SKELETON]}
 
 _IMAGE_KEYS = ("id", "width", "height", "file_name")
 _CATEGORY_KEYS = ("id", "name")
@@ -427,7 +430,7 @@ def _stack_people(people: Sequence[_Person], score_names: Sequence[str], with_bo
         return PoseInstances.empty(score_names, with_boxes, num_keypoints)
     counts = [len(p.keypoints) for p in people]
     if len(set(counts)) > 1:
-        first = counts.index(counts[-1]) if counts[0] != counts[-1] else 0
+        first = next(i for i, count in enumerate(counts) if count != counts[0])
         raise CocoFormatError(f"{where}: persons carry different numbers of keypoints "
                               f"({counts[0]} for person 0, {counts[first]} for person {first})")
     return PoseInstances(
@@ -437,14 +440,16 @@ def _stack_people(people: Sequence[_Person], score_names: Sequence[str], with_bo
         det_score=np.asarray([p.score for p in people]))
 
 
-def load_keypoint_detections(path: str | os.PathLike, coco: COCO) -> dict[int, PoseInstances]:
+def load_keypoint_detections(path: str | os.PathLike, coco: COCO,
+                             entries: Any = None) -> dict[int, PoseInstances]:
     """Reads person keypoint detections in the COCO keypoint results format (ProbPose output).
 
     Each entry: {"image_id", "category_id", "keypoints": [x, y, s] * 17, "score"}, optionally with
     per-keypoint "visibility", "presence", "expected_oks" (17 floats each, also read under
-    ProbPose's and BBoxMaskPose's names, `SCORE_KEY_ALIASES`) and "bbox" ([x, y, w, h]). Which optional fields are present is read from the first entry
-    and required of every entry, so that all images carry the same score names. 'confidence' is
-    the s of each triplet; boxes are converted to [x0, y0, x1, y1].
+    ProbPose's and BBoxMaskPose's names, `SCORE_KEY_ALIASES`) and "bbox" ([x, y, w, h]). Which
+    optional fields are present is read from the first entry and required of every entry, so
+    that all images carry the same score names. 'confidence' is the s of each triplet; boxes are
+    converted to [x0, y0, x1, y1].
 
     Entries whose image is not in `coco` are dropped with a warning (a detection file for all of
     val2017 may be used with a ground-truth subset); if no entry matches, that is an error.
@@ -452,6 +457,7 @@ def load_keypoint_detections(path: str | os.PathLike, coco: COCO) -> dict[int, P
     Args:
       path: the JSON file.
       coco: the ground truth the detections belong to (`load_coco`).
+      entries: the file's JSON when the caller has read it already (`path` then names it).
 
     Returns:
       image_id -> PoseInstances for every image of `coco` (P = 0 where nothing was detected), the
@@ -462,7 +468,8 @@ def load_keypoint_detections(path: str | os.PathLike, coco: COCO) -> dict[int, P
         expected vs. actual length; NaN / infinite values name the image and the entry.
     """
     path = Path(path)
-    entries = read_json(path, "keypoint detection file", CocoFormatError)
+    if entries is None:
+        entries = read_json(path, "keypoint detection file", CocoFormatError)
     if not isinstance(entries, list):
         raise CocoFormatError(f"{path}: expected a JSON list of detections (COCO keypoint results "
                               f"format), got a JSON {type(entries).__name__}")

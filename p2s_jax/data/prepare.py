@@ -29,13 +29,11 @@ import numpy as np
 from PIL import Image
 from pycocotools import mask as mask_utils
 
-from p2s_jax.data.coco import CocoFormatError, masks_to_rle
-from p2s_jax.keypoints import KEYPOINT_NAMES, SKELETON
+from p2s_jax.data.coco import PERSON_CATEGORY, CocoFormatError, masks_to_rle
+from p2s_jax.keypoints import KEYPOINT_NAMES
 from p2s_jax.utils.errors import InputError, MissingFileError
 from p2s_jax.utils.files import read_json, write_json
 
-PERSON_CATEGORY = {"id": 1, "name": "person", "supercategory": "person",
-                   "keypoints": list(KEYPOINT_NAMES), "skeleton": [list(s) for s in SKELETON]}
 
 
 def _has_segmentation(ann: dict) -> bool:
@@ -89,7 +87,8 @@ def cihp_annotations(split_dir: str | os.PathLike) -> dict[str, Any]:
         if not folder.is_dir():
             raise MissingFileError(f"{folder} does not exist (a CIHP split folder holds Images/ "
                                    "and Human_ids/)")
-    photos = sorted(p for p in images_dir.iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png"))
+    photos = sorted(p for p in images_dir.iterdir()
+                    if p.suffix.lower() in (".jpg", ".jpeg", ".png"))
     if not photos:
         raise MissingFileError(f"{images_dir} holds no images")
     images, annotations = [], []

@@ -25,15 +25,14 @@ from PIL import Image, ImageDraw
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 
-from p2s_jax.data.coco import SMALL_AREA, load_coco, masks_to_rle, person_category_id
-from p2s_jax.keypoints import KEYPOINT_NAMES, NUM_KEYPOINTS, SKELETON
+from p2s_jax.data.coco import (PERSON_CATEGORY, SMALL_AREA, load_coco, masks_to_rle,
+                               person_category_id)
+from p2s_jax.keypoints import NUM_KEYPOINTS
 from p2s_jax.utils.errors import InputError
 
 # (skimage.data name, file format), cycled through by image index.
 PHOTOS = (("astronaut", "JPEG"), ("camera", "PNG"), ("coffee", "JPEG"), ("logo", "PNG"),
           ("chelsea", "JPEG"), ("rocket", "JPEG"))
-PERSON_CATEGORY = {"id": 1, "name": "person", "supercategory": "person",
-                   "keypoints": list(KEYPOINT_NAMES), "skeleton": [list(e) for e in SKELETON]}
 # A standing person's keypoints in its box, (x, y) in [0, 1]: where detections put unlabelled ones.
 _BOX_TEMPLATE = np.array([
     [.50, .06], [.55, .04], [.45, .04], [.60, .06], [.40, .06], [.70, .20], [.30, .20],

@@ -88,7 +88,7 @@ class AnnotationInput:
             self.data = {**{k: v for k, v in info.items() if k != "annotations"},
                          "annotations": _detections_as_annotations(keypoints_path, raw)}
             self.coco = coco_lib.load_keypoint_annotations_dict(self.data, keypoints_path)
-            self.poses = coco_lib.load_keypoint_detections(keypoints_path, self.coco)
+            self.poses = coco_lib.load_keypoint_detections(keypoints_path, self.coco, raw)
             self.ground_truth = False
             self.ann_ids = {}
             for ann in self.data["annotations"]:
@@ -244,6 +244,19 @@ def _merge(data: dict, records: dict) -> dict:
     return data
 
 
+def prompt_arrays(annotations: list[dict]) -> tuple[np.ndarray, np.ndarray]:
+    """The `p2s.prompt` lists of P annotated persons -> coords (P, K, 2) float32 and labels
+    (P, K) int32, padded with label -1 to the longest prompt."""
+    prompts = [np.asarray(a["p2s"].get("prompt", []), np.float32).reshape(-1, 3)
+               for a in annotations]
+    slots = max(1, max(len(p) for p in prompts))
+    coords = np.zeros((len(prompts), slots, 2), np.float32)
+    labels = np.full((len(prompts), slots), -1, np.int32)
+    for i, prompt in enumerate(prompts):
+        coords[i, :len(prompt)], labels[i, :len(prompt)] = prompt[:, :2], prompt[:, 2]
+    return coords, labels
+
+
 def draw_overlays(source: AnnotationInput, data: dict, images_dir, folder, sample: int,
                   threshold: float) -> list[str]:
     """`sample` images spread evenly over the annotated ones, drawn with their masks,
@@ -265,13 +278,7 @@ def draw_overlays(source: AnnotationInput, data: dict, images_dir, folder, sampl
                           else np.zeros(image.shape[:2], bool) for a in anns])
         keypoints, visibility = labelled_points(np.asarray(
             [a["keypoints"] for a in anns], np.float32).reshape(len(anns), -1, 3))
-        prompts = [np.asarray(a["p2s"].get("prompt", []), np.float32).reshape(-1, 3)
-                   for a in anns]
-        slots = max(1, max(len(p) for p in prompts))
-        coords = np.zeros((len(anns), slots, 2), np.float32)
-        labels = np.full((len(anns), slots), -1, np.int32)
-        for i, prompt in enumerate(prompts):
-            coords[i, :len(prompt)], labels[i, :len(prompt)] = prompt[:, :2], prompt[:, 2]
+        coords, labels = prompt_arrays(anns)
         overlay = draw_overlay(image, masks, keypoints, visibility, coords, labels, threshold,
                                source.schema.skeleton)
         path = folder / f"{image_id}.png"

@@ -1,4 +1,5 @@
-"""Small-region clean-up of the low-res mask logits, on the device (`SAM2Transforms.postprocess_masks`).
+"""Small-region clean-up of the low-res mask logits on the device (the official
+`SAM2Transforms.postprocess_masks`).
 
 The official predictor built with `max_hole_area` / `max_sprinkle_area` (the authors build it
 with 10 and 50) edits the (S/4 x S/4) logits before upsampling them:

@@ -26,9 +26,9 @@ from pycocotools.coco import COCO
 
 from p2s_jax.data import coco as coco_lib
 from p2s_jax.data.augment import resize
-from p2s_jax.inference.preprocess import imagenet_normalize
 from p2s_jax.model.sam2 import SAM2Image
 from p2s_jax.train.correction import CorrectionConfig, LoopTargets, correction_loop
+from p2s_jax.train.step import normalize_images
 from p2s_jax.utils.errors import InputError
 from p2s_jax.utils.files import write_atomic
 from p2s_jax.utils.images import load_image
@@ -82,7 +82,7 @@ def image_targets(coco: COCO, image_id: int, images_dir, size: int, max_people: 
 def _image_ious(graphdef, correction: CorrectionConfig, state, image, targets, key):
     """(S, S, 3) uint8 -> (T, P) IoU of the kept mask with the ground truth after each point."""
     model = nnx.merge(graphdef, state)
-    pixels = imagenet_normalize(image.astype(jnp.float32)[None] / 255.0)
+    pixels = normalize_images(image[None])
     features = jax.tree.map(lambda x: x[0], model.encode_image(pixels))
     out = correction_loop(model, features, targets, key, correction)
     ious = out.first.kept_iou_with_gt[None]
