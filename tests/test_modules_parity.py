@@ -25,10 +25,15 @@ def nhwc(t):
     return t.permute(0, 2, 3, 1).numpy()
 
 
-def test_trunk_blocks(pair, torch_module):
-    """Every Hiera block (windowed, q-pooling, global) on its real input."""
+@pytest.mark.parametrize("attention", ["cpu_chunked", "einsum"])
+def test_trunk_blocks(pair, torch_module, attention):
+    """Every Hiera block (windowed, q-pooling, global) on its real input, with qkv on the real
+    tokens (CPU) and on the padded windows (accelerators: `einsum`, `xla`, `cudnn`)."""
+    from p2s_jax.model.sam2 import with_attention
+
     torch = torch_module
     official, ours = pair
+    ours = with_attention(ours, attention)
     trunk_t, trunk_j = official.image_encoder.trunk, ours.image_encoder.trunk
     image = np.random.default_rng(0).standard_normal((1, SIZE, SIZE, 3)).astype(np.float32)
     x_t = trunk_t.patch_embed(torch.from_numpy(nchw(image)))
@@ -36,13 +41,15 @@ def test_trunk_blocks(pair, torch_module):
     x_j = trunk_j.patch_embed(jnp.asarray(image))
     x_j = x_j + trunk_j.position_embedding(x_j.shape[1:3])
     assert rel_err(x_j, x_t.numpy()) <= 1e-5
-    kinds = set()
+    kinds, padded = set(), False
     for block_t, block_j in zip(trunk_t.blocks, trunk_j.blocks):
         kinds.add((block_j.window_size > 0, block_j.q_stride is not None))
+        padded |= block_j.window_size > 0 and x_t.shape[1] % block_j.window_size > 0
         out_j = block_j(jnp.asarray(x_t.numpy()))  # each block on the official input
         x_t = block_t(x_t)
         assert rel_err(out_j, x_t.numpy()) <= 1e-4
     assert kinds == {(True, False), (True, True), (False, False)}
+    assert padded  # windows that do not divide the map (14 on 16 x 16)
 
 
 def test_bicubic_position_embedding_is_torch_bicubic(pair, torch_module):

@@ -22,7 +22,7 @@ import numpy as np
 from flax import nnx
 
 from p2s_jax.model.configs import HieraConfig
-from p2s_jax.model.layers import MLP, attention, gelu, layer_norm
+from p2s_jax.model.layers import MLP, attention, gelu, layer_norm, resolve_attention
 from p2s_jax.model.resample import resize_matrices
 
 
@@ -67,31 +67,59 @@ class MultiScaleAttention(nnx.Module):
         """(B, H, W, dim) -> (B, H', W', dim_out); H' = H / q_stride when pooling.
 
         window > 0: attention within zero-padded windows, as the official block (which pads its
-        input and runs qkv on the padding). qkv of a zero token is the bias, so the projection
-        runs on the real tokens only and the padding gets the bias; the output projection runs
-        after the padding is cropped (it is per token). Same numbers, up to 1.7x fewer FLOPs in
-        qkv / proj when the window does not divide the map (14 on 32 x 32 or 64 x 64).
+        input and runs qkv on the padding). Two orders give the same numbers: `_qkv_on_tokens`
+        (CPU) and `_qkv_on_windows` (accelerators). The output projection runs after the
+        padding is cropped (it is per token).
         """
         b, h, w, _ = x.shape
-        kernel = self.qkv.kernel[...].astype(self.dtype)
-        qkv = jnp.einsum("bhwc,cd->bhwd", x.astype(self.dtype), kernel)
-        padded = (h, w)
-        if window > 0:
-            qkv, padded = window_partition(qkv, window)
-        qkv = qkv + self.qkv.bias[...].astype(self.dtype)
-        nb, wh, ww, _ = qkv.shape
-        qkv = qkv.reshape(nb, wh * ww, 3, self.num_heads, -1)
-        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+        head_dim = self.proj.kernel.shape[1] // self.num_heads
+        if resolve_attention(self.attention, self.dtype, head_dim) == "cpu_chunked":
+            q, k, v, padded = self._qkv_on_tokens(x, window)
+        else:
+            q, k, v, padded = self._qkv_on_windows(x, window)
+        nb, wh, ww = q.shape[:3]
         if q_stride is not None:
             q = max_pool_2x2(q.reshape(nb, wh, ww, -1), q_stride)
             wh, ww = q.shape[1:3]
-            q = q.reshape(nb, wh * ww, self.num_heads, -1)
+        q, k, v = (t.reshape(nb, -1, self.num_heads, head_dim) for t in (q, k, v))
         out = attention(q, k, v, implementation=self.attention).reshape(nb, wh, ww, -1)
         if window > 0:
             sh, sw = q_stride or (1, 1)
             out = window_unpartition(out, wh, (padded[0] // sh, padded[1] // sw),
                                      (h // sh, w // sw))
         return self.proj(out)
+
+    def _qkv_on_tokens(self, x: jax.Array, window: int):
+        """q, k, v (B', h, w, heads, d) and the padded map size: qkv of a zero token is the
+        bias, so the projection runs on the real tokens only and the windows' padding gets the
+        bias. Up to 1.7x fewer FLOPs in qkv when the window does not divide the map (14 on
+        32 x 32 or 64 x 64): on a CPU, FLOPs are the time."""
+        kernel = self.qkv.kernel[...].astype(self.dtype)
+        qkv = jnp.einsum("bhwc,cd->bhwd", x.astype(self.dtype), kernel)
+        padded = x.shape[1:3]
+        if window > 0:
+            qkv, padded = window_partition(qkv, window)
+        qkv = qkv + self.qkv.bias[...].astype(self.dtype)
+        qkv = qkv.reshape(*qkv.shape[:3], 3, self.num_heads, -1)
+        return qkv[..., 0, :, :], qkv[..., 1, :, :], qkv[..., 2, :, :], padded
+
+    def _qkv_on_windows(self, x: jax.Array, window: int):
+        """As `_qkv_on_tokens`, in the official order (pad and partition the input, then qkv on
+        every window token), q, k and v each from its own product with the heads split in the
+        kernel. On TPU this partitions a third of the bytes (the input, not qkv) and never lays
+        out one (..., 3, heads, d) tensor to slice, whose 56-wide heads pad to 128 lanes
+        (docs/performance.md, TPU table)."""
+        x = x.astype(self.dtype)
+        padded = x.shape[1:3]
+        if window > 0:
+            x, padded = window_partition(x, window)
+        kernel = self.qkv.kernel[...].astype(self.dtype)
+        kernel = kernel.reshape(kernel.shape[0], 3, self.num_heads, -1)
+        bias = self.qkv.bias[...].astype(self.dtype).reshape(3, self.num_heads, -1)
+        nb, wh, ww, c = x.shape
+        x = x.reshape(nb, wh * ww, c)
+        q, k, v = (jnp.einsum("blc,cnd->blnd", x, kernel[:, i]) + bias[i] for i in range(3))
+        return *(t.reshape(nb, wh, ww, *t.shape[2:]) for t in (q, k, v)), padded
 
 
 def drop_path(x: jax.Array, rate: float, keys: Optional[jax.Array], stream: int) -> jax.Array:
