@@ -83,6 +83,7 @@ def loop_gradients(model, image, targets, config, key: int):
 
 
 @functools.lru_cache(maxsize=None)
+@functools.lru_cache(maxsize=None)
 def official_run(sampler: str):
     """Our loop, then the official track_step fed the same points (its sampler patched)."""
     torch = reference.import_torch()
@@ -177,11 +178,15 @@ def test_loop_matches_official_sam2train(sampler):
                                                                      1e-3), name
 
 
-def test_loop_gradients_match_official():
-    """d core_loss / d params through all 8 steps (mask input not detached), frozen encoder."""
+@pytest.mark.parametrize("attention", ["cpu_chunked", "einsum"])
+def test_loop_gradients_match_official(attention):
+    """d core_loss / d params through all 8 steps (mask input not detached), frozen encoder;
+    with the CPU formulations and with the accelerators' (`model.layers.cpu_formulations`)."""
+    from p2s_jax.model.sam2 import with_attention
     from weights_conversion.convert import to_state_dict
 
     official, ours = train_pair()
+    ours = with_attention(ours, attention)
     image, targets = scene()
     config = CorrectionConfig(num_points=8, sampler="pose_mask_refine")
     _, _, _, official_grads, _ = official_run("pose_mask_refine")

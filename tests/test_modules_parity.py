@@ -116,11 +116,16 @@ def test_prompt_encoder_padding_mask(pair):
     np.testing.assert_array_equal(key_mask, [[1, 0, 1, 0, 1], [0, 0, 0, 0, 0]])
 
 
-@pytest.mark.parametrize("multimask", [False, True])
-def test_mask_decoder(pair, torch_module, multimask):
-    """The decoder alone, from the same embeddings, including the stability fallback."""
+@pytest.mark.parametrize("multimask, attention", [(False, "cpu_chunked"), (True, "cpu_chunked"),
+                                                   (True, "einsum")])
+def test_mask_decoder(pair, torch_module, multimask, attention):
+    """The decoder alone, from the same embeddings, including the stability fallback; its
+    upscaling space-to-depth (CPU) and interleaved per deconv (accelerators)."""
+    from p2s_jax.model.sam2 import with_attention
+
     torch = torch_module
     official, ours = pair
+    ours = with_attention(ours, attention)
     rng = np.random.default_rng(3)
     h = SIZE // 16
     embed = rng.standard_normal((1, h, h, 256)).astype(np.float32)

@@ -22,7 +22,7 @@ import numpy as np
 from flax import nnx
 
 from p2s_jax.model.configs import HieraConfig
-from p2s_jax.model.layers import MLP, attention, gelu, layer_norm, resolve_attention
+from p2s_jax.model.layers import MLP, attention, cpu_formulations, gelu, layer_norm
 from p2s_jax.model.resample import resize_matrices
 
 
@@ -73,7 +73,7 @@ class MultiScaleAttention(nnx.Module):
         """
         b, h, w, _ = x.shape
         head_dim = self.proj.kernel.shape[1] // self.num_heads
-        if resolve_attention(self.attention, self.dtype, head_dim) == "cpu_chunked":
+        if cpu_formulations(self.attention):
             q, k, v, padded = self._qkv_on_tokens(x, window)
         else:
             q, k, v, padded = self._qkv_on_windows(x, window)

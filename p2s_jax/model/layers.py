@@ -154,6 +154,14 @@ def resolve_attention(implementation: str, dtype, head_dim: int,
     return "xla"
 
 
+def cpu_formulations(implementation: str) -> bool:
+    """Whether a model whose attention is `implementation` also runs the CPU-tuned formulations
+    of its other parts (Hiera's qkv on the real tokens, the decoder's space-to-depth upscaling):
+    exactly when the attention resolves to `cpu_chunked`. Both formulations give the same
+    numbers; the CPU ones save FLOPs, the others lay out fewer narrow tensors."""
+    return resolve_attention(implementation, jnp.float32, 64) == "cpu_chunked"
+
+
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, key_mask: Optional[jax.Array] = None,
               implementation: str = "auto") -> jax.Array:
     """Scaled dot-product attention, heads on axis -2; softmax in float32.

@@ -14,7 +14,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from p2s_jax.model.configs import SAM2Config
-from p2s_jax.model.layers import MLP, ConvTranspose2x2, from_blocks, gelu, to_blocks
+from p2s_jax.model.layers import (MLP, ConvTranspose2x2, cpu_formulations, from_blocks, gelu,
+                                  to_blocks)
 from p2s_jax.model.layers import LayerNorm2d
 from p2s_jax.model.transformer import TwoWayTransformer
 
@@ -29,9 +30,12 @@ class MaskDecoderOutput(NamedTuple):
 class OutputUpscaling(nnx.Module):
     """deconv 2x2/2 (+ stride-8 features) -> LN2d -> GELU -> deconv 2x2/2 (+ stride-4) -> GELU.
 
-    Runs space-to-depth: the 4x4 output pixels of each low-res pixel stay on their own axes and
-    the high-res features are brought into that layout instead, so nothing 32 channels deep is
-    ever interleaved; the decoder interleaves the four masks at the end (`from_blocks`).
+    `blocks=True` (CPU) runs space-to-depth: the 4x4 output pixels of each low-res pixel stay on
+    their own axes and the high-res features are brought into that layout instead, so nothing
+    32 channels deep is ever interleaved; the decoder interleaves the four masks at the end
+    (`from_blocks`). On accelerators each deconv interleaves its output as the official module
+    does: blocks of 2 x 2 pixels on their own axes next to the channels are narrow tensors that
+    TPU layouts pad many times over.
     """
 
     def __init__(self, dim: int, *, dtype, rngs: nnx.Rngs):
@@ -39,11 +43,15 @@ class OutputUpscaling(nnx.Module):
         self.norm = LayerNorm2d(dim // 4, rngs=rngs)
         self.deconv2 = ConvTranspose2x2(dim // 4, dim // 8, dtype=dtype, rngs=rngs)
 
-    def __call__(self, x, feat_s0, feat_s1):
+    def __call__(self, x, feat_s0, feat_s1, blocks: bool):
         """x (N, h, w, C), feat_s1 (..., 2h, 2w, C/4), feat_s0 (..., 4h, 4w, C/8)
-        -> (N, h, w, 2, 2, 2, 2, C/8), the layout of `to_blocks(upscaled, 2)`."""
-        x = gelu(self.norm(self.deconv1.blocks(x) + to_blocks(feat_s1, 1)))
-        return gelu(self.deconv2.blocks(x) + to_blocks(feat_s0, 2))
+        -> (N, 4h, 4w, C/8), or with `blocks` (N, h, w, 2, 2, 2, 2, C/8), the layout of
+        `to_blocks(upscaled, 2)`."""
+        if blocks:
+            x = gelu(self.norm(self.deconv1.blocks(x) + to_blocks(feat_s1, 1)))
+            return gelu(self.deconv2.blocks(x) + to_blocks(feat_s0, 2))
+        x = gelu(self.norm(self.deconv1(x) + feat_s1))
+        return gelu(self.deconv2(x) + feat_s0)
 
 
 class MaskDecoder(nnx.Module):
@@ -99,12 +107,15 @@ class MaskDecoder(nnx.Module):
         pos = image_pe.reshape(1, h * w, c).astype(dtype)
         hs, src = self.transformer(src, pos, tokens, token_mask)
 
+        blocks = cpu_formulations(self.transformer.final_attn_token_to_image.attention)
         upscaled = self.output_upscaling(src.reshape(n, h, w, c), feat_s0.astype(dtype),
-                                         feat_s1.astype(dtype))
+                                         feat_s1.astype(dtype), blocks)
         mask_tokens = hs[:, 2: 2 + self.num_mask_tokens]
         hyper = jnp.stack([mlp(mask_tokens[:, i]) for i, mlp in
                            enumerate(self.output_hypernetworks_mlps)], axis=1)
-        masks = from_blocks(jnp.einsum("nmc,nhw...c->nmhw...", hyper, upscaled), 2)
+        masks = jnp.einsum("nmc,nhw...c->nmhw...", hyper, upscaled)
+        if blocks:
+            masks = from_blocks(masks, 2)
         iou = self.iou_prediction_head(hs[:, 1])
         object_score = self.pred_obj_score_head(hs[:, 0])
         return MaskDecoderOutput(masks.astype(jnp.float32), iou.astype(jnp.float32),

@@ -86,7 +86,13 @@ class PromptEncoder(nnx.Module):
 
 
 class MaskDownscaling(nnx.Module):
-    """conv 2x2/2 -> LN2d -> GELU -> conv 2x2/2 -> LN2d -> GELU -> conv 1x1."""
+    """conv 2x2/2 -> LN2d -> GELU -> conv 2x2/2 -> LN2d -> GELU -> conv 1x1.
+
+    Run space-to-depth: each 4 x 4 block of the 1-channel mask becomes 16 values on the last
+    axis, so both strided convs are plain products over that axis (the first per 2 x 2
+    sub-block). No map with 1 or 4 channels on its last axis is ever laid out: on TPU such a map
+    pads to 128 lanes.
+    """
 
     def __init__(self, chans: int, dim: int, *, dtype, rngs: nnx.Rngs):
         conv = dict(kernel_size=(2, 2), strides=(2, 2), padding="VALID", dtype=dtype, rngs=rngs)
@@ -95,12 +101,22 @@ class MaskDownscaling(nnx.Module):
         self.conv2 = nnx.Conv(chans // 4, chans, **conv)
         self.norm2 = LayerNorm2d(chans, rngs=rngs)
         self.conv3 = nnx.Linear(chans, dim, dtype=dtype, rngs=rngs)
+        self.dtype = dtype
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """(..., 4h, 4w, 1) -> (..., h, w, dim)."""
-        lead = x.shape[:-3]
-        x = x.reshape((-1,) + x.shape[-3:])
-        x = gelu(self.norm1(self.conv1(x)))
-        x = gelu(self.norm2(self.conv2(x)))
-        x = self.conv3(x)
-        return x.reshape(lead + x.shape[1:])
+        *lead, height, width, _ = x.shape
+        n, h, w = len(lead), height // 4, width // 4
+        # pixel (4i + 2a + c, 4j + 2b + d) -> (i, j, (a, b), (c, d)): (a, b) is the first conv's
+        # output pixel within the second conv's 2 x 2 window, (c, d) the first conv's tap
+        x = x.astype(self.dtype).reshape(*lead, h, 2, 2, w, 2, 2)
+        x = x.transpose(*range(n), n, n + 3, n + 1, n + 4, n + 2, n + 5).reshape(*lead, h, w, 4, 4)
+        x = gelu(self.norm1(self._conv(self.conv1, x)))  # (..., h, w, 4, chans / 4)
+        x = gelu(self.norm2(self._conv(self.conv2, x.reshape(*lead, h, w, -1))))
+        return self.conv3(x)
+
+    def _conv(self, conv: nnx.Conv, x: jax.Array) -> jax.Array:
+        """A 2x2/2 conv on its windows' taps (..., 4 * in), laid out (kh, kw, in) like its kernel."""
+        kernel = conv.kernel[...].astype(self.dtype)
+        kernel = kernel.reshape(-1, kernel.shape[-1])
+        return jnp.einsum("...k,ko->...o", x, kernel) + conv.bias[...].astype(self.dtype)
