@@ -178,10 +178,12 @@ def test_ap_matches_official(dataset, run, official_results, anchored):
 
 
 def test_bf16_ap_follows_float32(models, single_device, tmp_path):
-    """bf16 compute (float32 weights) gives segm AP within 0.5 AP of float32, on 16 generated
-    images (40 people) whose ground truth has every other person's mask replaced by the float32
-    prediction (equal to the official one, `test_ap_matches_official`), so that AP is
-    informative with random weights; with COCO* too."""
+    """bf16 compute (float32 weights) follows float32 on 16 generated images (40 people): the
+    masks agree person by person (median IoU >= 0.98, at most one below 0.9: random weights
+    leave some logits near zero, and a rounding can pick another of the multimask outputs), and
+    segm AP, on a ground truth whose every other mask is the float32 prediction (equal to the
+    official one, `test_ap_matches_official`) so that AP is informative, moves by at most one
+    person's worth (1/40); with COCO* too."""
     from p2s_jax.model.configs import get_config
     from p2s_jax.model.sam2 import abstract_model
     from weights_conversion import from_state_dict
@@ -195,6 +197,11 @@ def test_bf16_ap_follows_float32(models, single_device, tmp_path):
     runs = [ev.run_dataset(model, coco, images, poses, config, mesh=single_device,
                            progress=False).results for model in (models[1], bf16)]
     assert len(runs[0]) == len(runs[1]) >= 30
+    ious = np.array([mask_utils.iou([r16["segmentation"]], [r32["segmentation"]], [0])[0, 0]
+                     for r32, r16 in zip(*runs, strict=True)
+                     if r32["image_id"] == r16["image_id"]])
+    assert len(ious) == len(runs[0])
+    assert np.median(ious) >= 0.98 and (ious < 0.9).sum() <= 1, np.sort(ious)[:5]
     anchored = json.loads(Path(annotations).read_text())
     by_image = _by_image(runs[0])
     for ann in anchored["annotations"]:
@@ -207,7 +214,7 @@ def test_bf16_ap_follows_float32(models, single_device, tmp_path):
     gt = coco_lib.load_coco(tmp_path / "anchored.json")
     for coco_star in (False, True):
         ap32, ap16 = (evaluate_segm(gt, results, coco_star=coco_star)["AP"] for results in runs)
-        assert ap32 > 0.2 and abs(ap16 - ap32) <= 0.005, (coco_star, ap16, ap32)
+        assert ap32 > 0.2 and abs(ap16 - ap32) <= 1 / len(runs[0]), (coco_star, ap16, ap32)
 
 
 def test_exclusive_masks_and_result_scores(dataset, models, single_device, run):
