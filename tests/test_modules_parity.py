@@ -120,7 +120,7 @@ def test_prompt_encoder_padding_mask(pair):
                                                    (True, "einsum")])
 def test_mask_decoder(pair, torch_module, multimask, attention):
     """The decoder alone, from the same embeddings, including the stability fallback; its
-    upscaling space-to-depth (CPU) and interleaved per deconv (accelerators)."""
+    upscaling space-to-depth over both deconvs (CPU) and over the last (accelerators)."""
     from p2s_jax.model.sam2 import with_attention
 
     torch = torch_module

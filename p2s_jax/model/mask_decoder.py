@@ -30,12 +30,13 @@ class MaskDecoderOutput(NamedTuple):
 class OutputUpscaling(nnx.Module):
     """deconv 2x2/2 (+ stride-8 features) -> LN2d -> GELU -> deconv 2x2/2 (+ stride-4) -> GELU.
 
-    `blocks=True` (CPU) runs space-to-depth: the 4x4 output pixels of each low-res pixel stay on
-    their own axes and the high-res features are brought into that layout instead, so nothing
-    32 channels deep is ever interleaved; the decoder interleaves the four masks at the end
-    (`from_blocks`). On accelerators each deconv interleaves its output as the official module
-    does: blocks of 2 x 2 pixels on their own axes next to the channels are narrow tensors that
-    TPU layouts pad many times over.
+    `block_levels` says how many of the two deconvs, counted from the last, leave their 2x2
+    output pixels on their own axes (`ConvTranspose2x2.blocks`, space-to-depth); the features
+    they add are brought into that layout (`to_blocks`) and the decoder interleaves the masks at
+    the end (`from_blocks`), so nothing 32 channels deep is interleaved. The CPU takes 2. On
+    accelerators the first deconv interleaves its output (2 x 2 pixel axes beside 64 channels
+    are narrow tensors that TPU layouts pad many times over, and the layer norm runs on them),
+    the second does not: 1 (`UPSCALING_BLOCK_LEVELS`).
     """
 
     def __init__(self, dim: int, *, dtype, rngs: nnx.Rngs):
@@ -43,15 +44,21 @@ class OutputUpscaling(nnx.Module):
         self.norm = LayerNorm2d(dim // 4, rngs=rngs)
         self.deconv2 = ConvTranspose2x2(dim // 4, dim // 8, dtype=dtype, rngs=rngs)
 
-    def __call__(self, x, feat_s0, feat_s1, blocks: bool):
+    def __call__(self, x, feat_s0, feat_s1, block_levels: int):
         """x (N, h, w, C), feat_s1 (..., 2h, 2w, C/4), feat_s0 (..., 4h, 4w, C/8)
-        -> (N, 4h, 4w, C/8), or with `blocks` (N, h, w, 2, 2, 2, 2, C/8), the layout of
-        `to_blocks(upscaled, 2)`."""
-        if blocks:
+        -> the layout of `to_blocks(upscaled (N, 4h, 4w, C/8), block_levels)`:
+        (N, 2h, 2w, 2, 2, C/8) for 1 level, (N, h, w, 2, 2, 2, 2, C/8) for 2."""
+        if block_levels == 2:
             x = gelu(self.norm(self.deconv1.blocks(x) + to_blocks(feat_s1, 1)))
-            return gelu(self.deconv2.blocks(x) + to_blocks(feat_s0, 2))
-        x = gelu(self.norm(self.deconv1(x) + feat_s1))
-        return gelu(self.deconv2(x) + feat_s0)
+        elif block_levels == 1:
+            x = gelu(self.norm(self.deconv1(x) + feat_s1))
+        else:
+            raise ValueError(f"block_levels is 1 or 2, not {block_levels}")
+        return gelu(self.deconv2.blocks(x) + to_blocks(feat_s0, block_levels))
+
+
+# `OutputUpscaling`'s block_levels, by whether the CPU formulations run (`cpu_formulations`).
+UPSCALING_BLOCK_LEVELS = {True: 2, False: 1}
 
 
 class MaskDecoder(nnx.Module):
@@ -107,15 +114,14 @@ class MaskDecoder(nnx.Module):
         pos = image_pe.reshape(1, h * w, c).astype(dtype)
         hs, src = self.transformer(src, pos, tokens, token_mask)
 
-        blocks = cpu_formulations(self.transformer.final_attn_token_to_image.attention)
+        levels = UPSCALING_BLOCK_LEVELS[
+            cpu_formulations(self.transformer.final_attn_token_to_image.attention)]
         upscaled = self.output_upscaling(src.reshape(n, h, w, c), feat_s0.astype(dtype),
-                                         feat_s1.astype(dtype), blocks)
+                                         feat_s1.astype(dtype), levels)
         mask_tokens = hs[:, 2: 2 + self.num_mask_tokens]
         hyper = jnp.stack([mlp(mask_tokens[:, i]) for i, mlp in
                            enumerate(self.output_hypernetworks_mlps)], axis=1)
-        masks = jnp.einsum("nmc,nhw...c->nmhw...", hyper, upscaled)
-        if blocks:
-            masks = from_blocks(masks, 2)
+        masks = from_blocks(jnp.einsum("nmc,nhw...c->nmhw...", hyper, upscaled), levels)
         iou = self.iou_prediction_head(hs[:, 1])
         object_score = self.pred_obj_score_head(hs[:, 0])
         return MaskDecoderOutput(masks.astype(jnp.float32), iou.astype(jnp.float32),
