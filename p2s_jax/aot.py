@@ -8,10 +8,16 @@ evaluator and the trainer run:
 
 - `encoder`: the evaluator's encode step (`evaluation.runner.encode_step`: uint8 photos on a
   640 x 640 canvas, resize and normalisation on the device, the image encoder);
-- `decode`: the evaluator's decode step for `--people` people of `--points` prompt points each
+- `decode`: the evaluator's decode step for 32 people of 4 prompt points per photo
   (all people in one pass, as on accelerators);
 - `train`: the paper preset's train step (`train.step.make_train_step`: frozen encoder, the
-  8-point correction scan, backward, AdamW, gradient mean over the data axis).
+  8-point correction scan, backward, AdamW, gradient mean over the data axis);
+- `blocks`: each Hiera block of the trunk alone on its input map (one line per block, with
+  its window, widths and q-pooling): where the encoder's time goes.
+
+`--top N` adds to each TPU line the N instructions of the compiled program that XLA's cost model
+prices highest (`estimated_cycles` in the optimised HLO), with their share, shape and the JAX
+operation they come from: the instrument for layout work.
 
 Each program is compiled for the whole slice (the data axis over every chip, `--batch` images
 per chip) and reported as one JSON line: memory per chip (arguments + outputs + temporaries,
@@ -44,6 +50,7 @@ from jax.sharding import Mesh, NamedSharding
 from p2s_jax.evaluation import runner
 from p2s_jax.inference.postprocess import MaskPostprocess
 from p2s_jax.model.configs import compute_dtype, get_config
+from p2s_jax.model.hiera import MultiScaleBlock, block_layout
 from p2s_jax.model.sam2 import abstract_model
 from p2s_jax.parallel import DATA, DATA_AXIS, REPLICATED
 from p2s_jax.train import config as train_config
@@ -176,8 +183,31 @@ def train_program(target: Target, model: str, image_size: int, dtype: str, batch
     return step, (_replicated(target, state), _replicated(target, frozen), batch_args)
 
 
+def block_programs(target: Target, model: str, image_size: int, dtype: str, batch: int):
+    """[(description, jitted, args)]: each Hiera block alone on `batch` maps per chip of the size
+    it sees in the trunk, data parallel like the encoder."""
+    config = get_config(model, image_size, target.attention)
+    trunk, side = config.trunk, image_size // config.trunk.patch_stride
+    apply = jax.jit(lambda graphdef, state, x: nnx.merge(graphdef, state)(x), static_argnums=0)
+    programs = []
+    for index, layout in enumerate(block_layout(trunk)):
+        block = nnx.eval_shape(lambda: MultiScaleBlock(mlp_ratio=trunk.mlp_ratio,
+                                                       dtype=compute_dtype(dtype),
+                                                       rngs=nnx.Rngs(0), **layout))
+        block.attn.attention = target.attention
+        graphdef, state = nnx.split(block)
+        x = _on(target, (batch * target.num_chips, side, side, layout["dim"]), compute_dtype(dtype))
+        description = {"block": index, "side": side, "dim": layout["dim"],
+                       "dim_out": layout["dim_out"], "heads": layout["num_heads"],
+                       "window": layout["window_size"], "q_pool": layout["q_stride"] is not None}
+        programs.append((description, apply, (graphdef, _replicated(target, state), x)))
+        if layout["q_stride"] is not None:
+            side //= layout["q_stride"][0]
+    return programs
+
+
 PROGRAMS: dict[str, Callable] = {"encoder": encoder_program, "decode": decode_program,
-                                 "train": train_program}
+                                 "train": train_program, "blocks": block_programs}
 
 
 def compile_for(target: Target, jitted, args):
@@ -192,12 +222,35 @@ def concat_bitcast_correction(hlo_text: str, target: Target) -> float:
     return float(hlo_text.count('custom_call_target="ConcatBitcast"'))
 
 
+def instruction_costs(hlo_text: str, top: int) -> list[dict]:
+    """The `top` instructions of an optimised TPU program that XLA's cost model prices highest
+    (`estimated_cycles` in each instruction's backend config): share of the program's cycles,
+    opcode, result shape with its tiled layout, and the JAX operation it comes from."""
+    entry = hlo_text[max(hlo_text.find("\nENTRY"), 0):]
+    rows = []
+    for line in entry.splitlines():
+        cycles = re.search(r'"estimated_cycles":"(\d+)"', line)
+        if not cycles or "=" not in line:
+            continue
+        result = line.split("=", 1)[1].strip()
+        opcode = re.search(r"\s([a-z][\w-]*)\(", result)
+        source = re.search(r'op_name="([^"]*)"', line)
+        rows.append({"cycles": int(cycles.group(1)),
+                     "opcode": opcode.group(1) if opcode else "?",
+                     "shape": result.split(" ")[0] if not result.startswith("(") else "tuple",
+                     "op_name": source.group(1) if source else ""})
+    total = sum(row["cycles"] for row in rows) or 1
+    rows.sort(key=lambda row: -row["cycles"])
+    return [{**row, "share": row["cycles"] / total} for row in rows[:top]]
+
+
 def _first(value):
     return value[0] if isinstance(value, (list, tuple)) else value
 
 
-def report(program: str, target: Target, batch: int, compiled) -> dict:
-    """One JSON-ready line about a compiled program (per chip)."""
+def report(program: str, target: Target, batch: int, compiled, top: int = 0) -> dict:
+    """One JSON-ready line about a compiled program (per chip); `top` > 0 adds its costliest
+    instructions on TPU (`instruction_costs`)."""
     memory = compiled.memory_analysis()
     used = None
     if memory is not None:
@@ -228,21 +281,46 @@ def report(program: str, target: Target, batch: int, compiled) -> dict:
         else:
             line["cost_model_note"] = (f"optimal_seconds {seconds:.3g} is not a time: the cost "
                                        f"model failed on this program")
+    if top > 0 and target.platform == "tpu":
+        line["top_instructions"] = instruction_costs(text, top)
     return line
 
 
+def _error_line(program: str, target: Target, batch: int, err: Exception) -> dict:
+    return {"program": program, "target": target.name, "batch_per_chip": batch,
+            "compiled": False, "error": f"{type(err).__name__}: {err}"[:2000]}
+
+
+def _instances(program: str, target: Target, model: str, image_size: int, dtype: str,
+               batch: int, train_preset: str) -> list:
+    """[(description, jitted, args)] of one program at one batch: one entry, or for `blocks`
+    one per Hiera block."""
+    if program == "blocks":
+        return block_programs(target, model, image_size, dtype, batch)
+    extra = {"preset": train_preset} if program == "train" else {}
+    return [({}, *PROGRAMS[program](target, model, image_size, dtype, batch, **extra))]
+
+
 def run(target: Target, programs, model: str, image_size: int, dtype: str, batches,
-        train_preset: str = "paper") -> Iterator[dict]:
-    """Compiles each program at each per-chip batch; yields one report line each (or the error)."""
+        train_preset: str = "paper", top: int = 0) -> Iterator[dict]:
+    """Compiles each program at each per-chip batch; yields one report line each (`blocks` one
+    per Hiera block), or the line saying why it did not build or compile: one failed program
+    is a line, the others still compile."""
     for program in programs:
         for batch in batches:
             try:
-                extra = {"preset": train_preset} if program == "train" else {}
-                jitted, args = PROGRAMS[program](target, model, image_size, dtype, batch, **extra)
-                yield report(program, target, batch, compile_for(target, jitted, args))
-            except Exception as err:  # one failed program is a line; the others still compile
-                yield {"program": program, "target": target.name, "batch_per_chip": batch,
-                       "compiled": False, "error": f"{type(err).__name__}: {err}"[:2000]}
+                instances = _instances(program, target, model, image_size, dtype, batch,
+                                       train_preset)
+            except Exception as err:
+                yield _error_line(program, target, batch, err)
+                continue
+            for description, jitted, args in instances:
+                try:
+                    compiled = compile_for(target, jitted, args)
+                    line = report(program, target, batch, compiled, top)
+                except Exception as err:
+                    line = _error_line(program, target, batch, err)
+                yield {**line, **description}
 
 
 def format_line(line: dict) -> str:

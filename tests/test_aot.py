@@ -36,10 +36,26 @@ def _aot(*args: str, env: dict | None = None) -> list[dict]:
 
 @pytest.mark.skipif(not HAS_LIBTPU, reason="libtpu is not installed (pip install "
                                            "'p2s_jax[tpu]'): nothing compiles for TPU here")
-def test_tiny_train_step_and_encoder_compile_for_v5e():
-    lines = _aot("--target", "v5e:2x2", "--programs", "encoder", "train", "--model", "t",
-                 "--image-size", "128", "--train-preset", "tiny", "--batch", "1")
-    assert [line["program"] for line in lines] == ["encoder", "train"]
+def test_tiny_train_step_encoder_and_blocks_compile_for_v5e():
+    from p2s_jax.model.configs import get_config
+    from p2s_jax.model.hiera import block_layout
+
+    lines = _aot("--target", "v5e:2x2", "--programs", "encoder", "train", "blocks", "--model",
+                 "t", "--image-size", "128", "--train-preset", "tiny", "--batch", "1", "--top", "3")
+    layout = block_layout(get_config("t", 128).trunk)
+    assert [line["program"] for line in lines] == ["encoder", "train"] + ["blocks"] * len(layout)
+    blocks = lines[2:]
+    assert [(b["block"], b["window"], b["dim_out"]) for b in blocks] == [
+        (i, layer["window_size"], layer["dim_out"]) for i, layer in enumerate(layout)]
+    assert [b["side"] for b in blocks][:2] == [32, 32]  # 128 px / patch stride 4, q-pool after
+    # the blocks are part of the encoder: their FLOPs are most, not all, of its FLOPs
+    assert 0.5 * lines[0]["flops_per_chip"] < sum(b["flops_per_chip"] for b in blocks) \
+        < lines[0]["flops_per_chip"]
+    for line in lines:
+        top = line["top_instructions"]
+        assert len(top) == 3 and all(0 < t["share"] <= 1 for t in top)
+        assert [t["cycles"] for t in top] == sorted((t["cycles"] for t in top), reverse=True)
+        assert sum(t["share"] for t in top) <= 1 + 1e-9
     for line in lines:
         assert line["compiled"], line
         assert line["chips"] == 4 and line["fits"]
@@ -47,6 +63,7 @@ def test_tiny_train_step_and_encoder_compile_for_v5e():
         assert line["flops_per_chip"] > 0 and line["optimal_seconds"] > 0
         assert 0 < line["mfu"] < 1
     assert lines[1]["paper_training_hours"] > 0
+    assert "paper_training_hours" not in lines[0] and "paper_training_hours" not in blocks[0]
 
 
 @pytest.mark.skipif(not (HAS_CUDA and H100.is_file()),
@@ -65,3 +82,37 @@ def test_gpu_programs_use_cudnn_flash_attention_and_no_cpu_loops():
     assert by_program["encoder"]["while_loops"] == 0
     assert by_program["decode"]["while_loops"] == 0
     assert by_program["train"]["fits"]
+
+
+def test_instruction_costs_ranks_the_entry_computation():
+    """`aot.instruction_costs` on a hand-written optimised TPU module: only the entry
+    computation's instructions count (a fused computation's are priced in its fusion), ranked by
+    `estimated_cycles`, each with its share of the entry's cycles, opcode, shape and source."""
+    from p2s_jax.aot import instruction_costs
+
+    cfg = '"flag_configs":[],"estimated_cycles":"{}"'
+    hlo = "\n".join([
+        "HloModule jit_step, entry_computation_layout={(bf16[8,128]{1,0})->bf16[8,128]{1,0}}",
+        "%fused (p: bf16[8,128]) -> bf16[8,128] {",
+        "  %p = bf16[8,128]{1,0} parameter(0)",
+        "  ROOT %inner = bf16[8,128]{1,0} multiply(%p, %p), backend_config={" + cfg.format(900)
+        + "}",
+        "}",
+        "",
+        "ENTRY %main (x: bf16[8,128]) -> bf16[8,128] {",
+        "  %x = bf16[8,128]{1,0:T(8,128)(2,1)} parameter(0)",
+        "  %fusion = bf16[8,128]{1,0:T(8,128)(2,1)} fusion(%x), kind=kLoop, calls=%fused, "
+        'metadata={op_name="jit(step)/mul"}, backend_config={' + cfg.format(30) + "}",
+        "  %convolution.3 = f32[8,128]{1,0:T(8,128)} convolution(%fusion, %x), "
+        'metadata={op_name="jit(step)/dot_general"}, backend_config={' + cfg.format(60) + "}",
+        "  ROOT %copy = (bf16[8,128]{1,0}, f32[8]{0}) copy-start(%fusion), backend_config={"
+        + cfg.format(10) + "}",
+        "}",
+    ])
+    rows = instruction_costs(hlo, 2)
+    assert [(r["opcode"], r["cycles"], r["op_name"]) for r in rows] == [
+        ("convolution", 60, "jit(step)/dot_general"), ("fusion", 30, "jit(step)/mul")]
+    assert [r["share"] for r in rows] == [0.6, 0.3]
+    assert rows[0]["shape"] == "f32[8,128]{1,0:T(8,128)}"
+    assert [(r["opcode"], r["shape"]) for r in instruction_costs(hlo, 5)][2:] == [
+        ("copy-start", "tuple")]

@@ -171,6 +171,9 @@ def build_parser() -> argparse.ArgumentParser:
     aot_parser.add_argument("--batch", type=int, nargs="+", default=[1, 8],
                             help="images per chip (one compilation each)")
     aot_parser.add_argument("--train-preset", default="paper", choices=("paper", "tiny"))
+    aot_parser.add_argument("--top", type=int, default=0,
+                            help="TPU: also list the N instructions XLA's cost model prices "
+                                 "highest in each program")
 
     annotate_parser = commands.add_parser(
         "annotate", help="keypoint-only persons -> instance masks (resumable, data parallel)")

@@ -131,7 +131,7 @@ def cmd_aot(args: argparse.Namespace) -> int:
     else:
         target = aot.tpu_target(args.target)
     for line in aot.run(target, args.programs, args.model, args.image_size, args.dtype,
-                        args.batch, args.train_preset):
+                        args.batch, args.train_preset, args.top):
         print(aot.format_line(line), flush=True)
     return 0
 
