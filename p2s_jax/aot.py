@@ -6,14 +6,16 @@ target description with the CUDA wheels installed (`JAX_PLATFORMS=cpu`, `--gpu-t
 h100_sxm.txtpb`). The programs compiled are the project's own, through the same functions the
 evaluator and the trainer run:
 
-- `encoder`: the evaluator's encode step (`evaluation.runner.encode_step`: uint8 photos on a
+- `encoder`: the evaluator's encode step (`evaluation.eval_steps.encode_step`: uint8 photos on a
   640 x 640 canvas, resize and normalisation on the device, the image encoder);
 - `decode`: the evaluator's decode step for 32 people of 4 prompt points per photo
   (all people in one pass, as on accelerators);
 - `train`: the paper preset's train step (`train.step.make_train_step`: frozen encoder, the
   8-point correction scan, backward, AdamW, gradient mean over the data axis);
 - `blocks`: each Hiera block of the trunk alone on its input map (one line per block, with
-  its window, widths and q-pooling): where the encoder's time goes.
+  its window, widths and q-pooling): where the encoder's time goes;
+- `predictor`: the interactive `Predictor`'s programs (`p2s segment`): resize, encoder and
+  decoder, one line each.
 
 `--top N` adds to each TPU line the N instructions of the compiled program that XLA's cost model
 prices highest (`estimated_cycles` in the optimised HLO), with their share, shape and the JAX
@@ -22,7 +24,10 @@ operation they come from: the instrument for layout work.
 Each program is compiled for the whole slice (the data axis over every chip, `--batch` images
 per chip) and reported as one JSON line: memory per chip (arguments + outputs + temporaries,
 against the chip's HBM), FLOPs and bytes per chip, and on TPU XLA's cost-model time
-(`optimal_seconds`, an estimate), MFU against the chip's bf16 peak and images/s for the slice;
+(`optimal_seconds`, an estimate) with two utilisations against the chip's bf16 peak
+(`p2s_jax.hardware`): `mfu` from the architecture's own FLOPs (`model_flops_per_chip`,
+`p2s_jax.model.flops`) and `hfu` from XLA's count of the compiled program (`flops_per_chip`:
+padding, resizes and layout work included), and images/s for the slice;
 for the train step also the projected time of the paper's 15 x 2 epochs over COCO train2017 +
 CIHP train. On GPU XLA has no cost model without a GPU: the line says instead what the compiled
 program holds (cuDNN flash-attention calls, while loops).
@@ -36,6 +41,7 @@ can be recognised.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import re
 from pathlib import Path
@@ -47,7 +53,10 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
-from p2s_jax.evaluation import runner
+from p2s_jax.evaluation import steps as eval_steps
+from p2s_jax.hardware import CHIPS, GIB, Chip
+from p2s_jax.inference import predictor
+from p2s_jax.model import flops as model_flops
 from p2s_jax.inference.postprocess import MaskPostprocess
 from p2s_jax.model.configs import compute_dtype, get_config
 from p2s_jax.model.hiera import MultiScaleBlock, block_layout
@@ -56,23 +65,13 @@ from p2s_jax.parallel import DATA, DATA_AXIS, REPLICATED
 from p2s_jax.train import config as train_config
 from p2s_jax.train.optim import make_optimizer, param_rules
 from p2s_jax.train.step import STEP_INPUTS, init_state, make_train_step, trainable_filter
-from p2s_jax.utils.errors import InputError
+from p2s_jax.utils.errors import InputError, MissingFileError
 
-GIB = 1 << 30
 # Images of the paper's training data: COCO train2017 images with a person (64,115) and the
 # CIHP training images (28,280); the preset reads each twice per epoch for 15 epochs.
 PAPER_TRAIN_IMAGES = 64_115 + 28_280
 CANVAS = (640, 640)  # COCO photos are at most 640 on a side
-
-
-class Chip(NamedTuple):
-    peak_bf16: float  # FLOP/s per chip, dense bf16
-    hbm: int  # bytes per chip
-
-
-CHIPS = {"v4": Chip(275e12, 32 * GIB), "v5e": Chip(197e12, 16 * GIB),
-         "v5p": Chip(459e12, 95 * GIB), "v6e": Chip(918e12, 32 * GIB),
-         "h100": Chip(989e12, 80 * GIB)}
+DECODE_PEOPLE, DECODE_POINTS = 32, 4  # the decode program's prompts per photo
 
 
 @dataclasses.dataclass(frozen=True)
@@ -115,9 +114,18 @@ def gpu_target(count: int, target_config: str | Path) -> Target:
     JAX_PLATFORMS=cpu)."""
     from jax.experimental import topologies
 
-    text = Path(target_config).read_text()
-    topology = topologies.get_topology_desc(platform="cuda", topology=f"1x1x{count}",
-                                            target_config=text)
+    path = Path(target_config)
+    if not path.is_file():
+        raise MissingFileError(f"--gpu-target {path}: XLA GPU description not found (the H100's "
+                               "is shared/data/gpu/h100_sxm.txtpb in this project's workspace)")
+    try:
+        topology = topologies.get_topology_desc(platform="cuda", topology=f"1x1x{count}",
+                                                target_config=path.read_text())
+    except Exception as err:  # the CUDA plugin missing, or a description it cannot read
+        raise InputError(f"cannot describe {count} H100(s) from {path} ({type(err).__name__}: "
+                         f"{str(err).strip().splitlines()[0] if str(err).strip() else err}); "
+                         "compiling for a GPU needs JAX's CUDA wheels: pip install "
+                         "'p2s_jax[cuda12]' and run with JAX_PLATFORMS=cpu") from None
     mesh = topologies.make_mesh(topology, (count,), (DATA_AXIS,))
     return Target(f"h100x{count}", "cuda", mesh, CHIPS["h100"])
 
@@ -142,11 +150,11 @@ def encoder_program(target: Target, model: str, image_size: int, dtype: str, bat
     n = batch * target.num_chips
     args = (graphdef, target.mesh, image_size, _replicated(target, state),
             _on(target, (n, *CANVAS, 3), jnp.uint8), _on(target, (n, 2), jnp.int32))
-    return runner.encode_step, args
+    return eval_steps.encode_step, args
 
 
 def decode_program(target: Target, model: str, image_size: int, dtype: str, batch: int,
-                   people: int = 32, points: int = 4):
+                   people: int = DECODE_PEOPLE, points: int = DECODE_POINTS):
     """(jitted, args): the evaluator's decode step, `people` people per photo in one pass."""
     graphdef, state = _model(target, model, image_size, dtype)
     n, low = batch * target.num_chips, 4 * image_size // 16
@@ -158,7 +166,7 @@ def decode_program(target: Target, model: str, image_size: int, dtype: str, batc
             _on(target, (n, people, points), jnp.int32), _on(target, (n, people), jnp.bool_),
             _on(target, (n, CANVAS[0], low), jnp.float32),
             _on(target, (n, CANVAS[1], low), jnp.float32))
-    return runner.decode_step, args
+    return eval_steps.decode_step, args
 
 
 def train_program(target: Target, model: str, image_size: int, dtype: str, batch: int,
@@ -206,8 +214,35 @@ def block_programs(target: Target, model: str, image_size: int, dtype: str, batc
     return programs
 
 
+def predictor_programs(target: Target, model: str, image_size: int, dtype: str, batch: int,
+                       people: int = DECODE_PEOPLE, points: int = DECODE_POINTS):
+    """[(description, jitted, args)]: the interactive `Predictor`'s three programs (`p2s
+    segment`, one photo at a time): resize and normalisation of `batch` photos on the canvas,
+    the encoder, and the decoder with masks for `people` people of one photo. Single-device
+    programs (no data axis), as the Predictor runs them."""
+    graphdef, state = _model(target, model, image_size, dtype)
+    state = _replicated(target, state)
+    low = 4 * image_size // 16
+    photos = (_on(target, (batch, *CANVAS, 3), jnp.uint8, REPLICATED),
+              _on(target, (batch, 2), jnp.int32, REPLICATED), image_size)
+    pixels = _on(target, (batch, image_size, image_size, 3), jnp.float32, REPLICATED)
+    features = jax.eval_shape(lambda s, x: nnx.merge(graphdef, s).encode_image(x), state, pixels)
+    one_photo = jax.tree.map(lambda x: _on(target, (1, *x.shape[1:]), x.dtype, REPLICATED),
+                             features)
+    decode = functools.partial(predictor.decode_prompts, multimask_output=True)
+    prompts = (_on(target, (people, points, 2), jnp.float32, REPLICATED),
+               _on(target, (people, points), jnp.int32, REPLICATED), None, None,
+               _on(target, (CANVAS[0], low), jnp.float32, REPLICATED),
+               _on(target, (CANVAS[1], low), jnp.float32, REPLICATED))
+    return [({"part": "preprocess"}, predictor.preprocess_images, photos),
+            ({"part": "encode"}, predictor.encode_images, (graphdef, state, pixels)),
+            ({"part": "decode", "people": people},
+             jax.jit(decode, static_argnums=0), (graphdef, state, one_photo, *prompts))]
+
+
 PROGRAMS: dict[str, Callable] = {"encoder": encoder_program, "decode": decode_program,
-                                 "train": train_program, "blocks": block_programs}
+                                 "train": train_program, "blocks": block_programs,
+                                 "predictor": predictor_programs}
 
 
 def compile_for(target: Target, jitted, args):
@@ -272,7 +307,7 @@ def report(program: str, target: Target, batch: int, compiled, top: int = 0) -> 
         seconds = float(seconds) + concat_bitcast_correction(text, target)
         line["optimal_seconds"] = seconds
         if seconds > 0 and flops:
-            line["mfu"] = float(flops) / seconds / target.chip.peak_bf16
+            line["hfu"] = float(flops) / seconds / target.chip.peak_bf16
             line["images_per_s"] = batch * target.num_chips / seconds
             if program == "train":
                 epochs = train_config.paper().epochs * train_config.paper().dataset_multiplier
@@ -291,14 +326,44 @@ def _error_line(program: str, target: Target, batch: int, err: Exception) -> dic
             "compiled": False, "error": f"{type(err).__name__}: {err}"[:2000]}
 
 
+def program_model_flops(program: str, description: dict, model: str, image_size: int,
+                        batch: int, train_preset: str) -> float:
+    """The architecture's own FLOPs (`model.flops`) of one program instance per chip: what MFU
+    divides (XLA's count of the compiled program, padding and resizes included, gives HFU)."""
+    config = get_config(model, image_size)
+    image = model_flops.encoder_flops(config) + model_flops.image_feature_flops(config)
+    decode = DECODE_PEOPLE * model_flops.decoder_flops(config, DECODE_POINTS + 1)
+    if program == "encoder":
+        return batch * image
+    if program == "decode":
+        return batch * decode
+    if program == "train":
+        preset = train_config.PRESETS[train_preset]()
+        return batch * model_flops.train_flops_per_image(
+            config, preset.correction.num_points, preset.data.objects_per_image,
+            preset.freeze_image_encoder)
+    if program == "blocks":
+        layout = block_layout(config.trunk)[description["block"]]
+        stride = layout["q_stride"][0] if layout["q_stride"] else 1
+        return batch * sum(model_flops.hiera_block_flops(
+            description["side"], layout["dim"], layout["dim_out"], layout["window_size"], stride,
+            config.trunk.mlp_ratio))
+    part = description.get("part")
+    return {"preprocess": 0.0, "encode": batch * image, "decode": decode}[part]
+
+
 def _instances(program: str, target: Target, model: str, image_size: int, dtype: str,
                batch: int, train_preset: str) -> list:
     """[(description, jitted, args)] of one program at one batch: one entry, or for `blocks`
-    one per Hiera block."""
-    if program == "blocks":
-        return block_programs(target, model, image_size, dtype, batch)
-    extra = {"preset": train_preset} if program == "train" else {}
-    return [({}, *PROGRAMS[program](target, model, image_size, dtype, batch, **extra))]
+    one per Hiera block; each description carries the instance's model FLOPs per chip."""
+    if program in ("blocks", "predictor"):
+        instances = PROGRAMS[program](target, model, image_size, dtype, batch)
+    else:
+        extra = {"preset": train_preset} if program == "train" else {}
+        instances = [({}, *PROGRAMS[program](target, model, image_size, dtype, batch, **extra))]
+    return [({**description, "model_flops_per_chip": program_model_flops(
+        program, description, model, image_size, batch, train_preset)}, jitted, args)
+        for description, jitted, args in instances]
 
 
 def run(target: Target, programs, model: str, image_size: int, dtype: str, batches,
@@ -320,7 +385,11 @@ def run(target: Target, programs, model: str, image_size: int, dtype: str, batch
                     line = report(program, target, batch, compiled, top)
                 except Exception as err:
                     line = _error_line(program, target, batch, err)
-                yield {**line, **description}
+                line = {**line, **description}
+                if line.get("hfu") is not None:
+                    line["mfu"] = (description["model_flops_per_chip"] / line["optimal_seconds"]
+                                   / target.chip.peak_bf16)
+                yield line
 
 
 def format_line(line: dict) -> str:

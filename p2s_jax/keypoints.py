@@ -173,7 +173,8 @@ def schema_for_names(names: Sequence[str], where: str = "categories[].keypoints"
     else:
         detail = f"no schema has {len(wanted)} keypoints"
     raise InputError(f"{where}: the keypoint names {list(names)} fit no known schema ({detail}); "
-                     f"known: {list(available_schemas())}; register one with "
+                     f"known: {list(available_schemas())}; read them by position with --schema "
+                     "NAME (data.schema in a training config), or register one with "
                      "p2s_jax.keypoints.register_schema")
 
 

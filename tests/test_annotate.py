@@ -20,8 +20,8 @@ from pycocotools import mask as mask_utils
 import reference
 from conftest import model_pair
 from p2s_jax import cli
-from p2s_jax.evaluation.annotate import AnnotateConfig, annotate
-from p2s_jax.evaluation.runner import EvalConfig
+from p2s_jax.evaluation.annotate import AnnotateConfig, AnnotationInput, annotate
+from p2s_jax.evaluation.config import EvalConfig
 from p2s_jax.inference.prompting import PromptConfig
 from p2s_jax.keypoints import CROWDPOSE14
 from p2s_jax.parallel import make_mesh
@@ -78,8 +78,9 @@ def uninterrupted(setup):
     out = setup["root"] / "one" / "annotated.json"
     config = AnnotateConfig(EvalConfig(), PromptConfig.ground_truth(), shard_images=2,
                             overlay_sample=2)  # what `p2s annotate` runs without a preset
-    summary = annotate(setup["ours"], setup["keypoints"], setup["images"], out, config,
-                       checkpoint=str(setup["checkpoint"]), overlays=out.parent / "overlays",
+    summary = annotate(setup["ours"], AnnotationInput(setup["keypoints"], config=config),
+                       setup["images"], out, config, checkpoint=str(setup["checkpoint"]),
+                       overlays=out.parent / "overlays",
                        mesh=make_mesh(jax.devices()[:1]), progress=False)
     return out, summary
 
@@ -156,7 +157,7 @@ def test_settings_mismatch_and_bad_input_are_named(setup, uninterrupted, tmp_pat
     out = uninterrupted[0]
     args = ["annotate", "--keypoints", str(setup["keypoints"]), "--images",
             str(setup["images"]), "--out", str(out), "--checkpoint", str(setup["checkpoint"]),
-            "--shard-images", "3", "--no-progress"]
+            "--shard-images", "3", "--no-progress", "--overwrite"]
     assert cli.main(args) == 2
     assert "holds shards of another run (different ['config'])" in capsys.readouterr().err
     bad = json.loads(setup["keypoints"].read_text())
@@ -231,7 +232,7 @@ def test_annotated_file_trains_one_tiny_step(setup, uninterrupted, tmp_path, cap
                      f"data.images={setup['images']}", "data.manual_dir=/",
                      f"data.data_dir={tmp_path / 'tfds'}", "data.synthetic_images=0",
                      "total_steps=1", "checkpoint_every=1"]) == 0
-    assert "trained 1 steps" in capsys.readouterr().out
+    assert "trained 1 step in" in capsys.readouterr().out
 
 
 def test_keypoint_results_input_and_a_missing_image(setup, tmp_path):
@@ -250,9 +251,9 @@ def test_keypoint_results_input_and_a_missing_image(setup, tmp_path):
     shutil.copytree(setup["images"], images)
     gone = source["images"][1]
     (images / gone["file_name"]).unlink()
-    summary = annotate(setup["ours"], tmp_path / "results.json", images, tmp_path / "out.json",
-                       AnnotateConfig(EvalConfig(keypoint_score="confidence"), shard_images=4),
-                       image_info=tmp_path / "images.json",
+    config = AnnotateConfig(EvalConfig(keypoint_score="confidence"), shard_images=4)
+    source = AnnotationInput(tmp_path / "results.json", tmp_path / "images.json", config)
+    summary = annotate(setup["ours"], source, images, tmp_path / "out.json", config,
                        mesh=make_mesh(jax.devices()[:1]), progress=False)
     data = json.loads((tmp_path / "out.json").read_text())
     assert len(data["annotations"]) == len(results) == summary["persons"]

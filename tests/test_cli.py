@@ -21,13 +21,14 @@ from conftest import coco_dataset, model_pair
 from p2s_jax import cli
 from p2s_jax.data.coco import CocoFormatError, load_image_poses
 from p2s_jax.inference.weights import WEIGHTS_URL_ENV
-from p2s_jax.utils.download import SAM_POSE2SEG_FILENAME
+from p2s_jax.inference.weights import HUB_WEIGHTS
 from weights_conversion import VIDEO_MEMORY_PREFIXES, load_model
 
 pytestmark = pytest.mark.skipif(not reference.reference_available(),
                                 reason="needs torch, sam2 and hydra (the dev extra)")
 
 MODEL, SIZE = "sam2.1_hiera_t", 256
+SAM_POSE2SEG_FILENAME = HUB_WEIGHTS["sam-pose2seg"].filename
 
 ASSETS = Path(cli.__file__).parents[1] / "assets"
 EXAMPLE_IMAGE = ASSETS / "example.jpg"  # the README's main-job photo
@@ -98,7 +99,7 @@ def test_convert_errors_are_one_line(checkpoint, tmp_path, capsys):
 
 def test_segment_example(converted, tmp_path, capsys):
     assert cli.main(_segment_args(tmp_path, "--checkpoint", str(converted))) == 0
-    assert "1 people, 1 masks (confidence scores, maxvis_3)" in capsys.readouterr().out
+    assert "1 person, 1 mask (confidence scores, maxvis_3)" in capsys.readouterr().out
     photo = Image.open(EXAMPLE_IMAGE)
     overlay = Image.open(tmp_path / "overlay.png")
     assert overlay.format == "PNG" and overlay.size == photo.size and overlay.mode == "RGB"
@@ -170,11 +171,11 @@ def test_segment_downloads_and_converts_once(weights_server, tmp_path, monkeypat
     assert requests == [f"/{SAM_POSE2SEG_FILENAME}"]
     converted = cache / Path(SAM_POSE2SEG_FILENAME).stem
     assert (converted / "p2s_model.json").is_file() and (cache / SAM_POSE2SEG_FILENAME).is_file()
-    assert not list(cache.glob("*.converting-*")) and not list(cache.glob("*.part"))
+    assert not list(cache.glob("*.converting-*")) and not list(cache.glob(".*.download"))
     first = (tmp_path / "masks.json").read_text()
 
     stop()  # the second run must not need the network
-    assert cli.main(_segment_args(tmp_path)) == 0
+    assert cli.main(_segment_args(tmp_path, "--overwrite")) == 0
     assert requests == [f"/{SAM_POSE2SEG_FILENAME}"]
     assert (tmp_path / "masks.json").read_text() == first
     capsys.readouterr()
@@ -332,7 +333,7 @@ def _settings(*flags, command="evaluate"):
 
 
 def test_preset_and_flags_beside_it():
-    from p2s_jax.evaluation.runner import EvalConfig
+    from p2s_jax.evaluation.config import EvalConfig
     from p2s_jax.inference.postprocess import MaskPostprocess
 
     assert _settings("--preset", "sam-pose2seg") == EvalConfig.from_preset("sam-pose2seg")

@@ -24,7 +24,9 @@ import multihost
 import reference
 from conftest import coco_dataset, model_pair
 from p2s_jax.data import coco as coco_lib
+from p2s_jax.evaluation import evaluate, plan
 from p2s_jax.evaluation import runner as ev
+from p2s_jax.evaluation.config import DEFAULT_RESULT_SCORE, EvalConfig
 from p2s_jax.evaluation.metrics import METRIC_NAMES, evaluate_segm
 from p2s_jax.evaluation.report import format_report
 from p2s_jax.inference.prompting import PromptConfig, exclusive_masks, select_prompts
@@ -62,7 +64,7 @@ def single_device():
 @pytest.fixture(scope="module")
 def run(dataset, models, single_device):
     return ev.run_dataset(models[1], dataset["coco"], dataset["images"], dataset["poses"],
-                        ev.EvalConfig(images_per_device=2), mesh=single_device, progress=False)
+                        EvalConfig(images_per_device=2), mesh=single_device, progress=False)
 
 
 @pytest.fixture(scope="module")
@@ -193,7 +195,7 @@ def test_bf16_ap_follows_float32(models, single_device, tmp_path):
     poses = coco_lib.load_keypoint_detections(detections, coco)
     bf16 = abstract_model(get_config(MODEL, SIZE), jnp.bfloat16)
     from_state_dict(bf16, reference.official_state_dict(models[0]))
-    config = ev.EvalConfig(images_per_device=2)
+    config = EvalConfig(images_per_device=2)
     runs = [ev.run_dataset(model, coco, images, poses, config, mesh=single_device,
                            progress=False).results for model in (models[1], bf16)]
     assert len(runs[0]) == len(runs[1]) >= 30
@@ -218,7 +220,7 @@ def test_bf16_ap_follows_float32(models, single_device, tmp_path):
 
 
 def test_exclusive_masks_and_result_scores(dataset, models, single_device, run):
-    config = ev.EvalConfig(images_per_device=2, exclusive=True, result_score="iou")
+    config = EvalConfig(images_per_device=2, exclusive=True, result_score="iou")
     exclusive = ev.run_dataset(models[1], dataset["coco"], dataset["images"], dataset["poses"],
                              config, mesh=single_device, progress=False)
     plain, excl = _by_image(run.results), _by_image(exclusive.results)
@@ -238,25 +240,25 @@ def test_result_score_choices():
     np.testing.assert_allclose(ev._result_scores(det, iou, "product"), [0.4, 0.25])
     np.testing.assert_allclose(ev._result_scores(det, iou, "detection"), det)
     np.testing.assert_allclose(ev._result_scores(det, iou, "iou"), iou)
-    assert ev.EvalConfig().result_score == ev.DEFAULT_RESULT_SCORE == "product"
+    assert EvalConfig().result_score == DEFAULT_RESULT_SCORE == "product"
     with pytest.raises(ValueError, match="result_score"):
-        ev.EvalConfig(result_score="mean")
+        EvalConfig(result_score="mean")
     with pytest.raises(ValueError, match="keypoint_score"):
-        ev.EvalConfig(keypoint_score="vis")
+        EvalConfig(keypoint_score="vis")
 
 
 def test_plan_steps_chunks_do_not_depend_on_device_count():
-    one, four = ev.plan_steps(7, 2, 1), ev.plan_steps(7, 2, 4)
+    one, four = plan.plan_steps(7, 2, 1), plan.plan_steps(7, 2, 4)
     assert one.shape == (4, 1, 2) and four.shape == (1, 4, 2)
     np.testing.assert_array_equal(one.reshape(-1, 2), four.reshape(-1, 2))
     np.testing.assert_array_equal(one.ravel(), [0, 1, 2, 3, 4, 5, 6, -1])
-    assert ev.plan_steps(0, 2, 4).shape == (0, 4, 2)
+    assert plan.plan_steps(0, 2, 4).shape == (0, 4, 2)
 
 
 # ------------------------------------------------------------------------------ devices
 
-def _device_test_config() -> ev.EvalConfig:
-    return ev.EvalConfig(images_per_device=1, people_per_chunk=2, exclusive=True,
+def _device_test_config() -> EvalConfig:
+    return EvalConfig(images_per_device=1, people_per_chunk=2, exclusive=True,
                          prompt=PromptConfig(selection="maxspread", num_points=4,
                                              negatives="closest_other"))
 
@@ -363,7 +365,7 @@ def test_missing_and_unreadable_images_are_skipped(dataset, models, single_devic
         np.concatenate([base.boxes, outside.boxes]),
         np.concatenate([base.det_score, outside.det_score]))
 
-    out = ev.run_dataset(models[1], coco, images, poses, ev.EvalConfig(images_per_device=2),
+    out = ev.run_dataset(models[1], coco, images, poses, EvalConfig(images_per_device=2),
                        mesh=single_device, progress=False)
     report = out.report
     skipped = {s["image_id"]: s for s in report.skipped_images}
@@ -388,14 +390,14 @@ def test_malformed_files_stop_at_once(dataset, tmp_path):
     truncated.write_text(Path(dataset["annotations"]).read_text()[:500])
     missing_checkpoint = tmp_path / "no.pt"  # never reached: the files are read first
     with pytest.raises(coco_lib.CocoFormatError, match=r"annotations\.json: invalid JSON"):
-        ev.run_evaluation(truncated, dataset["images"], missing_checkpoint,
+        evaluate.run_evaluation(truncated, dataset["images"], missing_checkpoint,
                           keypoints=dataset["detections"], progress=False)
     detections = tmp_path / "detections.json"
     entries = json.loads(Path(dataset["detections"]).read_text())
     del entries[1]["visibility"]
     detections.write_text(json.dumps(entries))
     with pytest.raises(coco_lib.CocoFormatError, match=r"entry 1 .*missing key 'visibility'"):
-        ev.run_evaluation(dataset["annotations"], dataset["images"], missing_checkpoint,
+        evaluate.run_evaluation(dataset["annotations"], dataset["images"], missing_checkpoint,
                           keypoints=detections, progress=False)
 
 
@@ -414,12 +416,12 @@ def test_bad_poses_name_the_image(dataset, models, single_device):
                                            p.boxes, p.det_score)
                  for i, p in dataset["poses"].items()}
         ev.run_dataset(models[1], dataset["coco"], dataset["images"], plain,
-                     ev.EvalConfig(keypoint_score="presence"), mesh=single_device,
+                     EvalConfig(keypoint_score="presence"), mesh=single_device,
                      progress=False)
 
 
 def test_ground_truth_poses_never_use_unlabelled_keypoints(dataset):
-    poses = ev.ground_truth_prompt_poses(dataset["coco"])
+    poses = plan.ground_truth_prompt_poses(dataset["coco"])
     for image_id, pose in poses.items():
         unlabelled = pose.scores["visibility"] == 0
         assert np.isnan(pose.keypoints[unlabelled]).all()
@@ -446,7 +448,7 @@ def test_compilations_are_bounded(models, single_device, tmp_path):
     monitoring.register_event_duration_secs_listener(
         lambda event, seconds, **kwargs: compiled.append(event)
         if event == "/jax/core/compile/backend_compile_duration" else None)
-    config = ev.EvalConfig(images_per_device=1, people_per_chunk=2)
+    config = EvalConfig(images_per_device=1, people_per_chunk=2)
     first = ev.run_dataset(models[1], coco, images, poses, config, mesh=single_device,
                            progress=False)
     count = len(compiled)

@@ -20,21 +20,23 @@ ALLOWED = {
     "model": set(),
     "keypoints": {"utils"},
     "parallel": set(),
+    "hardware": set(),
     "utils": set(),
     "weights_conversion": {"model", "utils"},
     "data": {"keypoints", "utils"},
     "inference": {"model", "keypoints", "parallel", "utils", "weights_conversion", "data"},
     "evaluation": {"model", "keypoints", "parallel", "utils", "weights_conversion", "data",
                    "inference"},
-    "train": {"model", "keypoints", "parallel", "utils", "weights_conversion", "data",
-              "inference"},
-    "aot": {"model", "keypoints", "parallel", "utils", "weights_conversion", "data", "inference",
-            "evaluation", "train"},
-    "cli": {"model", "keypoints", "parallel", "utils", "weights_conversion", "data", "inference",
-            "evaluation", "train", "aot"},
+    "train": {"model", "keypoints", "parallel", "hardware", "utils", "weights_conversion",
+              "data", "inference", "evaluation"},
+    "aot": {"model", "keypoints", "parallel", "hardware", "utils", "weights_conversion", "data",
+            "inference", "evaluation", "train"},
+    "cli": {"model", "keypoints", "parallel", "hardware", "utils", "weights_conversion", "data",
+            "inference", "evaluation", "train", "aot"},
 }
 # Finer rules inside a room's allowance: (importing room, imported module prefix) pairs that
-# are the only way in. Training uses inference's preprocessing and prompting, not the predictor.
+# are the only way in. Training uses inference's preprocessing and prompting, not the predictor
+# (evaluation while training goes through the evaluator, `evaluation.evaluate`).
 ONLY = {("train", "p2s_jax.inference"): ("p2s_jax.inference.preprocess",
                                          "p2s_jax.inference.prompting")}
 # Modules outside the project that a room must not import (at module level or anywhere).

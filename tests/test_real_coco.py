@@ -25,7 +25,9 @@ from authors import authors_exclusive, authors_select, scipy_connected_component
 from conftest import model_pair
 from p2s_jax.data import coco as coco_lib
 from p2s_jax.data.prepare import coco_persons
+from p2s_jax.evaluation import evaluate, plan
 from p2s_jax.evaluation import runner as ev
+from p2s_jax.evaluation.config import DEFAULT_RESULT_SCORE, EvalConfig
 from p2s_jax.evaluation.metrics import coco_star_excluded, evaluate_segm
 from p2s_jax.inference.postprocess import MaskPostprocess
 from p2s_jax.keypoints import labelled_points
@@ -104,8 +106,8 @@ def models():
 
 @pytest.fixture(scope="module")
 def preset_run(coco, models):
-    poses = ev.ground_truth_prompt_poses(coco)
-    config = ev.EvalConfig.from_preset("sam-pose2seg", ground_truth=True, images_per_device=2)
+    poses = plan.ground_truth_prompt_poses(coco)
+    config = EvalConfig.from_preset("sam-pose2seg", ground_truth=True, images_per_device=2)
     return ev.run_dataset(models[1], coco, REAL, poses, config,
                           mesh=make_mesh(jax.devices()[:1]), progress=False)
 
@@ -181,8 +183,8 @@ def test_preset_equals_the_authors_pipeline_person_by_person(coco, preset_run, a
 
 def test_postprocess_changes_masks_on_these_photos(coco, models, preset_run):
     """The post-processing is not idle on real photos: without it some masks differ."""
-    poses = ev.ground_truth_prompt_poses(coco)
-    config = ev.EvalConfig.from_preset("sam-pose2seg", ground_truth=True, images_per_device=2,
+    poses = plan.ground_truth_prompt_poses(coco)
+    config = EvalConfig.from_preset("sam-pose2seg", ground_truth=True, images_per_device=2,
                                        postprocess=MaskPostprocess())
     plain = ev.run_dataset(models[1], coco, REAL, poses, config,
                            mesh=make_mesh(jax.devices()[:1]), progress=False)
@@ -345,10 +347,10 @@ def test_crop_to_box_equals_the_official_predictor_on_each_crop(coco, models):
     """Each person on its own 1.5x box crop (the authors' rounding and clipping), the mask
     pasted back: person by person the official predictor's on the same crop; with exclusive
     masks the pasted masks no longer overlap."""
-    from p2s_jax.evaluation.runner import crop_window
+    from p2s_jax.evaluation.plan import crop_window
 
-    poses = ev.ground_truth_prompt_poses(coco)
-    config = ev.EvalConfig.from_preset("sam-pose2seg", ground_truth=True, images_per_device=2,
+    poses = plan.ground_truth_prompt_poses(coco)
+    config = EvalConfig.from_preset("sam-pose2seg", ground_truth=True, images_per_device=2,
                                        crop_to_box=1.5, exclusive=False,
                                        postprocess=MaskPostprocess())
     mesh = make_mesh(jax.devices()[:1])

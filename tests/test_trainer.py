@@ -32,6 +32,10 @@ RUNNER = HERE / "train_runner.py"
 def env(tmp_path_factory):
     environment = dict(os.environ)
     environment["JAX_COMPILATION_CACHE_DIR"] = str(tmp_path_factory.mktemp("jax_cache"))
+    # every program, however small (Flax compiles each parameter's initialiser): a process
+    # after the first builds the tiny model in 4 s instead of 17 s
+    environment["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+    environment["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
     environment.pop("XLA_FLAGS", None)
     environment["PYTHONPATH"] = os.pathsep.join([str(HERE.parent), str(HERE)])
     return environment
@@ -100,6 +104,126 @@ def _export(workdir, out, env, *flags):
     return torch.load(out, map_location="cpu", weights_only=True)["model"]
 
 
+def _same_data(workdir: Path, uninterrupted: Path) -> None:
+    """A new workdir that trains and evaluates on the uninterrupted run's generated data."""
+    workdir.mkdir()
+    for name in ("synthetic", "synthetic_eval"):
+        os.symlink(uninterrupted / name, workdir / name)
+
+
+def _assert_same_params(workdir: Path, uninterrupted: Path, tmp_path: Path, env) -> None:
+    ours = _export(workdir, tmp_path / f"{workdir.name}.pt", env, "--image-only")
+    ref = _export(uninterrupted, tmp_path / "reference.pt", env, "--image-only", "--overwrite")
+    assert ours.keys() == ref.keys()
+    for key in ref:
+        assert np.array_equal(ours[key].numpy(), ref[key].numpy()), key
+
+
+def _wait_for(path: Path, proc: subprocess.Popen, what: str, timeout: float = 600) -> None:
+    deadline = time.time() + timeout
+    while not path.exists():
+        assert proc.poll() is None, f"ended before {what}: {proc.stdout.read()[-3000:]}"
+        assert time.time() < deadline, f"no {what} in time"
+        time.sleep(0.1)
+
+
+def test_sigterm_saves_the_step_reached_and_resumes_bit_identically(tmp_path, env, uninterrupted):
+    """A preemption notice (SIGTERM) in the middle of the run: the step in flight finishes, the
+    step reached is saved and committed, one line says where and how to go on, exit status 75;
+    `--resume` then ends with the parameters of the uninterrupted run."""
+    workdir = tmp_path / "run_b"
+    _same_data(workdir, uninterrupted)
+    marker = tmp_path / "marker"
+    hooks = {"P2S_TEST_SLOW_LOADER": "0.3", "P2S_TEST_SLOW_FROM": "4",
+             "P2S_TEST_MARK_STEP": "7", "P2S_TEST_MARK_FILE": str(marker)}
+    proc = subprocess.Popen(_p2s("train", "--config", "tiny", "--workdir", str(workdir),
+                                 "--no-progress", "--import", "train_hooks"),
+                            env={**env, **hooks}, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    try:
+        _wait_for(marker, proc, "step 7")
+        proc.send_signal(signal.SIGTERM)
+        log = proc.communicate(timeout=120)[0]
+    finally:
+        proc.kill()
+    assert proc.returncode == 75, log[-3000:]
+    lines = [line for line in log.splitlines() if line.startswith("p2s train:")]
+    assert len(lines) == 1 and "Traceback" not in log, log[-3000:]
+    line = lines[0]
+    assert "stopped by SIGTERM (preemption or maintenance notice) at step" in line
+    step = int(line.split(" at step ")[1].split(":")[0])
+    assert 7 <= step < 12
+    assert f"checkpoint {workdir / 'checkpoints' / str(step)} saved" in line
+    assert line.endswith(f"continue with: p2s train --workdir {workdir} --resume")
+    assert (workdir / "checkpoints" / str(step) / "commit_success.txt").is_file()
+    resumed = _run(_p2s("train", "--workdir", str(workdir), "--resume", "--no-progress"), env)
+    assert f"trained {12 - step} step" in resumed.stdout
+    _assert_same_params(workdir, uninterrupted, tmp_path, env)
+
+
+def test_sigkill_during_an_asynchronous_save_resumes_from_the_last_complete_one(
+        tmp_path, env, uninterrupted):
+    """SIGKILL while the save of step 8 is written but not committed (held by a hook): the
+    resumed run starts from step 4, the last complete checkpoint, and ends identical."""
+    workdir = tmp_path / "run_c"
+    _same_data(workdir, uninterrupted)
+    marker = tmp_path / "marker"
+    hooks = {"P2S_TEST_HOLD_COMMIT_STEP": "8", "P2S_TEST_MARK_FILE": str(marker)}
+    proc = subprocess.Popen(_p2s("train", "--config", "tiny", "--workdir", str(workdir),
+                                 "--no-progress", "--import", "train_hooks"),
+                            env={**env, **hooks}, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    try:
+        _wait_for(marker, proc, "the held save of step 8")
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    saved = sorted(p.name for p in (workdir / "checkpoints").iterdir())
+    assert "4" in saved and "8" not in saved and any(n.startswith("8.") for n in saved), saved
+    resumed = _run(_p2s("train", "--workdir", str(workdir), "--resume", "--no-progress"), env)
+    assert "trained 8 steps" in resumed.stdout  # from step 4
+    _assert_same_params(workdir, uninterrupted, tmp_path, env)
+
+
+def test_unrestorable_checkpoint_then_resume_step_with_processes_and_a_profile(
+        tmp_path, env, uninterrupted):
+    """A damaged latest checkpoint: one line names it and the step before it; `--resume-step`
+    continues from that one (the later checkpoint moved aside, not deleted), here with the
+    samples made in worker processes, a profile of two steps and a slow loader: the same
+    parameters as the uninterrupted run, a trace TensorBoard reads, the time split of every
+    step and a line that says the run waits on its data."""
+    workdir = tmp_path / "run_d"
+    shutil.copytree(uninterrupted, workdir, symlinks=True)
+    for blob in (workdir / "checkpoints" / "12" / "state").rglob("ocdbt.process_0/d/*"):
+        blob.write_bytes(blob.read_bytes()[:100])
+    proc = _run(_p2s("train", "--workdir", str(workdir), "--resume", "--no-progress"), env,
+                check=False)
+    assert proc.returncode == 2
+    err = proc.stderr.strip().splitlines()
+    assert len(err) == 1, proc.stderr[-3000:]
+    assert err[0].startswith(f"p2s train: error: checkpoint {workdir / 'checkpoints' / '12'} "
+                             "cannot be restored")
+    assert err[0].endswith("the checkpoint before it is step 8: continue from it with --resume "
+                           "--resume-step 8")
+    resumed = _run(_p2s("train", "--workdir", str(workdir), "--resume", "--resume-step", "8",
+                        "--no-progress", "--import", "train_hooks", "data.loader=processes",
+                        "profile_steps=[9,10]"), {**env, "P2S_TEST_SLOW_LOADER": "0.5"})
+    assert "trained 4 steps" in resumed.stdout
+    assert "data-bound: " in resumed.stdout and "waiting on the loader" in resumed.stdout
+    assert (workdir / "checkpoints.unused" / "12").is_dir()
+    assert json.loads((workdir / "config.json").read_text())["data"]["loader"] == "processes"
+    traces = list((workdir / "tensorboard" / "plugins" / "profile").glob("*/*.xplane.pb"))
+    assert traces and traces[0].stat().st_size > 10_000
+    records = [r for r in read_jsonl(workdir / "metrics.jsonl") if "core_loss" in r]
+    for record in records[-4:]:
+        assert record["time_loader_s"] >= 0.5 and record["time_transfer_s"] >= 0
+        # the step's wall time is the device's work plus its wait for the host
+        assert record["time_device_s"] + record["time_device_idle_s"] == pytest.approx(
+            record["time_step_s"])
+        assert record["images_per_second"] == pytest.approx(4 / record["time_step_s"])
+    _assert_same_params(workdir, uninterrupted, tmp_path, env)
+
+
 def test_resume_after_sigkill_is_bit_identical(tmp_path, env, uninterrupted):
     workdir = tmp_path / "run_b"
     workdir.mkdir()
@@ -128,6 +252,55 @@ def test_resume_after_sigkill_is_bit_identical(tmp_path, env, uninterrupted):
     # the steps after the resume were logged again, the earlier ones are all there
     steps = [r["step"] for r in read_jsonl(workdir / "metrics.jsonl")]
     assert set(steps) == set(range(1, 13))
+
+
+def test_evaluation_while_training_equals_p2s_evaluate_and_curve(tmp_path, env, uninterrupted):
+    """The tiny run evaluates its held-out split at steps 6 and 12: the metrics and masks it
+    logs at step 12 are those `p2s evaluate` gives on the checkpoint of step 12 (same data,
+    same preset), and its correction curve is `p2s curve`'s; `p2s export --best` writes the
+    checkpoint of the best AP."""
+    records = read_jsonl(uninterrupted / "metrics.jsonl")
+    evaluations = {r["step"]: r for r in records if "eval/AP" in r}
+    assert sorted(evaluations) == [6, 12]
+    logged = evaluations[12]
+    raw = uninterrupted / "synthetic_eval" / "raw"
+    exported = tmp_path / "step12.pt"
+    _export(uninterrupted, exported, env, "--image-only", "--step", "12")
+    out = tmp_path / "results.json"
+    _run(_p2s("evaluate", "--annotations", str(raw / "annotations.json"), "--images",
+              str(raw / "images"), "--keypoints", str(raw / "detections.json"), "--checkpoint",
+              str(exported), "--image-size", "128", "--preset", "sam-pose2seg", "--out",
+              str(out), "--no-progress"), env)
+    summary = json.loads((tmp_path / "results.summary.json").read_text())
+    for name in ("AP", "AP50", "AP75", "APm", "APl"):
+        assert logged[f"eval/{name}"] == summary["metrics"][name], name
+    assert json.loads(out.read_text()) == json.loads(
+        (uninterrupted / "eval" / "step_12.json").read_text())
+    assert json.loads(out.read_text())  # masks to compare
+    curve = _run(_p2s("curve", "--annotations", str(raw / "annotations.json"), "--images",
+                      str(raw / "images"), "--checkpoint", str(exported), "--image-size", "128",
+                      "--points", "3", "--out", str(tmp_path / "curve.png"), "--no-progress"),
+                 env).stdout
+    values = [float(v) for v in curve.split("mean IoU after each point: ")[1].split()[:3]]
+    assert values == pytest.approx([logged[f"eval/iou_after_point_{t}"] for t in (1, 2, 3)],
+                                   abs=1e-4)
+    assert any(v > 0 for v in values)
+    (best,) = [int(p.name) for p in (uninterrupted / "best").iterdir() if p.name.isdigit()]
+    assert evaluations[best]["eval/AP"] == max(r["eval/AP"] for r in evaluations.values())
+    from_best = _export(uninterrupted, tmp_path / "best.pt", env, "--image-only", "--best")
+    from_step = _export(uninterrupted, tmp_path / "at_best.pt", env, "--image-only", "--step",
+                        str(best))
+    assert all(np.array_equal(from_best[k].numpy(), from_step[k].numpy()) for k in from_step)
+
+
+def test_finished_run_and_missing_step_say_so(tmp_path, env, uninterrupted):
+    proc = _run(_p2s("train", "--workdir", str(uninterrupted), "--resume", "--no-progress"), env)
+    assert f"the run in {uninterrupted} is complete: step 12 of 12; nothing to train" \
+        in proc.stdout
+    proc = _run(_p2s("export", "--workdir", str(uninterrupted), "--out", str(tmp_path / "x.pt"),
+                     "--step", "5", "--image-only"), env, check=False)
+    assert proc.returncode == 2 and not (tmp_path / "x.pt").exists()
+    assert proc.stderr.strip().endswith("holds no checkpoint of step 5; saved steps: [4, 8, 12]")
 
 
 def _strict_load(path):
@@ -260,6 +433,21 @@ def test_two_processes_give_the_same_update(device_runs):
     """Multi-host: 2 processes x 2 devices (jax.distributed on this machine, gloo collectives),
     each feeding its half of the batch, train as 1 process on 1 device does."""
     _assert_same_training(device_runs(1, 1), device_runs(2, 2))
+
+
+def test_missing_paths_stop_the_run_before_anything_is_written(tmp_path, capsys):
+    from p2s_jax.cli import main
+
+    workdir = tmp_path / "never"
+    for override, named in (("init_checkpoint=/nowhere/sam2.1_t.pt", "init_checkpoint "
+                                                                      "/nowhere/sam2.1_t.pt"),
+                             ("data.synthetic_images=0", "set data.data_dir"),
+                             ("eval.synthetic_images=0", "eval.annotations")):
+        assert main(["train", "--config", "tiny", "--workdir", str(workdir), override,
+                     "--no-progress"]) == 2
+        err = capsys.readouterr().err
+        assert named in err and len(err.strip().splitlines()) == 1, err
+        assert not workdir.exists()
 
 
 def test_workdir_guards(uninterrupted, env):

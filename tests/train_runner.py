@@ -42,7 +42,7 @@ def nan_on_marker(key, gt_mask, pred_mask, keypoints, visibility, step):
 
 def overfit_config(**overrides):
     return tiny(total_steps=40, **{"optim.base_lr": 1e-3, "correction.sampler": "nan_on_marker",
-                                   "checkpoint_every": 1000, **overrides})
+                                   "checkpoint_every": 1000, "eval.every": 0, **overrides})
 
 
 def flat_params(state) -> dict:
@@ -70,7 +70,7 @@ def main(argv) -> int:
     mode, workdir = argv[1], argv[2]
     if mode == "devices":
         multihost.initialize()  # one of several processes, when started as one
-        config = tiny()
+        config = tiny(**{"eval.every": 0})
         loader = ToyLoader(config.global_batch_size, config.image_size,
                            host_index=jax.process_index(), host_count=jax.process_count())
         result = train(config, workdir, loader=loader, progress=False, max_steps=2)

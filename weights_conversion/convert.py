@@ -14,9 +14,9 @@
 
 from __future__ import annotations
 
-import os
+import io
+import pickle
 import re
-import tempfile
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
@@ -26,9 +26,9 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 from p2s_jax.model.configs import CONFIGS, get_config
-from p2s_jax.model.sam2 import SAM2Image, abstract_model
+from p2s_jax.model.sam2 import SAM2Image, abstract_model, build_model
 from p2s_jax.utils.errors import InputError
-from p2s_jax.utils.files import read_json, write_json
+from p2s_jax.utils.files import read_json, write_atomic, write_json
 from weights_conversion.mapping import iter_rules, torch_shape_of
 
 VIDEO_MEMORY_PREFIXES = (
@@ -37,6 +37,7 @@ VIDEO_MEMORY_PREFIXES = (
 )
 METADATA_FILE = "p2s_model.json"
 VIDEO_MEMORY_FILE = "video_memory.npz"  # beside the weights of a converted folder
+RANDOM_INIT_KEY = "p2s_random_init"  # marks weights drawn by `p2s init`
 
 
 class CheckpointError(InputError):
@@ -52,10 +53,7 @@ def load_torch_state_dict(path) -> Dict[str, np.ndarray]:
         import torch
     except ImportError as err:  # pragma: no cover - depends on the environment
         raise CheckpointError(f"reading {path} needs torch: pip install 'p2s_jax[torch]'") from err
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # torch raises many types for a damaged file (even IndexError)
-        raise CheckpointError(f"checkpoint {path} is truncated or corrupt: {err}") from err
+    payload = _torch_load(path, mmap=False)
     if isinstance(payload, dict) and "model" in payload and isinstance(payload["model"], dict):
         payload = payload["model"]
     if not isinstance(payload, dict) or not payload:
@@ -67,6 +65,44 @@ def load_torch_state_dict(path) -> Dict[str, np.ndarray]:
             raise CheckpointError(f"checkpoint {path}: entry {key!r} is not a tensor")
         state[key] = tensor.detach().to(torch.float32).cpu().numpy()
     return state
+
+
+def _torch_load(path: Path, mmap: bool):
+    """torch.load of an official checkpoint (tensors only), with errors that say what the file
+    is: not a PyTorch file at all, one holding Python objects, or a damaged one."""
+    import torch
+
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if not (head == b"PK\x03\x04" or head[:1] == b"\x80"):  # a zip archive, or a pickle
+        raise CheckpointError(f"{path} is not a PyTorch checkpoint (.pt): expected a file "
+                              "written by torch.save, such as the official SAM 2.1 or "
+                              "SAM-pose2seg weights")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as err:
+        raise CheckpointError(f"{path} is not a checkpoint of tensors: it holds Python objects "
+                              "that are not loaded (the official weights hold tensors only)"
+                              ) from err
+    except Exception as err:  # torch raises many types for a damaged file (even IndexError)
+        raise CheckpointError(f"checkpoint {path} is truncated or corrupt: "
+                              f"{str(err).strip().splitlines()[0] if str(err).strip() else err}"
+                              ) from err
+
+
+def random_init_info(path) -> Optional[dict]:
+    """What `p2s init` recorded in a checkpoint it wrote with random weights ({"model",
+    "seed"}), for a `.pt` (read memory-mapped: no tensor is loaded) or a converted folder; None
+    for trained weights."""
+    path = Path(path)
+    if path.is_dir():
+        meta = path / METADATA_FILE
+        return read_json(meta, "converted checkpoint metadata").get(RANDOM_INIT_KEY) \
+            if meta.is_file() else None
+    if not path.is_file():
+        return None
+    payload = _torch_load(path, mmap=True)
+    return payload.get(RANDOM_INIT_KEY) if isinstance(payload, dict) else None
 
 
 def detect_model_name(state_dict: Dict[str, np.ndarray]) -> Optional[str]:
@@ -125,21 +161,23 @@ def to_state_dict(model: SAM2Image) -> Dict[str, np.ndarray]:
             for _, variable, rule in iter_rules(model)}
 
 
-def save_torch_checkpoint(model: SAM2Image, path, base_state_dict: Optional[Dict] = None) -> None:
-    """Writes `{"model": state_dict}` atomically. `base_state_dict` supplies the video-memory
-    tensors (e.g. from the checkpoint that was fine-tuned) so the official video code loads it too."""
+def save_torch_checkpoint(model: SAM2Image, path, base_state_dict: Optional[Dict] = None,
+                          random_init: Optional[dict] = None) -> None:
+    """Writes `{"model": state_dict}` atomically, with the user's umask. `base_state_dict`
+    supplies the video-memory tensors (e.g. from the checkpoint that was fine-tuned) so the
+    official video code loads it too; `random_init` marks weights `p2s init` drew
+    (`RANDOM_INIT_KEY`, beside "model": the official loaders read "model" only)."""
     import torch
 
     state = dict(base_state_dict or {})
     state.update(to_state_dict(model))
-    tensors = {k: torch.from_numpy(np.asarray(v, np.float32)) for k, v in state.items()}
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".tmp", delete=False) as tmp:
-        torch.save({"model": tensors}, tmp)
-        tmp.flush()
-        os.fsync(tmp.fileno())
-    os.replace(tmp.name, path)
+    tensors = {k: torch.tensor(np.asarray(v, np.float32)) for k, v in state.items()}
+    payload = {"model": tensors}
+    if random_init is not None:
+        payload[RANDOM_INIT_KEY] = dict(random_init)
+    buffer = io.BytesIO()
+    torch.save(payload, buffer)
+    write_atomic(path, buffer.getbuffer())
 
 
 def video_memory_tensors(path) -> Optional[Dict[str, np.ndarray]]:
@@ -155,27 +193,25 @@ def video_memory_tensors(path) -> Optional[Dict[str, np.ndarray]]:
             if k.startswith(VIDEO_MEMORY_PREFIXES)}
 
 
-def _save_npz_atomic(path: Path, arrays: Dict[str, np.ndarray]) -> None:
-    with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".tmp", delete=False) as tmp:
-        np.savez(tmp, **arrays)
-        tmp.flush()
-        os.fsync(tmp.fileno())
-    os.replace(tmp.name, path)
-
-
 def save_orbax(model: SAM2Image, out_dir, source: str = "",
-               video_memory: Optional[Dict[str, np.ndarray]] = None) -> Path:
-    """Saves the weights (Orbax, atomic), `p2s_model.json` (model name, image size) and, when
-    given, the video-memory tensors (`video_memory.npz`, for `p2s export`)."""
+               video_memory: Optional[Dict[str, np.ndarray]] = None,
+               random_init: Optional[dict] = None) -> Path:
+    """Saves the weights (Orbax, atomic), `p2s_model.json` (model name, image size, and
+    `RANDOM_INIT_KEY` for weights `p2s init` drew) and, when given, the video-memory tensors
+    (`video_memory.npz`, for `p2s export`)."""
     out_dir = Path(out_dir).absolute()
     if (out_dir / "weights").exists():
         raise CheckpointError(f"{out_dir / 'weights'} exists already; choose an empty folder")
     out_dir.mkdir(parents=True, exist_ok=True)
     if video_memory:
-        _save_npz_atomic(out_dir / VIDEO_MEMORY_FILE, video_memory)
+        buffer = io.BytesIO()
+        np.savez(buffer, **video_memory)
+        write_atomic(out_dir / VIDEO_MEMORY_FILE, buffer.getbuffer())
     with ocp.StandardCheckpointer() as checkpointer:
         checkpointer.save(out_dir / "weights", nnx.state(model))
     meta = {"model": model.config.name, "image_size": model.config.image_size, "source": str(source)}
+    if random_init is not None:
+        meta[RANDOM_INIT_KEY] = dict(random_init)
     write_json(out_dir / METADATA_FILE, meta, indent=2)
     return out_dir
 
@@ -235,4 +271,15 @@ def convert_checkpoint(checkpoint, out_dir, model_name: Optional[str] = None,
     model = abstract_model(get_config(name, image_size))
     ignored = from_state_dict(model, state_dict, source=str(checkpoint))
     video = {k: state_dict[k] for k in ignored}
-    return save_orbax(model, out_dir, source=checkpoint, video_memory=video), ignored
+    return save_orbax(model, out_dir, source=checkpoint, video_memory=video,
+                      random_init=random_init_info(checkpoint)), ignored
+
+
+def write_random_checkpoint(model_name: str, out, image_size: int = 1024, seed: int = 0) -> Path:
+    """`p2s init`: a SAM 2.1 model of any size with seeded random weights as an official-format
+    `.pt` (image-path tensors), marked with `RANDOM_INIT_KEY` so that every command that loads
+    it says the weights are random. For trying the commands without the released weights."""
+    config = get_config(model_name, image_size)
+    save_torch_checkpoint(build_model(config, seed=seed), out,
+                          random_init={"model": config.name, "seed": int(seed)})
+    return Path(out)

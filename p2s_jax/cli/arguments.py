@@ -6,9 +6,10 @@ import argparse
 import dataclasses
 
 from p2s_jax import aot
-from p2s_jax.evaluation import runner
+from p2s_jax.evaluation.config import RESULT_SCORES, EvalConfig
 from p2s_jax.inference.postprocess import MaskPostprocess
 from p2s_jax.inference.presets import PRESETS
+from p2s_jax.inference.weights import HUB_WEIGHTS
 from p2s_jax.inference.prompting import PromptConfig
 from p2s_jax.data.coco import SCORE_NAMES
 from p2s_jax.keypoints import available_schemas
@@ -68,9 +69,11 @@ def _add_prompt_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _add_model_arguments(parser: argparse.ArgumentParser, checkpoint_required: bool) -> None:
     parser.add_argument("--checkpoint", required=checkpoint_required,
-                        help="official .pt (SAM 2.1 or SAM-pose2seg) or a folder from p2s convert"
+                        help="official .pt (SAM 2.1 or SAM-pose2seg), a folder from p2s convert, "
+                             f"or a released model by name ({', '.join(HUB_WEIGHTS)}), "
+                             "downloaded once from the Hugging Face Hub"
                         + ("" if checkpoint_required else
-                           "; default: the SAM-pose2seg release, downloaded once"))
+                           "; default: the SAM-pose2seg release"))
     parser.add_argument("--model", default=None,
                         help="model size (t, s, b+, l or full name); default: from the checkpoint")
     parser.add_argument("--image-size", type=int, default=None,
@@ -82,9 +85,30 @@ def _add_model_arguments(parser: argparse.ArgumentParser, checkpoint_required: b
                              "einsum on TPU, cuDNN flash on GPU where it applies)")
 
 
+def _add_overwrite(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace outputs that exist already (without it, an existing "
+                             "output is refused before any work; an input is never written)")
+
+
+def _add_schema(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--schema", choices=available_schemas(), default=None,
+                        help="read the keypoints by position in this schema (for files whose "
+                             "keypoint names fit no known schema; default: from the names, or "
+                             "the one schema with as many keypoints)")
+
+
+def _batch_size(value: str) -> int:
+    number = int(value)
+    if number < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0 (0: the backend's default), got {number}")
+    return number
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=PROG, description=(
-        "SAM-pose2seg in JAX: human instance masks from pose keypoints."))
+        "SAM-pose2seg in JAX: human instance masks from pose keypoints. Outputs that exist are "
+        "refused unless --overwrite; no command writes over its input."))
     parser.add_argument("--malloc", choices=("auto", *allocator.MODES), default="auto",
                         help="host allocator: keep freed memory for reuse ('kept'), glibc's "
                              "default, or 'auto' (kept for evaluate and train)")
@@ -95,6 +119,15 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("out_dir", help="folder to write (Orbax weights + p2s_model.json)")
     convert.add_argument("--model", default=None, help="model size; default: detected")
     convert.add_argument("--image-size", type=int, default=1024)
+    _add_overwrite(convert)
+
+    init = commands.add_parser("init", help="a checkpoint with seeded random weights (to try "
+                                            "the commands without the released weights)")
+    init.add_argument("--model", required=True, help="model size (t, s, b+, l or full name)")
+    init.add_argument("--out", required=True, help="the .pt file to write")
+    init.add_argument("--image-size", type=int, default=1024)
+    init.add_argument("--seed", type=int, default=0)
+    _add_overwrite(init)
 
     evaluate = commands.add_parser("evaluate", help="mask AP on a COCO-format dataset")
     evaluate.add_argument("--annotations", required=True,
@@ -106,22 +139,29 @@ def build_parser() -> argparse.ArgumentParser:
                         help="prompt with the ground-truth keypoints instead")
     _add_model_arguments(evaluate, checkpoint_required=True)
     _add_prompt_arguments(evaluate)
+    _add_schema(evaluate)
     evaluate.add_argument("--coco-star", action="store_true",
                           help="COCO*: persons that are small or without keypoints are ignored")
-    evaluate.add_argument("--result-score", choices=runner.RESULT_SCORES, default=None,
+    evaluate.add_argument("--result-score", choices=RESULT_SCORES, default=None,
                           help="score of each mask: detection score x predicted IoU (default), "
                                "the detection score, or the predicted IoU")
     evaluate.add_argument("--crop-to-box", type=float, default=0.0, metavar="FACTOR",
                           help="segment each person on its own crop: its box scaled by FACTOR "
                                "(1.5 in Tab. 7), masks pasted back (default 0: off)")
-    evaluate.add_argument("--batch-size", type=int, default=0,
-                          help="images per device per step (default: 2 on CPU, 8 on accelerators)")
-    evaluate.add_argument("--people-chunk", type=int, default=0,
-                          help="people decoded together (default: 4 on CPU, all on accelerators)")
+    evaluate.add_argument("--skip-missing-images", action="store_true",
+                          help="score only the images whose photo can be read (default: a "
+                               "missing or unreadable photo stops the run before it starts)")
+    evaluate.add_argument("--batch-size", type=_batch_size, default=0,
+                          help="images per device per step (0, the default: 2 on CPU, 8 on "
+                               "accelerators)")
+    evaluate.add_argument("--people-chunk", type=_batch_size, default=0,
+                          help="people decoded together (0, the default: 4 on CPU, all on "
+                               "accelerators)")
     evaluate.add_argument("--workers", type=int, default=4, help="image-loading threads")
     evaluate.add_argument("--out", required=True, help="COCO segm results JSON to write")
     evaluate.add_argument("--summary", default=None,
                           help="JSON summary (default: <out stem>.summary.json beside --out)")
+    _add_overwrite(evaluate)
     evaluate.add_argument("--no-progress", action="store_true")
     evaluate.add_argument("--distributed", action="store_true",
                           help="call jax.distributed.initialize() first (multi-host: start one "
@@ -130,24 +170,33 @@ def build_parser() -> argparse.ArgumentParser:
     segment = commands.add_parser("segment", help="masks of the people of one photo")
     segment.add_argument("--image", required=True, help="the photo")
     segment.add_argument("--keypoints", required=True,
-                         help="JSON: COCO keypoint results, or a list of 17 [x, y, score] lists "
+                         help="JSON: COCO keypoint results, or a list of J [x, y, score] lists "
                               "per person")
+    segment.add_argument("--image-id", type=int, default=None,
+                         help="the photo's image_id in keypoint results of several images "
+                              "(default: the id its file name spells, e.g. 000000000785.jpg)")
     _add_model_arguments(segment, checkpoint_required=False)
     _add_prompt_arguments(segment)
-    segment.add_argument("--schema", choices=available_schemas(), default=None,
-                         help="the keypoint schema (default: the one with as many keypoints)")
+    _add_schema(segment)
     segment.add_argument("--out", required=True, help="overlay image to write (PNG)")
     segment.add_argument("--masks-out", default=None,
                          help="also write the masks (COCO RLE) and prompts as JSON")
+    _add_overwrite(segment)
     segment.add_argument("--no-progress", action="store_true")
 
     training = commands.add_parser("train", help="fine-tune with the correction loop")
     training.add_argument("--config", default=None,
                           help="'paper', 'tiny' or a JSON config (default on --resume: the "
                                "workdir's config.json)")
-    training.add_argument("--workdir", required=True, help="checkpoints, metrics and config")
+    training.add_argument("--workdir", required=True,
+                          help="checkpoints, metrics, profiles and config (a local path, or "
+                               "gs://... where the GCS libraries are installed)")
     training.add_argument("--resume", action="store_true",
                           help="continue from the latest checkpoint in --workdir")
+    training.add_argument("--resume-step", type=int, default=None, metavar="STEP",
+                          help="with --resume: continue from this checkpoint (e.g. the last "
+                               "good one when the latest cannot be restored); later ones are "
+                               "moved aside, not deleted")
     training.add_argument("--distributed", action="store_true",
                           help="call jax.distributed.initialize() first (multi-host)")
     training.add_argument("--import", dest="imports", action="append", default=[],
@@ -163,7 +212,8 @@ def build_parser() -> argparse.ArgumentParser:
                             help="a TPU topology (v5e:2x2, v5p:4x4x4, ...) or h100 / h100x8")
     aot_parser.add_argument("--gpu-target", default=None,
                             help="XLA's GPU description (.txtpb), for --target h100[xN]")
-    aot_parser.add_argument("--programs", nargs="+", default=list(aot.PROGRAMS),
+    aot_parser.add_argument("--programs", nargs="+", default=[p for p in aot.PROGRAMS
+                                                              if p != "predictor"],
                             choices=list(aot.PROGRAMS))
     aot_parser.add_argument("--model", default="b+")
     aot_parser.add_argument("--image-size", type=int, default=1024)
@@ -186,6 +236,7 @@ def build_parser() -> argparse.ArgumentParser:
     annotate_parser.add_argument("--out", required=True, help="the annotated file to write")
     _add_model_arguments(annotate_parser, checkpoint_required=False)
     _add_prompt_arguments(annotate_parser)
+    _add_schema(annotate_parser)
     annotate_parser.add_argument("--min-iou", type=float, default=0.0,
                                  help="predicted IoU below this: status low_iou (default 0)")
     annotate_parser.add_argument("--overlays", default=None,
@@ -194,8 +245,11 @@ def build_parser() -> argparse.ArgumentParser:
                                  help="images drawn into --overlays (default 50)")
     annotate_parser.add_argument("--shard-images", type=int, default=256,
                                  help="images per resumable shard (default 256)")
-    annotate_parser.add_argument("--batch-size", type=int, default=0)
+    annotate_parser.add_argument("--batch-size", type=_batch_size, default=0,
+                                 help="images per device per step (0, the default: 2 on CPU, 8 "
+                                      "on accelerators)")
     annotate_parser.add_argument("--workers", type=int, default=4)
+    _add_overwrite(annotate_parser)
     annotate_parser.add_argument("--no-progress", action="store_true")
     annotate_parser.add_argument("--distributed", action="store_true",
                                  help="call jax.distributed.initialize() first (multi-host)")
@@ -207,6 +261,7 @@ def build_parser() -> argparse.ArgumentParser:
     curve.add_argument("--annotations", required=True, help="COCO-format ground truth")
     curve.add_argument("--images", required=True, help="image folder")
     _add_model_arguments(curve, checkpoint_required=True)
+    _add_schema(curve)
     curve.add_argument("--points", type=int, default=8, help="1 + correction points (8)")
     curve.add_argument("--sampler", default="center",
                        help="a registered sampler (default center: the official evaluation "
@@ -214,38 +269,56 @@ def build_parser() -> argparse.ArgumentParser:
     curve.add_argument("--max-images", type=int, default=0, help="0: every image")
     curve.add_argument("--max-people", type=int, default=8, help="persons per image")
     curve.add_argument("--out", required=True, help="the plot to write (PNG)")
+    _add_overwrite(curve)
+    curve.add_argument("--no-progress", action="store_true")
 
-    prepare = commands.add_parser("prepare", help="evaluation sets in the COCO format")
+    prepare = commands.add_parser("prepare", help="evaluation sets in the COCO format, and "
+                                                  "training data")
     sets = prepare.add_subparsers(dest="dataset", required=True)
     persons = sets.add_parser("coco-persons", help="Pose2Seg's COCOPersons subset (COCO*)")
     persons.add_argument("source", help="person_keypoints_val2017.json")
     persons.add_argument("out", help="the subset file to write")
     persons.add_argument("--min-area", type=float, default=0.0,
                          help="also drop persons smaller than this (1024: COCO's small ones)")
+    _add_overwrite(persons)
     cihp = sets.add_parser("cihp", help="CIHP Human_ids maps -> COCO person masks (RLE)")
     cihp.add_argument("split_dir", help="a CIHP split folder holding Images/ and Human_ids/")
     cihp.add_argument("out", help="the COCO annotation file to write")
+    _add_overwrite(cihp)
+    train_data = sets.add_parser("train-data", help="the tfds records a training config reads, "
+                                                    "prepared once (before a multi-host run)")
+    train_data.add_argument("--config", required=True, help="'paper', 'tiny' or a JSON config")
+    train_data.add_argument("--workdir", default=None,
+                            help="the run's workdir (generated data of data.synthetic_images "
+                                 "goes there)")
+    train_data.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                            help="config overrides, e.g. data.data_dir=/data/tfds")
 
     export = commands.add_parser("export", help="a training workdir -> official .pt checkpoint")
     export.add_argument("--workdir", required=True)
     export.add_argument("--out", required=True, help="the .pt file to write")
-    export.add_argument("--step", type=int, default=None, help="default: the latest checkpoint")
+    which = export.add_mutually_exclusive_group()
+    which.add_argument("--step", type=int, default=None, help="default: the latest checkpoint")
+    which.add_argument("--best", action="store_true",
+                       help="the checkpoint with the best held-out AP (evaluation while "
+                            "training, eval.every)")
     export.add_argument("--base", default=None,
                         help="the original .pt whose video-memory tensors the file carries "
                              "(default: the run's init_checkpoint)")
     export.add_argument("--image-only", action="store_true",
                         help="write the image-path tensors alone when no base is known (the "
                              "official strict loader refuses such a file)")
+    _add_overwrite(export)
     return parser
 
 
-def inference_config(args: argparse.Namespace, ground_truth: bool) -> runner.EvalConfig:
+def inference_config(args: argparse.Namespace, ground_truth: bool) -> EvalConfig:
     """The inference settings of the command line: `--preset` (or the project's defaults),
     then every flag that was given."""
     if args.preset:
-        base = runner.EvalConfig.from_preset(args.preset, ground_truth)
+        base = EvalConfig.from_preset(args.preset, ground_truth)
     else:
-        base = runner.EvalConfig(prompt=PromptConfig.ground_truth() if ground_truth
+        base = EvalConfig(prompt=PromptConfig.ground_truth() if ground_truth
                                  else PromptConfig.sam_pose2seg())
     given = lambda value, default: default if value is None else value  # noqa: E731
     box_mode, _, gt_box = args.box.partition("-") if args.box != "gt" else ("given", "", "gt")

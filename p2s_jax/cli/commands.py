@@ -1,4 +1,5 @@
-"""The `p2s` commands: each turns its parsed arguments into one call of the package."""
+"""The `p2s` commands: each checks its inputs and outputs (`utils.files.check_outputs`) before
+any work, then turns its parsed arguments into one call of the package."""
 
 from __future__ import annotations
 
@@ -6,19 +7,22 @@ import argparse
 import dataclasses
 import importlib
 import json
+import sys
 from pathlib import Path
 
 import jax
 
 from p2s_jax import aot
-from p2s_jax.evaluation import runner
-from p2s_jax.evaluation.annotate import AnnotateConfig, annotate
+from p2s_jax.evaluation.annotate import AnnotateConfig, AnnotationInput, annotate, summary_path
+from p2s_jax.evaluation.evaluate import load_inputs, run_evaluation
+from p2s_jax.evaluation.plan import missing_images_error
 from p2s_jax.evaluation.report import EvalReport, format_report
 from p2s_jax.inference.overlay import draw_overlay
 from p2s_jax.inference.predictor import Predictor
 from p2s_jax.inference.segment import segment_people, write_segmentation
-from p2s_jax.inference.weights import released_checkpoint
+from p2s_jax.inference.weights import resolve_checkpoint
 from p2s_jax.data import prepare
+from p2s_jax.data.pipeline import prepare_training_data
 from p2s_jax.data.coco import load_coco, load_image_poses
 from p2s_jax.keypoints import get_schema, schema_for_count
 from p2s_jax.model.configs import compute_dtype
@@ -27,19 +31,61 @@ from p2s_jax.train.correction import CorrectionConfig
 from p2s_jax.train.curve import CurveConfig, correction_curve, write_curve_png
 from p2s_jax.train.config import load_config, parse_overrides
 from p2s_jax.train.loop import train
-from p2s_jax.utils.files import read_json
+from p2s_jax.utils.files import check_outputs, read_json, replace_folder
 from p2s_jax.utils.images import load_image
-from p2s_jax.cli.arguments import UsageError, inference_config
-from weights_conversion import METADATA_FILE, convert_checkpoint, load_model
+from p2s_jax.cli.arguments import PROG, UsageError, inference_config
+from weights_conversion import (METADATA_FILE, convert_checkpoint, load_model, random_init_info,
+                                write_random_checkpoint)
+
+
+def plural(count: int, noun: str, many: str | None = None) -> str:
+    """'1 person', '3 people'."""
+    return f"{count} {noun if count == 1 else (many or noun + 's')}"
+
+
+def _note(message: str) -> None:
+    print(f"{PROG}: {message}", file=sys.stderr, flush=True)
+
+
+def _checkpoint(args: argparse.Namespace) -> Path:
+    """--checkpoint resolved (a path, a released model by name, or the SAM-pose2seg release);
+    says once when its weights are random (`p2s init`)."""
+    checkpoint = resolve_checkpoint(args.checkpoint, progress=not args.no_progress
+                                    if hasattr(args, "no_progress") else True)
+    info = random_init_info(checkpoint)
+    if info is not None:
+        _note(f"note: {checkpoint} holds random weights (p2s init, {info.get('model')}, seed "
+              f"{info.get('seed')}): the masks show the pipeline at work, not a trained model")
+    return checkpoint
+
+
+def _schema(args: argparse.Namespace):
+    return get_schema(args.schema) if getattr(args, "schema", None) else None
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
-    out_dir, ignored = convert_checkpoint(args.checkpoint, args.out_dir, args.model,
-                                          args.image_size)
-    meta = read_json(Path(out_dir) / METADATA_FILE, "converted checkpoint metadata")
+    out = Path(args.out_dir)
+    check_outputs({"out_dir": out}, [args.checkpoint], overwrite=args.overwrite,
+                  folders=["out_dir"])
+    target = out
+    if out.exists() and any(out.iterdir()):  # --overwrite: convert aside, then swap
+        target = out.with_name(f".{out.name}.converting")
+    _, ignored = convert_checkpoint(args.checkpoint, target, args.model, args.image_size)
+    if target != out:
+        replace_folder(target, out)
+    meta = read_json(out / METADATA_FILE, "converted checkpoint metadata")
     print(f"converted {args.checkpoint} ({meta['model']}, image size {meta['image_size']}) "
-          f"to {out_dir}")
-    print(f"ignored {len(ignored)} video-memory tensors (not used on images)")
+          f"to {out}")
+    print(f"ignored {plural(len(ignored), 'video-memory tensor')} (not used on images)")
+    return 0
+
+
+def cmd_init(args: argparse.Namespace) -> int:
+    check_outputs({"--out": args.out}, overwrite=args.overwrite)
+    _note(f"drawing random weights for {args.model} (seed {args.seed}) ...")
+    path = write_random_checkpoint(args.model, args.out, args.image_size, args.seed)
+    print(f"wrote {path}: random weights (seed {args.seed}), official format; every command "
+          "that loads it says so")
     return 0
 
 
@@ -50,24 +96,42 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         inference_config(args, ground_truth=args.gt_keypoints),
         images_per_device=args.batch_size, people_per_chunk=args.people_chunk,
         num_workers=args.workers, crop_to_box=args.crop_to_box)
-    summary = runner.run_evaluation(
-        args.annotations, args.images, args.checkpoint, keypoints=args.keypoints,
+    out = Path(args.out)
+    summary = Path(args.summary) if args.summary else out.with_name(out.stem + ".summary.json")
+    check_outputs({"--out": out, "--summary": summary},
+                  [args.annotations, args.images, args.keypoints, args.checkpoint],
+                  overwrite=args.overwrite)
+    inputs = load_inputs(args.annotations, args.images, config, keypoints=args.keypoints,
+                         gt_keypoints=args.gt_keypoints, schema=_schema(args))
+    if inputs.unreadable and not args.skip_missing_images:
+        raise missing_images_error(inputs.unreadable, inputs.images_dir)
+    _note(f"keypoint scores: {inputs.config.keypoint_score} (visibility channel), "
+          f"{inputs.config.confidence_score or inputs.config.keypoint_score} (confidence)")
+    result = run_evaluation(
+        args.annotations, args.images, _checkpoint(args), keypoints=args.keypoints,
         gt_keypoints=args.gt_keypoints, model_name=args.model, image_size=args.image_size,
-        config=config, coco_star=args.coco_star, out=args.out, summary_path=args.summary,
-        progress=not args.no_progress, dtype=args.dtype, attention=args.attention)
-    print(format_report(EvalReport.from_dict(summary["report"])))
-    print(summary["table"])
-    if "results_file" in summary:
-        print(f"results: {summary['results_file']}\nsummary: {summary['summary_file']}")
+        config=config, coco_star=args.coco_star, out=out, summary_path=summary,
+        progress=not args.no_progress, dtype=args.dtype, attention=args.attention,
+        skip_missing_images=args.skip_missing_images, inputs=inputs)
+    print(format_report(EvalReport.from_dict(result["report"])))
+    if "left_out_images" in result:
+        print(result["left_out_images"])
+    print(result["table"])
+    if "results_file" in result:
+        print(f"results: {result['results_file']}\nsummary: {result['summary_file']}")
     return 0
 
 
 def cmd_segment(args: argparse.Namespace) -> int:
+    check_outputs({"--out": args.out, "--masks-out": args.masks_out},
+                  [args.image, args.keypoints, args.checkpoint], overwrite=args.overwrite)
     image = load_image(args.image)
     settings = inference_config(args, ground_truth=False)
-    poses, score_type = load_image_poses(args.keypoints, args.score_type)
-    schema = (get_schema(args.schema) if args.schema
-              else schema_for_count(poses.keypoints.shape[1], args.keypoints))
+    schema = _schema(args)
+    poses, score_type = load_image_poses(
+        args.keypoints, args.score_type, image_id=args.image_id, photo=args.image,
+        num_keypoints=schema.num_keypoints if schema else None)
+    schema = schema or schema_for_count(poses.keypoints.shape[1], args.keypoints)
     if schema.num_keypoints != poses.keypoints.shape[1]:
         raise UsageError(f"--schema {schema.name} has {schema.num_keypoints} keypoints, "
                          f"{args.keypoints} {poses.keypoints.shape[1]}")
@@ -75,15 +139,15 @@ def cmd_segment(args: argparse.Namespace) -> int:
     if config.box != "none" and poses.boxes is None:
         raise UsageError(f"--box {config.box} needs a 'bbox' for every person in "
                          f"{args.keypoints}")
-    checkpoint = args.checkpoint or released_checkpoint(progress=not args.no_progress)
-    predictor = Predictor.from_checkpoint(checkpoint, args.model, args.image_size,
-                                          compute_dtype(args.dtype), attention=args.attention,
-                                          postprocess=settings.postprocess)
     scores = poses.scores[score_type]
     confidence = poses.scores.get(settings.confidence_score or score_type)
     if confidence is None:
         raise UsageError(f"{args.keypoints}: the poses carry no {settings.confidence_score!r} "
-                         f"scores (they have {sorted(poses.scores)})")
+                         f"scores (they have {sorted(poses.scores)}); choose another "
+                         "--confidence-score")
+    predictor = Predictor.from_checkpoint(_checkpoint(args), args.model, args.image_size,
+                                          compute_dtype(args.dtype), attention=args.attention,
+                                          postprocess=settings.postprocess)
     result = segment_people(predictor, image, poses.keypoints, scores, config,
                             boxes=poses.boxes, exclusive=settings.exclusive,
                             confidence=confidence)
@@ -93,10 +157,10 @@ def cmd_segment(args: argparse.Namespace) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     overlay.save(out)
     people, with_mask = len(result.iou), int(result.has_prompt.sum())
-    print(f"{people} people, {with_mask} masks ({score_type} scores, {config.selection}"
-          f"_{config.num_points}); overlay: {out}")
+    print(f"{plural(people, 'person', 'people')}, {plural(with_mask, 'mask')} ({score_type} "
+          f"scores, {config.selection}_{config.num_points}); overlay: {out}")
     if with_mask < people:
-        print(f"{people - with_mask} people had no keypoint inside the image: no mask")
+        print(f"{plural(people - with_mask, 'person', 'people')} had no usable keypoint: no mask")
     if args.masks_out:
         print(f"masks: {write_segmentation(args.masks_out, args.image, result)}")
     return 0
@@ -113,12 +177,21 @@ def cmd_train(args: argparse.Namespace) -> int:
             raise UsageError("--config is required (except with --resume in a workdir that "
                              "has a config.json)")
         config_name = str(saved)
+    if args.resume_step is not None and not args.resume:
+        raise UsageError("--resume-step goes with --resume")
     config = load_config(config_name, parse_overrides(args.overrides))
-    result = train(config, args.workdir, resume=args.resume, progress=not args.no_progress)
+    if config.init_checkpoint and random_init_info(config.init_checkpoint) is not None:
+        _note(f"note: init_checkpoint {config.init_checkpoint} holds random weights (p2s init)")
+    result = train(config, args.workdir, resume=args.resume, resume_step=args.resume_step,
+                   progress=not args.no_progress)
     if jax.process_index() == 0:
-        final = {k: round(v, 6) for k, v in result.last_metrics.items()}
-        print(f"trained {result.steps_run} steps in {args.workdir}; last metrics: "
-              f"{json.dumps(final)}")
+        if result.steps_run == 0:
+            print(f"the run in {args.workdir} is complete: step {result.final_step} of "
+                  f"{result.final_step}; nothing to train")
+        else:
+            final = {k: round(v, 6) for k, v in result.last_metrics.items()}
+            print(f"trained {plural(result.steps_run, 'step')} in {args.workdir} (now at step "
+                  f"{result.final_step}); last metrics: {json.dumps(final)}")
     return 0
 
 
@@ -148,20 +221,27 @@ def cmd_annotate(args: argparse.Namespace) -> int:
     if args.distributed:
         jax.distributed.initialize()
     _import_modules(args.imports)
+    out = Path(args.out)
+    check_outputs({"--out": out, "summary": summary_path(out), "--overlays": args.overlays},
+                  [args.keypoints, args.image_info, args.images, args.checkpoint],
+                  overwrite=args.overwrite, folders=["--overlays"])
     inference = dataclasses.replace(inference_config(args, ground_truth=False),
                                     images_per_device=args.batch_size,
                                     num_workers=args.workers)
     config = AnnotateConfig(inference, inference_config(args, ground_truth=True).prompt,
                             min_iou=args.min_iou, shard_images=args.shard_images,
                             overlay_sample=args.sample)
-    checkpoint = args.checkpoint or released_checkpoint(progress=not args.no_progress)
+    source = AnnotationInput(args.keypoints, args.image_info, config, _schema(args))
+    if not Path(args.images).is_dir():
+        raise UsageError(f"--images {args.images}: image folder not found")
+    checkpoint = _checkpoint(args)
     model = load_model(checkpoint, args.model, args.image_size, compute_dtype(args.dtype),
                        args.attention)
-    summary = annotate(model, args.keypoints, args.images, args.out, config,
-                       image_info=args.image_info, checkpoint=str(checkpoint),
+    summary = annotate(model, source, args.images, out, config, checkpoint=str(checkpoint),
                        overlays=args.overlays, progress=not args.no_progress)
     speed = summary["images_per_second"]
-    print(f"{summary['persons']} persons on {summary['images']} images ({summary['schema']}): "
+    print(f"{plural(summary['persons'], 'person', 'persons')} on "
+          f"{plural(summary['images'], 'image')} ({summary['schema']}): "
           + ", ".join(f"{k} {v}" for k, v in summary["status"].items())
           + (f"; {speed:.2f} images/s" if speed else "; nothing left to run"))
     for image in summary["skipped_images"]:
@@ -171,38 +251,54 @@ def cmd_annotate(args: argparse.Namespace) -> int:
 
 
 def cmd_curve(args: argparse.Namespace) -> int:
+    check_outputs({"--out": args.out}, [args.annotations, args.images, args.checkpoint],
+                  overwrite=args.overwrite)
     config = CurveConfig(CorrectionConfig(num_points=args.points, sampler=args.sampler),
                          max_people=args.max_people, max_images=args.max_images)
-    model = load_model(args.checkpoint, args.model, args.image_size,
+    coco = load_coco(args.annotations, _schema(args))
+    if not Path(args.images).is_dir():
+        raise UsageError(f"--images {args.images}: image folder not found")
+    model = load_model(_checkpoint(args), args.model, args.image_size,
                        compute_dtype(args.dtype), args.attention)
-    result = correction_curve(model, load_coco(args.annotations), args.images, config)
+    result = correction_curve(model, coco, args.images, config,
+                              progress=not args.no_progress)
     path = write_curve_png(args.out, result, f"mean IoU after each point ({args.sampler})")
-    print(f"{result.num_persons} persons, {result.num_images} images; mean IoU after each "
-          f"point: {' '.join(f'{v:.4f}' for v in result.mean_iou)}\nplot: {path}")
+    print(f"{plural(result.num_persons, 'person', 'persons')}, "
+          f"{plural(result.num_images, 'image')}; mean IoU after each point: "
+          f"{' '.join(f'{v:.4f}' for v in result.mean_iou)}\nplot: {path}")
     return 0
 
 
 def cmd_prepare(args: argparse.Namespace) -> int:
+    if args.dataset == "train-data":
+        config = load_config(args.config, parse_overrides(args.overrides))
+        records = prepare_training_data(config, args.workdir)
+        print(f"training data ready: {plural(records, 'record')}")
+        return 0
+    source = args.source if args.dataset == "coco-persons" else args.split_dir
+    check_outputs({"out": args.out}, [source], overwrite=args.overwrite)
     if args.dataset == "coco-persons":
         path = prepare.write_coco_persons(args.source, args.out, args.min_area)
     else:
         path = prepare.convert_cihp(args.split_dir, args.out)
     data = read_json(path, "written annotations")
-    print(f"wrote {path}: {len(data['images'])} images, {len(data['annotations'])} annotations")
+    print(f"wrote {path}: {plural(len(data['images']), 'image')}, "
+          f"{plural(len(data['annotations']), 'annotation')}")
     return 0
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    path, carried = export_torch(args.workdir, args.out, args.step, args.base, args.image_only)
-    what = (f"official SAM 2.1 state_dict, {carried} video-memory tensors carried" if carried
-            else "image-path tensors only")
+    check_outputs({"--out": args.out}, [args.workdir, args.base], overwrite=args.overwrite)
+    path, carried = export_torch(args.workdir, args.out, args.step, args.base, args.image_only,
+                                 best=args.best)
+    what = (f"official SAM 2.1 state_dict, {plural(carried, 'video-memory tensor')} carried"
+            if carried else "image-path tensors only")
     print(f"wrote {path} ({what} under 'model')")
     return 0
 
 
 # Commands that say which devices they run on.
 COMPUTES = ("evaluate", "segment", "train", "curve", "annotate")
-COMMANDS = {"convert": cmd_convert, "evaluate": cmd_evaluate, "segment": cmd_segment,
-            "train": cmd_train, "export": cmd_export, "aot": cmd_aot, "prepare": cmd_prepare,
-            "curve": cmd_curve, "annotate": cmd_annotate}
-
+COMMANDS = {"convert": cmd_convert, "init": cmd_init, "evaluate": cmd_evaluate,
+            "segment": cmd_segment, "train": cmd_train, "export": cmd_export, "aot": cmd_aot,
+            "prepare": cmd_prepare, "curve": cmd_curve, "annotate": cmd_annotate}

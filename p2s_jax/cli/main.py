@@ -1,18 +1,23 @@
 """`p2s`: parses the command line and dispatches to a command (`commands`).
 
 An expected failure (`p2s_jax.utils.errors.Error`: a missing or malformed file, a checkpoint
-that does not fit, a bad argument) ends the command with one line naming the cause and exit
-status 2; anything else is a bug and keeps its traceback.
+that does not fit, a bad argument, an output that may not be written) ends the command with one
+line naming the cause and exit status 2. Ctrl-C and SIGTERM end it with one line saying what
+was kept, exit status 128 + the signal's number (130, 143); `p2s train` answers SIGTERM with a
+checkpoint instead (docs/tpu-pod.md: exit status 75). Anything else is a bug and keeps its
+traceback.
 """
 
 from __future__ import annotations
 
+import contextlib
+import signal
 import sys
 
 from p2s_jax.model.configs import ConfigError
 from p2s_jax.parallel import describe_devices
 from p2s_jax.utils import allocator
-from p2s_jax.utils.errors import Error
+from p2s_jax.utils.errors import Error, Stopped, Terminated
 from p2s_jax.cli.arguments import PROG, build_parser
 from p2s_jax.cli.commands import COMMANDS, COMPUTES
 
@@ -25,11 +30,37 @@ def main(argv: list[str] | None = None) -> int:
               "off)", file=sys.stderr)
     if args.command in COMPUTES:
         print(f"{PROG}: {describe_devices()}")
+    with sigterm_raises():
+        try:
+            return COMMANDS[args.command](args)
+        except (Error, ConfigError) as err:
+            stopped = isinstance(err, Stopped)
+            print(f"{PROG} {args.command}: {'' if stopped else 'error: '}{one_line(err)}",
+                  file=sys.stderr)
+            return err.exit_status if stopped else 2
+        except KeyboardInterrupt as interrupt:
+            number = getattr(interrupt, "signal_number", signal.SIGINT)
+            print(f"{PROG} {args.command}: interrupted ({signal.Signals(number).name}); "
+                  "nothing was written", file=sys.stderr)
+            return 128 + number
+
+
+@contextlib.contextmanager
+def sigterm_raises():
+    """SIGTERM raises `Terminated` (a KeyboardInterrupt) in the main thread while inside, so
+    that a terminated command ends as Ctrl-C does: one line, nothing half-written."""
+    def handler(signum, frame):
+        raise Terminated()
+
     try:
-        return COMMANDS[args.command](args)
-    except (Error, ConfigError) as err:
-        print(f"{PROG} {args.command}: error: {one_line(err)}", file=sys.stderr)
-        return 2
+        previous = signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread (e.g. a test calling main from a thread)
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def one_line(err: Exception, max_details: int = 3) -> str:
@@ -41,7 +72,6 @@ def one_line(err: Exception, max_details: int = 3) -> str:
     details = "; ".join(lines[1:1 + max_details])
     more = len(lines) - 1 - max_details
     return f"{lines[0]} {details}" + (f"; and {more} more" if more > 0 else "")
-
 
 
 if __name__ == "__main__":

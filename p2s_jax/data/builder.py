@@ -57,7 +57,7 @@ from pycocotools.coco import COCO
 
 from p2s_jax.data.coco import (CocoFormatError, PoseInstances, coco_from_dict,
                                ground_truth_poses, keypoint_schema, load_keypoint_detections,
-                               person_category_id)
+                               person_category_id, with_schema)
 from p2s_jax.data.matching import load_detection_ids, matched_poses
 from p2s_jax.keypoints import NUM_KEYPOINTS, get_schema
 from p2s_jax.utils.files import read_json
@@ -76,6 +76,8 @@ class PersonSegmentationConfig(tfds.core.BuilderConfig):
         ground-truth keypoints.
       statuses: the `p2s.status` values of an annotated file (`p2s annotate`) kept as targets.
       schema: the annotation file's keypoint schema (`p2s_jax.keypoints`): the records' J.
+      read_schema: "" (the file's keypoint names pick the schema) or a schema name the file's
+        keypoints are read in by position (names that fit no registered schema).
     """
 
     annotations: str = ""
@@ -83,6 +85,7 @@ class PersonSegmentationConfig(tfds.core.BuilderConfig):
     detections: str | None = None
     statuses: tuple = ("ok",)
     schema: str = "coco17"
+    read_schema: str = ""
 
 
 def _config(name: str, annotations: str, images: str, detections: str | None,
@@ -123,6 +126,15 @@ class PersonSegmentation(tfds.core.GeneratorBasedBuilder):
         in installed packages, a module it declares as a dependency on Python < 3.9 only."""
         return epath.Path(__file__)
 
+    def _log_download_bytes(self) -> None:
+        """One line of our own instead of tfds's "Downloading and preparing dataset" (nothing
+        is downloaded: the records are built from local files)."""
+        print(f"preparing {self.name}/{self.builder_config.name} records in {self.data_dir} "
+              "(once; later runs reuse them)", flush=True)
+
+    def _log_download_done(self) -> None:
+        print(f"prepared {self.builder_config.name}: {self.data_dir}", flush=True)
+
     def _info(self) -> tfds.core.DatasetInfo:
         schema = get_schema(self.builder_config.schema)
         return tfds.core.DatasetInfo(
@@ -141,8 +153,9 @@ class PersonSegmentation(tfds.core.GeneratorBasedBuilder):
 
     def _generate_examples(self, annotations: Path, images_dir: Path, detections: Path | None
                            ) -> Iterator[tuple[int, dict]]:
-        yield from generate_examples(annotations, images_dir, detections,
-                                     self.builder_config.statuses, self.builder_config.schema)
+        config = self.builder_config
+        yield from generate_examples(annotations, images_dir, detections, config.statuses,
+                                     config.schema, config.read_schema)
 
 
 def _resolve(root: Path, relative: str, what: str) -> Path:
@@ -264,18 +277,20 @@ def missing_images(coco: COCO, image_ids: list[int], images_dir: Path) -> list[P
     return [p for p in paths if not p.is_file()]
 
 
-def _annotated(annotations: Path, statuses: tuple) -> COCO:
-    """The ground truth, without the annotated persons whose `p2s.status` is not kept."""
+def _annotated(annotations: Path, statuses: tuple, read_schema: str = "") -> COCO:
+    """The ground truth, without the annotated persons whose `p2s.status` is not kept; its
+    keypoints read in `read_schema` by position when one is named."""
     data = read_json(annotations, "COCO annotation file", CocoFormatError)
     if isinstance(data, dict) and isinstance(data.get("annotations"), list):
         data = {**data, "annotations": [
             a for a in data["annotations"] if not isinstance(a, dict) or a.get("iscrowd")
             or "p2s" not in a or a["p2s"].get("status") in statuses]}
+    data = with_schema(data, get_schema(read_schema) if read_schema else None, annotations)
     return coco_from_dict(data, annotations)
 
 
 def generate_examples(annotations: Path, images_dir: Path, detections: Path | None = None,
-                      statuses: tuple = ("ok",), schema: str = "coco17"
+                      statuses: tuple = ("ok",), schema: str = "coco17", read_schema: str = ""
                       ) -> Iterator[tuple[int, dict]]:
     """(image_id, record) for every image with a non-crowd person, by increasing image id.
 
@@ -285,7 +300,7 @@ def generate_examples(annotations: Path, images_dir: Path, detections: Path | No
         missing annotation / detection file.
       CocoFormatError: malformed annotation or detection files, naming the file and the entry.
     """
-    coco = _annotated(annotations, statuses)
+    coco = _annotated(annotations, statuses, read_schema)
     found = keypoint_schema(coco).name
     if found != schema:
         raise CocoFormatError(f"{annotations}: its keypoints are {found}, the builder config "
@@ -338,6 +353,21 @@ def prepare(manual_dir: str | os.PathLike, data_dir: str | os.PathLike,
     return builder
 
 
+def _versions(data_dir, name: str) -> list:
+    """The prepared version folders of config `name` under data_dir, oldest first."""
+    root = epath.Path(data_dir) / BUILDER_NAME / name
+    if not root.is_dir():
+        return []
+    return sorted((p for p in root.iterdir() if (p / "dataset_info.json").is_file()),
+                  key=lambda p: tfds.core.Version(p.name) if _is_version(p.name) else
+                  tfds.core.Version("0.0.0"))
+
+
+def is_prepared(data_dir, name: str) -> bool:
+    """Whether `prepare` has written config `name` under data_dir."""
+    return bool(data_dir) and bool(_versions(data_dir, name))
+
+
 def load_source(data_dir: str | os.PathLike, name: str, split: str = "train"):
     """The prepared records of config `name` as a random-access source (`as_data_source`).
 
@@ -351,12 +381,10 @@ def load_source(data_dir: str | os.PathLike, name: str, split: str = "train"):
     Raises:
       FileNotFoundError: nothing prepared for `name` under data_dir (naming what is there).
     """
-    root = Path(data_dir) / BUILDER_NAME / name
-    versions = sorted((p for p in root.glob("*") if (p / "dataset_info.json").is_file()),
-                      key=lambda p: tfds.core.Version(p.name) if _is_version(p.name) else
-                      tfds.core.Version("0.0.0"))
+    root = epath.Path(data_dir) / BUILDER_NAME / name
+    versions = _versions(data_dir, name)
     if not versions:
-        found = sorted(p.name for p in root.parent.glob("*")) if root.parent.is_dir() else []
+        found = sorted(p.name for p in root.parent.iterdir()) if root.parent.is_dir() else []
         raise FileNotFoundError(f"no prepared dataset '{name}' under {root} (prepared configs "
                                 f"in {root.parent}: {found}); run prepare() first")
     builder = tfds.builder_from_directory(os.fspath(versions[-1]))

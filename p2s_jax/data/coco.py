@@ -49,6 +49,14 @@ SCORE_KEY_ALIASES = {
 def _score_key(entry: dict, name: str) -> str | None:
     """The key under which `entry` stores the per-keypoint score `name`, or None."""
     return next((key for key in SCORE_KEY_ALIASES[name] if key in entry), None)
+
+
+def default_score_type(carried) -> str:
+    """The visibility channel a command uses when none is named, the same rule everywhere:
+    'visibility' when the poses carry it (ProbPose, ground truth), else 'confidence' (the s of
+    each [x, y, s], all a plain keypoint-results file has)."""
+    return "visibility" if "visibility" in carried else "confidence"
+
 SMALL_AREA = 32.0**2
 # The person category of files this project writes (COCO-17 names, COCO's 1-based skeleton).
 PERSON_CATEGORY = {"id": 1, "name": "person", "supercategory": "person",
@@ -139,16 +147,46 @@ def _index(data: dict) -> COCO:
     return coco
 
 
-def load_keypoint_annotations(path: str | os.PathLike) -> tuple[dict, COCO]:
+def with_schema(data: Any, schema: KeypointSchema | None, source: str | os.PathLike) -> Any:
+    """A COCO-format dict whose person category names its keypoints in `schema` (None: `data`
+    itself): `--schema` reads a file whose keypoint names fit no registered schema by position.
+    The file is not changed; the count must match."""
+    if schema is None or not isinstance(data, dict) or not isinstance(data.get("categories"),
+                                                                      list):
+        return data
+    categories = []
+    for category in data["categories"]:
+        if isinstance(category, dict) and category.get("name") == "person":
+            names = category.get("keypoints") or []
+            count = len(names) or _annotation_keypoint_count(data)
+            if count not in (None, schema.num_keypoints):
+                raise CocoFormatError(f"{source}: --schema {schema.name} has "
+                                      f"{schema.num_keypoints} keypoints, the file's persons "
+                                      f"{count}")
+            category = {**category, "keypoints": list(schema.keypoint_names)}
+        categories.append(category)
+    return {**data, "categories": categories}
+
+
+def _annotation_keypoint_count(data: dict) -> int | None:
+    for ann in data.get("annotations") or []:
+        if isinstance(ann, dict) and isinstance(ann.get("keypoints"), list):
+            return len(ann["keypoints"]) // 3
+    return None
+
+
+def load_keypoint_annotations(path: str | os.PathLike, schema: KeypointSchema | None = None
+                              ) -> tuple[dict, COCO]:
     """A COCO-format person file whose annotations carry keypoints but maybe no mask (CrowdPose,
     AI Challenger, MPII, Halpe in COCO format) -> (the file's dict as read, an indexed COCO).
 
     Annotations need 'id', 'image_id', 'category_id' and 'keypoints'; the COCO object sees
     copies with what is missing filled in ('iscrowd' 0, 'bbox' from the labelled keypoints,
-    'area' from the box, no segmentation), so that nothing of the file is changed."""
+    'area' from the box, no segmentation), so that nothing of the file is changed. `schema`:
+    read the keypoints by position in it (`with_schema`)."""
     path = Path(path)
     data = read_json(path, "keypoint annotation file", CocoFormatError)
-    return data, load_keypoint_annotations_dict(data, path)
+    return data, load_keypoint_annotations_dict(with_schema(data, schema, path), path)
 
 
 def load_keypoint_annotations_dict(data: Any, source: str | os.PathLike) -> COCO:
@@ -177,11 +215,12 @@ def coco_from_dict(data: Any, source: str | os.PathLike) -> COCO:
     return _index(data)
 
 
-def load_coco(path: str | os.PathLike) -> COCO:
+def load_coco(path: str | os.PathLike, schema: KeypointSchema | None = None) -> COCO:
     """Loads a COCO-format ground-truth file (COCO, OCHuman, CIHP) as a pycocotools COCO.
 
     The file is validated before indexing, so a malformed file stops here with an error naming the
-    file and the reason rather than deep inside an evaluation.
+    file and the reason rather than deep inside an evaluation. `schema`: read the keypoints by
+    position in it (`with_schema`), for names that fit no registered schema.
 
     Raises:
       FileNotFoundError: the file does not exist.
@@ -190,7 +229,7 @@ def load_coco(path: str | os.PathLike) -> COCO:
         image / category reference or an unusable segmentation.
     """
     path = Path(path)
-    data = read_json(path, "COCO annotation file", CocoFormatError)
+    data = with_schema(read_json(path, "COCO annotation file", CocoFormatError), schema, path)
     _validate_ground_truth(path, data)
     return _index(data)
 
@@ -306,9 +345,11 @@ def keypoint_schema(coco: COCO) -> KeypointSchema:
     return schema_for_count(min(lengths) // 3, "annotations' keypoints")
 
 
-def annotation_schema(path: str | os.PathLike) -> KeypointSchema:
-    """`keypoint_schema` of a COCO-format file, without indexing it."""
-    data = read_json(Path(path), "COCO annotation file", CocoFormatError)
+def annotation_schema(path: str | os.PathLike, schema: KeypointSchema | None = None
+                      ) -> KeypointSchema:
+    """`keypoint_schema` of a COCO-format file, without indexing it (`schema`: `with_schema`)."""
+    data = with_schema(read_json(Path(path), "COCO annotation file", CocoFormatError), schema,
+                       path)
     coco = COCO()
     coco.dataset = {"categories": data.get("categories", []),
                     "annotations": [a for a in data.get("annotations", [])[:1]]}
@@ -376,6 +417,22 @@ def _numbers(where: str, value: Any, key: str, length: int) -> np.ndarray:
     return array
 
 
+def _flat_keypoints(where: str, value: Any) -> Any:
+    """A person's 'keypoints' as a flat list: [x, y, s, ...] as it is, or a list of [x, y, s]
+    triplets flattened; a triplet of another length is an error naming it."""
+    if not isinstance(value, list) or not any(isinstance(v, list) for v in value):
+        return value
+    for index, triplet in enumerate(value):
+        if not isinstance(triplet, list) or len(triplet) != 3:
+            length = len(triplet) if isinstance(triplet, list) else "not a list"
+            raise CocoFormatError(f"{where}: keypoint {index} must be [x, y, score], got "
+                                  f"{str(triplet)[:40]} ({length} numbers)"
+                                  if isinstance(triplet, list) else
+                                  f"{where}: keypoint {index} must be [x, y, score], got "
+                                  f"{str(triplet)[:40]}")
+    return [v for triplet in value for v in triplet]
+
+
 class _Person(NamedTuple):
     """One person of a keypoint file."""
 
@@ -407,10 +464,11 @@ def _parse_person(where: str, entry: Any, optional: Sequence[str],
     score = entry.get("score", default_score)
     if not isinstance(score, int | float) or isinstance(score, bool) or not math.isfinite(score):
         raise CocoFormatError(f"{where}: 'score' must be a finite number, got {score!r}")
+    keypoints = _flat_keypoints(where, entry["keypoints"])
     if num_keypoints is None:
-        count = np.size(entry["keypoints"]) if isinstance(entry["keypoints"], list) else 0
+        count = len(keypoints)
         num_keypoints = count // 3 if count and count % 3 == 0 else NUM_KEYPOINTS
-    triplets = _numbers(where, entry["keypoints"], "keypoints", 3 * num_keypoints).reshape(-1, 3)
+    triplets = _numbers(where, keypoints, "keypoints", 3 * num_keypoints).reshape(-1, 3)
     absent = np.all(triplets == 0, axis=1)
     keypoints = np.where(absent[:, None], np.nan, triplets[:, :2]).astype(np.float32)
     scores = {"confidence": triplets[:, 2]}
@@ -508,14 +566,21 @@ def load_keypoint_detections(path: str | os.PathLike, coco: COCO,
             for image_id in coco.getImgIds()}
 
 
-def load_image_poses(path: str | os.PathLike,
-                     score_type: str | None = None) -> tuple[PoseInstances, str]:
+def load_image_poses(path: str | os.PathLike, score_type: str | None = None, *,
+                     image_id: int | None = None, photo: str | os.PathLike | None = None,
+                     num_keypoints: int | None = None) -> tuple[PoseInstances, str]:
     """The people of one photo from a keypoint file -> (`PoseInstances`, score name used).
 
     Accepted JSON: a list with one entry per person (or one object), each a COCO keypoint
-    result object or a plain list of 17 [x, y, s] triplets (or 51 numbers); "score" defaults to
+    result object or a plain list of J [x, y, s] triplets (or 3 J numbers); "score" defaults to
     1.0, "image_id" and "category_id" are not needed. Triplets [0, 0, 0] are absent keypoints.
-    score_type None: 'visibility' when every person carries it, else 'confidence' (the s).
+    score_type None: `default_score_type` of what every person carries.
+
+    Keypoint results of several images (entries with different "image_id"s): the entries of
+    `image_id`, else of the image id the photo's file name spells (COCO's 000000000785.jpg is
+    785); when neither names one of them the file is refused, as is a file whose single image
+    id differs from the one the photo's name spells (without `image_id`).
+    `num_keypoints`: J when known (a schema was named), else read from the entries.
     """
     path = Path(path)
     entries = read_json(path, "keypoint file", CocoFormatError)
@@ -524,11 +589,12 @@ def load_image_poses(path: str | os.PathLike,
     if not isinstance(entries, list):
         raise CocoFormatError(f"{path}: expected a JSON list with one entry per person, got a "
                               f"JSON {type(entries).__name__}")
-    people = [_parse_person(f"{path}: person {i}", entry, (), default_score=1.0)
-              for i, entry in enumerate(entries)]
+    entries = _photo_entries(path, entries, image_id, photo)
+    people = [_parse_person(f"{path}: person {i}", entry, (), default_score=1.0,
+                            num_keypoints=num_keypoints) for i, entry in enumerate(entries)]
     complete = [n for n in SCORE_NAMES if people and all(n in p.scores for p in people)]
     if score_type is None:
-        score_type = "visibility" if "visibility" in complete else "confidence"
+        score_type = default_score_type(complete)
     if people and score_type not in complete:
         raise CocoFormatError(f"{path}: --score-type {score_type} needs '{score_type}' for every "
                               f"person; available: {complete}")
@@ -536,6 +602,40 @@ def load_image_poses(path: str | os.PathLike,
     return (_stack_people(people, complete or ["confidence"], with_boxes,
                           people[0].keypoints.shape[0] if people else NUM_KEYPOINTS, str(path)),
             score_type)
+
+
+def _photo_entries(path: Path, entries: list, image_id: int | None, photo) -> list:
+    """The entries of one photo (see `load_image_poses`)."""
+    keyed = [isinstance(e, dict) and "image_id" in e for e in entries]
+    if image_id is not None:
+        if not all(keyed):
+            raise CocoFormatError(f"{path}: --image-id {image_id} needs an 'image_id' in every "
+                                  "entry")
+        chosen = [e for e in entries if e["image_id"] == image_id]
+        if not chosen:
+            ids = sorted({e["image_id"] for e in entries}, key=str)
+            raise CocoFormatError(f"{path}: no person of image_id {image_id}; its image ids: "
+                                  f"{ids[:10]}" + (" ..." if len(ids) > 10 else ""))
+        return chosen
+    if not any(keyed):
+        return entries
+    if not all(keyed):
+        first = keyed.index(False)
+        raise CocoFormatError(f"{path}: entry {first} has no 'image_id' but others have: "
+                              "either every person names its image or none does")
+    ids = sorted({e["image_id"] for e in entries}, key=str)
+    stem = Path(photo).stem if photo is not None else ""
+    named = int(stem) if stem.isdigit() else None
+    if len(ids) == 1 and (named is None or named == ids[0]):
+        return entries
+    if named is not None and named in ids:
+        return [e for e in entries if e["image_id"] == named]
+    shown = ", ".join(str(i) for i in ids[:10]) + (" ..." if len(ids) > 10 else "")
+    what = (f"keypoint results of {len(ids)} images (image ids {shown})" if len(ids) > 1
+            else f"the keypoints of image_id {ids[0]}")
+    raise CocoFormatError(f"{path} holds {what} and the photo {Path(photo).name if photo else ''}"
+                          f" names {'image_id ' + str(named) if named is not None else 'none'}"
+                          ": pass --image-id to choose")
 
 
 # ----------------------------------------------------------------------------------------------

@@ -26,10 +26,14 @@ fewer gives all of them (in random order) followed by padding slots (valid False
 visibility 0). A person whose mask is empty after augmentation (tiny, or gone with the resize) is
 also marked invalid, with visibility 0.
 
-Workers: a thread pool of `num_workers` makes the samples (PIL decoding and warping and the
-array_record reads release the GIL) and keeps `prefetch` batches in flight, yielding them in step
-order. An error in a sample is raised from `iterate` / `batch` as a `DataError` naming the step,
-the record index and the image id.
+Workers (`workers`): "threads", a thread pool of `num_workers` in this process (PIL decoding
+and warping and the array_record reads release the GIL, the rest does not), keeping `prefetch`
+batches in flight; or "processes", `num_workers` grain worker processes
+(`grain.IterDataset.mp_prefetch`) that each make every num_workers-th sample of this host's
+stream and hand them back in order, batched in this process. Each sample is a pure function of
+(seed, step, slot), so both give the same batches, whatever the number of workers. An error in a
+sample is raised from `iterate` / `batch` as a `DataError` naming the step, the record index and
+the image id.
 """
 
 from __future__ import annotations
@@ -174,6 +178,63 @@ def collate(samples: Sequence[Mapping[str, np.ndarray]]) -> dict[str, np.ndarray
 # The loader
 
 
+WORKERS = ("threads", "processes")
+
+
+class HostStream:
+    """This host's samples in order: sample k is slot k % B of step start + k // B (B = this
+    host's share of the global batch). Picklable (grain sends it to its worker processes); the
+    sample work is `TrainLoader.sample`'s."""
+
+    def __init__(self, loader: "TrainLoader", start_step: int, num_steps: int):
+        self.source, self.seed = loader.source, loader.seed
+        self.settings = dict(image_size=loader.image_size,
+                             objects_per_image=loader.objects_per_image,
+                             augment_config=loader.augment_config,
+                             num_keypoints=loader.num_keypoints)
+        self.global_batch_size, self.batch_size = loader.global_batch_size, loader.batch_size
+        self.host_index, self.host_count = loader.host_index, loader.host_count
+        self.num_records = loader.num_records
+        self.start_step, self.num_steps = start_step, num_steps
+
+    def __len__(self) -> int:
+        return self.num_steps * self.batch_size
+
+    def __getitem__(self, k: int) -> dict[str, np.ndarray]:
+        step, slot = self.start_step + k // self.batch_size, k % self.batch_size
+        positions = batch_positions(step, self.global_batch_size, self.host_index,
+                                    self.host_count)[slot:slot + 1]
+        epochs, records = position_records(self.seed, positions, self.num_records)
+        return make_record_sample(self.source, self.seed, step, int(epochs[0]),
+                                  int(records[0]), **self.settings)
+
+
+def make_record_sample(source, seed: int, step: int, epoch: int, record_index: int,
+                       **settings) -> dict[str, np.ndarray]:
+    """`make_sample` of record `record_index` in epoch `epoch`, with its record_index; any
+    failure becomes a DataError naming the step, the record and the image id."""
+    image_id = "unknown"
+    try:
+        record = source[int(record_index)]
+        image_id = int(record["image_id"])
+        sample = make_sample(record, sample_rng(seed, int(epoch), int(record_index)),
+                             **settings)
+    except Exception as e:
+        raise DataError(f"step {step}: record {int(record_index)} (image_id {image_id}): "
+                        f"{type(e).__name__}: {e}") from e
+    sample["record_index"] = np.int64(record_index)
+    return sample
+
+
+def _grain_ready() -> None:
+    """grain reads absl flags, which a program that is not an absl app never parses: mark them
+    parsed (with their defaults) so that grain's worker processes can start."""
+    from absl import flags
+
+    if not flags.FLAGS.is_parsed():
+        flags.FLAGS.mark_as_parsed()
+
+
 def _check_positive(**values: int) -> None:
     for name, value in values.items():
         if int(value) != value or value < 1:
@@ -192,15 +253,17 @@ class TrainLoader:
       augment_config: `AugmentConfig` (`NO_AUGMENT` for evaluation / overfitting).
       host_index, host_count: this host and the number of hosts (jax.process_index() /
         jax.process_count()).
-      num_workers: sample threads; 0 makes every sample in the calling thread.
+      num_workers: sample threads or processes; 0 makes every sample in the calling thread.
       prefetch: batches prepared ahead of the one being consumed (with num_workers > 0).
       num_keypoints: keypoint slots of a batch, the most of any source's schema (17).
+      workers: "threads" or "processes" (grain; see the module docstring).
     """
 
     def __init__(self, source, *, global_batch_size: int, image_size: int,
                  objects_per_image: int, seed: int, augment_config: AugmentConfig,
                  host_index: int = 0, host_count: int = 1, num_workers: int = 4,
-                 prefetch: int = 2, num_keypoints: int = NUM_KEYPOINTS):
+                 prefetch: int = 2, num_keypoints: int = NUM_KEYPOINTS,
+                 workers: str = "threads"):
         _check_positive(global_batch_size=global_batch_size, image_size=image_size,
                         objects_per_image=objects_per_image, host_count=host_count)
         if global_batch_size % host_count:
@@ -215,6 +278,8 @@ class TrainLoader:
                              "must be >= 0")
         if len(source) == 0:
             raise ValueError("TrainLoader: the source holds no record")
+        if workers not in WORKERS:
+            raise ValueError(f"TrainLoader: workers must be one of {WORKERS}, got {workers!r}")
         self.source = source
         self.num_records = len(source)
         self.global_batch_size = int(global_batch_size)
@@ -226,8 +291,10 @@ class TrainLoader:
         self.host_index, self.host_count = int(host_index), int(host_count)
         self.prefetch = int(prefetch)
         self.num_keypoints = int(num_keypoints)
+        self.workers, self.num_workers = workers, int(num_workers)
         self._pool = (futures.ThreadPoolExecutor(num_workers, thread_name_prefix="p2s-data")
-                      if num_workers else None)
+                      if num_workers and workers == "threads" else None)
+        self._grain_iterators: list = []
 
     # -- order ---------------------------------------------------------------------------------
 
@@ -243,20 +310,11 @@ class TrainLoader:
 
     def sample(self, step: int, epoch: int, record_index: int) -> dict[str, np.ndarray]:
         """One sample (with its record_index); errors become a DataError naming the record."""
-        image_id = "unknown"
-        try:
-            record = self.source[int(record_index)]
-            image_id = int(record["image_id"])
-            sample = make_sample(record, sample_rng(self.seed, int(epoch), int(record_index)),
-                                 image_size=self.image_size,
-                                 objects_per_image=self.objects_per_image,
-                                 augment_config=self.augment_config,
-                                 num_keypoints=self.num_keypoints)
-        except Exception as e:
-            raise DataError(f"step {step}: record {int(record_index)} (image_id {image_id}): "
-                            f"{type(e).__name__}: {e}") from e
-        sample["record_index"] = np.int64(record_index)
-        return sample
+        return make_record_sample(self.source, self.seed, step, epoch, record_index,
+                                  image_size=self.image_size,
+                                  objects_per_image=self.objects_per_image,
+                                  augment_config=self.augment_config,
+                                  num_keypoints=self.num_keypoints)
 
     def batch(self, step: int) -> dict[str, np.ndarray]:
         """This host's batch of `step` (see the module docstring), made in the calling thread."""
@@ -274,6 +332,9 @@ class TrainLoader:
         The batches equal `batch(step)`; with workers, `prefetch` batches are made ahead. Leaving
         the loop early cancels the batches not yet started.
         """
+        if self.workers == "processes" and self.num_workers:
+            yield from self._iterate_processes(start_step, num_steps)
+            return
         steps = (itertools.count(start_step) if num_steps is None
                  else range(start_step, start_step + num_steps))
         if self._pool is None:
@@ -296,6 +357,27 @@ class TrainLoader:
     @staticmethod
     def _collect(step: int, jobs: list[futures.Future]) -> tuple[int, dict[str, np.ndarray]]:
         return step, collate([job.result() for job in jobs])
+
+    def _iterate_processes(self, start_step: int, num_steps: int | None
+                           ) -> Iterator[tuple[int, dict[str, np.ndarray]]]:
+        """`iterate` with the samples made in grain worker processes, batched here."""
+        import grain
+
+        _grain_ready()
+        count = (1 << 31) - start_step if num_steps is None else num_steps
+        stream = grain.MapDataset.source(HostStream(self, start_step, count))
+        samples = stream.to_iter_dataset().mp_prefetch(grain.MultiprocessingOptions(
+            num_workers=self.num_workers,
+            per_worker_buffer_size=max(1, self.prefetch * self.batch_size // self.num_workers)))
+        iterator = iter(samples)
+        self._grain_iterators.append(iterator)
+        try:
+            for step in range(start_step, start_step + count):
+                yield step, collate([next(iterator) for _ in range(self.batch_size)])
+        finally:
+            iterator.close()
+            if iterator in self._grain_iterators:
+                self._grain_iterators.remove(iterator)
 
     # -- checkpointing -------------------------------------------------------------------------
 
@@ -326,6 +408,9 @@ class TrainLoader:
         if self._pool is not None:
             self._pool.shutdown(wait=True, cancel_futures=True)
             self._pool = None
+        for iterator in list(self._grain_iterators):
+            iterator.close()
+        self._grain_iterators.clear()
 
     def __enter__(self) -> TrainLoader:
         return self

@@ -8,17 +8,23 @@ keypoint names of `categories[].keypoints` pick the schema (`p2s_jax.keypoints`)
 Output: the input annotations, every field kept, each person with
   * `segmentation` (compressed RLE), `area` and `bbox` from the predicted mask (the input's own
     `bbox` / `area`, when present, move to `p2s.input_bbox` / `p2s.input_area`);
-  * `p2s`: `status` (`ok`, `no_prompt`, `low_iou`, `empty_mask`, `missing_image`),
-    `predicted_iou`, `object_score` (logit), `prompt` ([x, y, label] per point).
+  * `p2s`: `status`, `predicted_iou`, `object_score` (logit), `prompt` ([x, y, label] per
+    point). Status: `ok`; `empty_prompt` (no keypoint passed the preset's gate and the person
+    was segmented from the empty prompt, `no_prompt="empty"`: what SAM finds salient, not a
+    pose-prompted mask); `no_prompt` (no mask); `low_iou` (predicted IoU below `min_iou`);
+    `empty_mask`; `missing_image`.
 A summary (counts by status, images/s, the images that could not be read) is printed and
 written beside the output (`<out>.summary.json`).
 
 How the work runs: the evaluator's data-parallel runner (`evaluation.runner.run_dataset`, the
 same jitted encode / prompt / decode steps) over *shards* of `shard_images` images in image-id
-order. Each finished shard goes to `<out>.shards/<index>.json` atomically; a run started again
-with the same command skips the finished shards, and the output is assembled from the shards in
-order, so a killed and resumed run ends with the same bytes as an uninterrupted one. The shard
-folder records the settings it was made with and refuses others.
+order. The input is read and every pose checked first (`AnnotationInput`, before the model
+loads); the shard folder `<out>.shards/` is created only when the first shard is written, with
+the settings it was made with (`settings.json`), and refuses a run with other settings. Each
+finished shard goes to `<out>.shards/<index>.json` atomically; a run started again with the
+same command skips the finished shards, and the output is assembled from the shards in order, so
+a killed and resumed run ends with the same bytes as an uninterrupted one. Ctrl-C or SIGTERM
+stops at once; the finished shards are kept.
 """
 
 from __future__ import annotations
@@ -36,17 +42,19 @@ from jax.sharding import Mesh
 from pycocotools import mask as mask_utils
 
 from p2s_jax.data import coco as coco_lib
-from p2s_jax.evaluation.runner import EvalConfig, ground_truth_prompt_poses, run_dataset
+from p2s_jax.evaluation.config import EvalConfig
+from p2s_jax.evaluation.plan import ground_truth_prompt_poses, resolve_score_channels, run_items
+from p2s_jax.evaluation.runner import run_dataset
 from p2s_jax.inference.overlay import draw_overlay
-from p2s_jax.inference.prompting import PromptConfig
-from p2s_jax.keypoints import labelled_points
+from p2s_jax.inference.prompting import LABEL_EMPTY, PromptConfig
+from p2s_jax.keypoints import KeypointSchema, labelled_points
 from p2s_jax.model.sam2 import SAM2Image
 from p2s_jax.parallel import make_mesh
-from p2s_jax.utils.errors import InputError
+from p2s_jax.utils.errors import InputError, Interrupted
 from p2s_jax.utils.files import read_json, write_atomic, write_json
 from p2s_jax.utils.images import ImageError, load_image
 
-STATUSES = ("ok", "no_prompt", "low_iou", "empty_mask", "missing_image")
+STATUSES = ("ok", "empty_prompt", "no_prompt", "low_iou", "empty_mask", "missing_image")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,11 +82,23 @@ class AnnotateConfig:
 
 
 class AnnotationInput:
-    """The persons to annotate: the output's skeleton (`data`), an indexed COCO of them, their
-    poses per image and the annotation id of each pose."""
+    """The persons to annotate, read and checked before any model work: the output's skeleton
+    (`data`), an indexed COCO of them, their poses per image, the annotation id of each pose,
+    and the run's inference settings (`inference`: the ground-truth prompt for ground-truth
+    input, score channels resolved, every pose validated under them).
 
-    def __init__(self, keypoints_path, image_info_path=None):
+    Args:
+      keypoints_path: COCO-format persons with keypoints, or a keypoint-results list.
+      image_info_path: with keypoint results, the COCO-format file listing their images.
+      config: the run's settings.
+      schema: read the keypoints by position in this schema (names that fit none).
+    """
+
+    def __init__(self, keypoints_path, image_info_path=None,
+                 config: AnnotateConfig = AnnotateConfig(),
+                 schema: KeypointSchema | None = None):
         keypoints_path = Path(keypoints_path)
+        self.keypoints_path = keypoints_path
         raw = read_json(keypoints_path, "keypoint file", coco_lib.CocoFormatError)
         if isinstance(raw, list):  # detections (keypoint results): persons of a listed image set
             if image_info_path is None:
@@ -87,19 +107,25 @@ class AnnotationInput:
             info = read_json(image_info_path, "image list", coco_lib.CocoFormatError)
             self.data = {**{k: v for k, v in info.items() if k != "annotations"},
                          "annotations": _detections_as_annotations(keypoints_path, raw)}
-            self.coco = coco_lib.load_keypoint_annotations_dict(self.data, keypoints_path)
+            self.coco = coco_lib.load_keypoint_annotations_dict(
+                coco_lib.with_schema(self.data, schema, image_info_path), keypoints_path)
             self.poses = coco_lib.load_keypoint_detections(keypoints_path, self.coco, raw)
             self.ground_truth = False
             self.ann_ids = {}
             for ann in self.data["annotations"]:
                 self.ann_ids.setdefault(ann["image_id"], []).append(ann["id"])
         else:
-            self.data, self.coco = coco_lib.load_keypoint_annotations(keypoints_path)
+            self.data, self.coco = coco_lib.load_keypoint_annotations(keypoints_path, schema)
             self.poses = ground_truth_prompt_poses(self.coco)
             self.ground_truth = True
             self.ann_ids = {i: p.ann_ids.tolist() for i, p in self.poses.items()}
         self.schema = coco_lib.keypoint_schema(self.coco)
         self.image_ids = [i for i in sorted(self.coco.getImgIds()) if len(self.poses.get(i, ()))]
+        inference = config.inference
+        if self.ground_truth and config.ground_truth_prompt is not None:
+            inference = dataclasses.replace(inference, prompt=config.ground_truth_prompt)
+        self.inference = resolve_score_channels(inference, self.poses, keypoints_path)
+        run_items(self.coco, ".", self.poses, self.inference)  # raises on an unusable pose
 
 
 def _detections_as_annotations(path: Path, entries: list) -> list[dict]:
@@ -113,20 +139,22 @@ def _detections_as_annotations(path: Path, entries: list) -> list[dict]:
     return annotations
 
 
-def _settings(source: AnnotationInput, keypoints_path, checkpoint, model: SAM2Image,
+def _settings(source: AnnotationInput, checkpoint, model: SAM2Image,
               config: AnnotateConfig) -> dict:
-    return {"keypoints": str(Path(keypoints_path).absolute()), "checkpoint": str(checkpoint),
+    return {"keypoints": str(source.keypoints_path.absolute()), "checkpoint": str(checkpoint),
             "model": model.config.name, "image_size": model.config.image_size,
             "schema": source.schema.name, "images": len(source.image_ids),
             "config": json.loads(json.dumps(dataclasses.asdict(config), default=str))}
 
 
-def _shard_dir(out: Path) -> Path:
+def shard_dir(out: Path) -> Path:
+    """The folder of `out`'s finished shards (the unit of resumption)."""
     return out.with_name(out.name + ".shards")
 
 
 def _check_settings(shards: Path, settings: dict) -> None:
-    """The shard folder's recorded settings must be these (a resumed run is the same run)."""
+    """The shard folder's recorded settings, when it has any, must be these (a resumed run is
+    the same run)."""
     recorded = shards / "settings.json"
     if recorded.is_file():
         old = read_json(recorded, "annotation settings")
@@ -134,8 +162,13 @@ def _check_settings(shards: Path, settings: dict) -> None:
             keys = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
             raise InputError(f"{shards} holds shards of another run (different {keys}); "
                              "remove it or write to another --out")
-    elif jax.process_index() == 0:
-        write_json(recorded, settings, indent=2)
+
+
+def _prompt_points(prompts, person: int) -> list:
+    labels = prompts.labels[person]
+    used = labels != -1
+    return [[round(float(x), 2), round(float(y), 2), int(label)] for (x, y), label
+            in zip(prompts.coords[person][used], labels[used])]
 
 
 def _person_records(source: AnnotationInput, output, image_ids, min_iou: float) -> dict:
@@ -156,16 +189,15 @@ def _person_records(source: AnnotationInput, output, image_ids, min_iou: float) 
         iou, object_score = output.predictions.get(image_id, ((), ()))
         kept = iter(range(len(iou)))
         for person, ann_id in enumerate(ids):
-            labels = prompts.labels[person]
-            used = labels != -1
-            prompt = [[round(float(x), 2), round(float(y), 2), int(label)] for (x, y), label
-                      in zip(prompts.coords[person][used], labels[used])]
+            prompt = _prompt_points(prompts, person)
             if not prompts.has_prompt[person]:
                 records[str(ann_id)] = {"p2s": {"status": "no_prompt", "prompt": prompt}}
                 continue
             result, k = next(results), next(kept)
             area = float(mask_utils.area(result["segmentation"]))
-            status = ("empty_mask" if area == 0 else "low_iou" if iou[k] < min_iou else "ok")
+            status = ("empty_mask" if area == 0
+                      else "empty_prompt" if prompts.labels[person][0] == LABEL_EMPTY
+                      else "low_iou" if iou[k] < min_iou else "ok")
             records[str(ann_id)] = {
                 "segmentation": result["segmentation"], "area": area,
                 "bbox": [round(float(v), 2) for v in mask_utils.toBbox(result["segmentation"])],
@@ -174,37 +206,41 @@ def _person_records(source: AnnotationInput, output, image_ids, min_iou: float) 
     return records
 
 
-def annotate(model: SAM2Image, keypoints_path, images_dir, out, config: AnnotateConfig =
-             AnnotateConfig(), *, image_info=None, checkpoint: str = "", overlays=None,
+def annotate(model: SAM2Image, source: AnnotationInput, images_dir, out,
+             config: AnnotateConfig = AnnotateConfig(), *, checkpoint: str = "", overlays=None,
              mesh: Mesh | None = None, progress: bool = True) -> dict:
-    """Annotates every person of `keypoints_path` with a mask (module docstring); -> summary."""
+    """Annotates every person of `source` (`AnnotationInput`, read with the same `config`) with
+    a mask (module docstring); -> summary."""
     out = Path(out)
-    source = AnnotationInput(keypoints_path, image_info)
-    inference = config.inference
-    if source.ground_truth and config.ground_truth_prompt is not None:
-        inference = dataclasses.replace(inference, prompt=config.ground_truth_prompt)
     mesh = make_mesh() if mesh is None else mesh
-    shards = _shard_dir(out)
-    if jax.process_index() == 0:
-        shards.mkdir(parents=True, exist_ok=True)
-    _check_settings(shards, _settings(source, keypoints_path, checkpoint, model, config))
+    shards = shard_dir(out)
+    settings = _settings(source, checkpoint, model, config)
+    _check_settings(shards, settings)
     ids = source.image_ids
     chunks = [ids[i:i + config.shard_images] for i in range(0, len(ids), config.shard_images)]
     start, run_images = time.perf_counter(), 0
-    for index, chunk in enumerate(chunks):
-        path = shards / f"{index:06d}.json"
-        if path.is_file():
-            continue
-        if progress and jax.process_index() == 0:
-            print(f"shard {index + 1}/{len(chunks)}: {len(chunk)} images", flush=True)
-        output = run_dataset(model, source.coco, images_dir,
-                             {i: source.poses[i] for i in chunk}, inference, mesh=mesh,
-                             progress=progress)
-        run_images += len(chunk)
-        records = _person_records(source, output, chunk, config.min_iou)
-        if jax.process_index() == 0:
-            write_json(path, {"images": chunk, "skipped": output.report.skipped_images,
-                              "persons": records})
+    try:
+        for index, chunk in enumerate(chunks):
+            path = shards / f"{index:06d}.json"
+            if path.is_file():
+                continue
+            if progress and jax.process_index() == 0:
+                print(f"shard {index + 1}/{len(chunks)}: {len(chunk)} images", flush=True)
+            output = run_dataset(model, source.coco, images_dir,
+                                 {i: source.poses[i] for i in chunk}, source.inference,
+                                 mesh=mesh, progress=progress, label="annotate")
+            run_images += len(chunk)
+            records = _person_records(source, output, chunk, config.min_iou)
+            if jax.process_index() == 0:
+                if not (shards / "settings.json").is_file():
+                    write_json(shards / "settings.json", settings, indent=2)
+                write_json(path, {"images": chunk, "skipped": output.report.skipped_images,
+                                  "persons": records})
+    except KeyboardInterrupt as interrupt:
+        done = sum((shards / f"{i:06d}.json").is_file() for i in range(len(chunks)))
+        raise Interrupted.from_interrupt(
+            interrupt, f"interrupted: {done} of {len(chunks)} shards finished and kept in "
+            f"{shards}; run the same command again to resume") from None
     seconds = time.perf_counter() - start
     records, skipped = {}, []
     for index in range(len(chunks)):
@@ -220,12 +256,17 @@ def annotate(model: SAM2Image, keypoints_path, images_dir, out, config: Annotate
                "images_this_run": run_images, "skipped_images": skipped}
     if jax.process_index() == 0:
         write_atomic(out, json.dumps(data))
-        write_json(out.with_name(out.stem + ".summary.json"), summary, indent=2)
+        write_json(summary_path(out), summary, indent=2)
         if overlays is not None and config.overlay_sample:
             summary["overlays"] = draw_overlays(source, data, images_dir, overlays,
                                                 config.overlay_sample,
-                                                inference.prompt.visibility_threshold)
+                                                source.inference.prompt.visibility_threshold)
     return summary
+
+
+def summary_path(out: Path) -> Path:
+    """Where `annotate` writes its summary: `<out stem>.summary.json` beside `out`."""
+    return out.with_name(out.stem + ".summary.json")
 
 
 def _merge(data: dict, records: dict) -> dict:

@@ -154,12 +154,15 @@ def antialias_resize_matrix(out_size: int, in_size: jax.Array, padded: int) -> j
 def preprocess_on_device(images: jax.Array, image_hw: jax.Array, image_size: int) -> jax.Array:
     """(B, Hc, Wc, 3) uint8 photos on a canvas and their sizes (B, 2) int32 -> (B, S, S, 3)
     float32, ImageNet-normalised: what `preprocess_image` gives each photo, computed where the
-    model runs (float32 throughout, full-precision matmuls on every backend)."""
+    model runs (float32 throughout, full-precision matmuls on every backend).
+
+    The products run channel-major ((B, 3, H, W) planes): with the channels last, XLA's GPU
+    compiler fails to tile the second product for a single photo (H100, batch 1)."""
     _, hc, wc, _ = images.shape
     resize_y = jax.vmap(lambda h: antialias_resize_matrix(image_size, h, hc))(image_hw[:, 0])
     resize_x = jax.vmap(lambda w: antialias_resize_matrix(image_size, w, wc))(image_hw[:, 1])
-    pixels = images.astype(jnp.float32) / jnp.float32(255)
+    planes = jnp.moveaxis(images, -1, 1).astype(jnp.float32) / jnp.float32(255)  # (B, 3, H, W)
     highest = jax.lax.Precision.HIGHEST
-    rows = jnp.einsum("bsh,bhwc->bswc", resize_y, pixels, precision=highest)
-    resized = jnp.einsum("btw,bswc->bstc", resize_x, rows, precision=highest)
-    return imagenet_normalize(resized)
+    rows = jnp.einsum("bsh,bchw->bcsw", resize_y, planes, precision=highest)
+    resized = jnp.einsum("btw,bcsw->bcst", resize_x, rows, precision=highest)
+    return imagenet_normalize(jnp.moveaxis(resized, 1, -1))

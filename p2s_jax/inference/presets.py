@@ -37,7 +37,8 @@ class Preset:
     Attributes:
       prompt: prompts from detected poses.
       ground_truth_prompt: prompts from ground-truth poses.
-      keypoint_score: the visibility channel (ranks MaxVis, filters candidates).
+      keypoint_score: the visibility channel (ranks MaxVis, filters candidates); None: the
+        poses' 'visibility' when they carry it, else their 'confidence'.
       confidence_score: the confidence channel (the gate, MaxSpread's ranking).
       postprocess: holes / sprinkles on the low-res logits.
       exclusive: each pixel to the covering mask with the highest predicted IoU.
@@ -46,7 +47,7 @@ class Preset:
 
     prompt: PromptConfig
     ground_truth_prompt: PromptConfig
-    keypoint_score: str = "visibility"
+    keypoint_score: str | None = None
     confidence_score: str | None = "confidence"
     postprocess: MaskPostprocess = MaskPostprocess.authors()
     exclusive: bool = True

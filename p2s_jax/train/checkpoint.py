@@ -1,18 +1,30 @@
 """Training checkpoints (Orbax) and export of a fine-tuned model as an official `.pt` file.
 
 A checkpoint holds the whole training state (params, optimiser state, step, PRNG key) and a JSON
-`meta` (step, data position, config). Orbax's `CheckpointManager` writes it atomically: an
-interrupted save is never restored.
+`meta` (step, the loader's position, config, and the held-out metrics when the step was
+evaluated). Orbax's `CheckpointManager` writes it asynchronously and atomically: a save lives in
+a temporary folder until its commit renames it, so a save cut short (SIGKILL, power loss) is
+never restored; the run resumes from the last committed step. `<workdir>/checkpoints` keeps
+the latest `keep_checkpoints`; `<workdir>/best` keeps the one with the best held-out AP
+(Orbax's `best_fn`). A checkpoint that cannot be restored is named in one line with the step
+before it, and `restore_checkpoint(step=...)` / `p2s train --resume --resume-step` continues from
+there, moving the later checkpoints aside (`<workdir>/checkpoints.unused/`), never deleting them.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-from pathlib import Path
+import gc
+import logging
+import sys
+import time
+import warnings
 from typing import Optional
 
 import jax
 import orbax.checkpoint as ocp
+from etils import epath
 from flax import nnx
 
 from p2s_jax.train.config import TrainConfig, load_config
@@ -21,42 +33,132 @@ from p2s_jax.train.step import build_training_model, init_state, trainable_filte
 from p2s_jax.utils.errors import Error
 from weights_conversion.convert import save_torch_checkpoint, video_memory_tensors
 
+BEST_METRIC = "AP"  # the held-out metric `<workdir>/best` keeps the maximum of
+
 
 class WorkdirError(Error, RuntimeError):
     """The work directory does not fit the request (e.g. checkpoints there but no --resume)."""
 
 
-def checkpoint_manager(workdir: Path, config: TrainConfig):
+def checkpoint_dir(workdir) -> epath.Path:
+    return epath.Path(workdir) / "checkpoints"
+
+
+def checkpoint_manager(workdir, config: TrainConfig) -> ocp.CheckpointManager:
+    """The latest `keep_checkpoints` checkpoints, saved asynchronously."""
     options = ocp.CheckpointManagerOptions(max_to_keep=config.keep_checkpoints, create=True,
                                            enable_async_checkpointing=True)
-    return ocp.CheckpointManager(workdir.absolute() / "checkpoints", options=options)
+    return ocp.CheckpointManager(checkpoint_dir(workdir).absolute(), options=options)
 
 
-def save_checkpoint(manager, state: dict, meta: dict) -> None:
+def best_manager(workdir) -> ocp.CheckpointManager:
+    """The checkpoint with the best held-out AP (`best_fn`): one is kept, the best seen."""
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=1, create=True, enable_async_checkpointing=True,
+        best_fn=lambda metrics: metrics[BEST_METRIC], best_mode="max",
+        keep_checkpoints_without_metrics=False)
+    return ocp.CheckpointManager((epath.Path(workdir) / "best").absolute(), options=options)
+
+
+def save_checkpoint(manager: ocp.CheckpointManager, state: dict, meta: dict,
+                    metrics: Optional[dict] = None, force: bool = False) -> None:
     step = int(jax.device_get(state["step"]))
     manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                               meta=ocp.args.JsonSave(meta)))
+                                               meta=ocp.args.JsonSave(meta)),
+                 metrics=metrics, force=force)
 
 
-def restore_checkpoint(manager, state: dict, step: Optional[int] = None) -> tuple[dict, dict]:
-    """(state, meta) of ``step`` (default: the latest), restored onto ``state``'s shardings."""
-    step = manager.latest_step() if step is None else step
+def restore_checkpoint(manager: ocp.CheckpointManager, state: dict,
+                       step: Optional[int] = None) -> tuple[dict, dict]:
+    """(state, meta) of ``step`` (default: the latest), restored onto ``state``'s shardings.
+
+    Raises:
+      WorkdirError: no such checkpoint (naming the steps there), or one that cannot be restored
+        (naming it, the step before it, and how to continue from that one).
+    """
+    steps = sorted(manager.all_steps())
+    step = (steps[-1] if steps else None) if step is None else step
+    where = epath.Path(manager.directory)
+    if step is None or step not in steps:
+        raise WorkdirError(f"{where} holds no checkpoint of step {step}; saved steps: "
+                           f"{steps or 'none'}")
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
-    restored = manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
+    try:
+        with _quiet_stragglers():
+            restored = manager.restore(step, args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
+    except Exception as err:  # orbax raises many types for a damaged checkpoint
+        earlier = [s for s in steps if s < step]
+        hint = (f"; the checkpoint before it is step {earlier[-1]}: continue from it with "
+                f"--resume --resume-step {earlier[-1]}" if earlier else
+                "; no earlier checkpoint is left")
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        reason = reason.split(" See full TensorStore details")[0]
+        raise WorkdirError(f"checkpoint {where / str(step)} cannot be restored "
+                           f"({type(err).__name__}: {reason[:200]}){hint}") from None
     return restored["state"], restored["meta"]
 
 
+_STRAGGLER_NOISE = ("Event loop is closed", "Encountered error while reading array index")
+
+
+@contextlib.contextmanager
+def _quiet_stragglers(wait_s: float = 0.5):
+    """When a restore fails, orbax's event loop is closed while the checkpoint's other reads
+    are still in flight: their callbacks raise 'Event loop is closed', asyncio logs their
+    unretrieved errors and their coroutines complain when collected, a screenful of tracebacks
+    after the one line that says what is wrong. After a failure the reads are given `wait_s`
+    to end, and from then on those (and only those) messages are dropped."""
+    logger, hook = logging.getLogger("asyncio"), sys.unraisablehook
+
+    def drop_stragglers(unraisable):
+        if not any(text in str(unraisable.exc_value) for text in _STRAGGLER_NOISE):
+            hook(unraisable)
+
+    def unretrieved(record: logging.LogRecord) -> bool:
+        return "exception was never retrieved" not in record.getMessage()
+
+    logger.addFilter(unretrieved)
+    sys.unraisablehook = drop_stragglers
+    try:
+        yield
+    except BaseException:
+        warnings.filterwarnings("ignore", category=RuntimeWarning,
+                                message="coroutine .* was never awaited")
+        time.sleep(wait_s)
+        gc.collect()
+        raise  # the filters stay: the stragglers' tasks and coroutines are collected later
+    sys.unraisablehook = hook
+    logger.removeFilter(unretrieved)
+
+
+def set_aside_after(workdir, step: int) -> list[int]:
+    """Moves the checkpoints after `step` to `<workdir>/checkpoints.unused/` (a run resumed
+    from `step` writes those steps anew); -> the steps moved. Nothing is deleted."""
+    source, unused = checkpoint_dir(workdir), epath.Path(workdir) / "checkpoints.unused"
+    moved = []
+    for path in sorted(source.iterdir(), key=lambda p: p.name) if source.exists() else []:
+        if path.name.isdigit() and int(path.name) > step:
+            unused.mkdir(parents=True, exist_ok=True)
+            target = unused / path.name
+            suffix = 1
+            while target.exists():
+                target, suffix = unused / f"{path.name}.{suffix}", suffix + 1
+            path.rename(target)
+            moved.append(int(path.name))
+    return moved
+
+
 def export_torch(workdir, out_path, step: Optional[int] = None, base=None,
-                 image_only: bool = False) -> tuple[Path, int]:
-    """The fine-tuned model of ``workdir`` (latest checkpoint, or ``step``) as an official
-    ``{"model": state_dict}`` file that the official strict loader (`build_sam2`,
-    BBoxMaskPose's `prepare_model`) takes: the video-memory tensors, which fine-tuning on
-    images does not change, come from ``base`` (the original `.pt`), else from the run's
-    ``init_checkpoint`` (a `.pt`, or a folder `p2s convert` wrote). When none is known this
-    raises, unless ``image_only`` asks for the image-path tensors alone. Returns the path and
-    the number of video-memory tensors carried."""
-    workdir = Path(workdir)
+                 image_only: bool = False, best: bool = False) -> tuple[epath.Path, int]:
+    """The fine-tuned model of ``workdir`` (latest checkpoint, ``step``, or with ``best`` the
+    checkpoint of the best held-out AP) as an official ``{"model": state_dict}`` file that the
+    official strict loader (`build_sam2`, BBoxMaskPose's `prepare_model`) takes: the
+    video-memory tensors, which fine-tuning on images does not change, come from ``base`` (the
+    original `.pt`), else from the run's ``init_checkpoint`` (a `.pt`, or a folder `p2s
+    convert` wrote). When none is known this raises, unless ``image_only`` asks for the
+    image-path tensors alone. Returns the path and the number of video-memory tensors carried."""
+    workdir = epath.Path(workdir)
     config_path = workdir / "config.json"
     if not config_path.is_file():
         raise WorkdirError(f"{workdir} has no config.json: not a training work directory")
@@ -74,11 +176,17 @@ def export_torch(workdir, out_path, step: Optional[int] = None, base=None,
     model = build_training_model(dataclasses.replace(config, compute_dtype="float32"))
     graphdef, params, frozen = nnx.split(model, trainable_filter(config), ...)
     tx = make_optimizer(config.optim, config.total_steps, *param_rules(model, params, config.optim))
-    manager = checkpoint_manager(workdir, config)
+    if best:
+        if not (workdir / "best").is_dir():
+            raise WorkdirError(f"{workdir} has no best checkpoint: the run evaluated nothing "
+                               "(eval.every = 0)")
+        manager = best_manager(workdir)
+        step = manager.best_step()
+    else:
+        manager = checkpoint_manager(workdir, config)
     if manager.latest_step() is None:
-        raise WorkdirError(f"{workdir / 'checkpoints'} holds no checkpoint")
+        raise WorkdirError(f"{manager.directory} holds no checkpoint")
     state, _ = restore_checkpoint(manager, init_state(params, tx, config.seed), step)
     trained = nnx.merge(graphdef, state["params"], frozen)
     save_torch_checkpoint(trained, out_path, base_state_dict=video)
-    return Path(out_path), len(video or {})
-
+    return epath.Path(out_path), len(video or {})

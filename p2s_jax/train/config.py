@@ -44,8 +44,13 @@ class DataConfig:
       synthetic_images: > 0 generates that many COCO-format images on scikit-image photos into
         ``<workdir>/synthetic`` and trains on them (tests, smoke runs).
       objects_per_image: persons per training image (official: 1; more are drawn at random).
+      schema: the keypoint schema the annotation file's keypoints are read in, by position,
+        when their names fit no registered one ("" = from the names).
       augment: the official augmentations (flip, affine, colour jitter, grayscale).
-      num_workers: host threads that decode and augment samples.
+      loader: who makes the samples: "threads" (a thread pool in the training process) or
+        "processes" (grain worker processes, for hosts whose sample work is GIL-bound; the
+        batches are the same).
+      num_workers: sample threads or processes.
       prefetch: batches prepared ahead of the device.
     """
 
@@ -59,9 +64,63 @@ class DataConfig:
     statuses: tuple = ("ok",)
     synthetic_images: int = 0
     objects_per_image: int = 1
+    schema: str = ""
     augment: bool = True
+    loader: str = "threads"
     num_workers: int = 4
     prefetch: int = 2
+
+    def __post_init__(self):
+        if self.loader not in LOADERS:
+            raise InputError(f"data.loader must be one of {LOADERS}, got {self.loader!r}")
+        if self.num_workers < 0 or self.prefetch < 0:
+            raise InputError(f"data.num_workers and data.prefetch must be >= 0, got "
+                             f"{self.num_workers} and {self.prefetch}")
+
+
+LOADERS = ("threads", "processes")
+
+
+@dataclasses.dataclass(frozen=True)
+class HeldOutConfig:
+    """Evaluation while training: mask AP and the correction curve on a held-out set, computed
+    with the evaluator's jitted programs on the current parameters (docs/training.md).
+
+    Attributes:
+      every: steps between evaluations (0: off); the last step is evaluated too.
+      annotations, images: COCO-format ground truth with person masks and its image folder,
+        relative to ``data.manual_dir`` (or absolute).
+      keypoints: a keypoint-results file (relative like the others) to prompt with, or "" for
+        the ground-truth keypoints.
+      preset: the inference preset ('sam-pose2seg', 'sam2.1'), or "" for the project defaults.
+      max_images: evaluate on the first N images with a person (0: all).
+      synthetic_images: > 0 generates a held-out split of that many images (another seed than
+        the training data) under ``<workdir>/synthetic_eval`` instead (tests, smoke runs).
+      curve: also log the mean IoU after each correction point (Fig. 2's curve; the `center`
+        sampler, as the official evaluation mode).
+      images_per_device: images per device per evaluation step (0: the backend's default).
+      keep_best: keep the checkpoint of the best AP in ``<workdir>/best`` (`p2s export --best`).
+      save_results: also write each evaluation's COCO segm results to
+        ``<workdir>/eval/step_<N>.json`` (what `p2s evaluate --out` writes).
+    """
+
+    every: int = 0
+    annotations: str = ""
+    images: str = ""
+    keypoints: str = ""
+    preset: str = "sam-pose2seg"
+    max_images: int = 0
+    synthetic_images: int = 0
+    curve: bool = True
+    images_per_device: int = 0
+    keep_best: bool = True
+    save_results: bool = False
+
+    def __post_init__(self):
+        if self.every < 0 or self.max_images < 0 or self.synthetic_images < 0:
+            raise InputError(f"eval.every, eval.max_images and eval.synthetic_images must be "
+                             f">= 0, got {self.every}, {self.max_images}, "
+                             f"{self.synthetic_images}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,11 +144,15 @@ class TrainConfig:
       dataset_multiplier: the official ``multiplier`` of each dataset (2: each image twice per
         epoch).
       seed: model init, data order, augmentation and sampler keys all derive from it.
-      checkpoint_every: steps between checkpoints (the last step is always saved).
+      checkpoint_every: steps between checkpoints (the last step is always saved, and the
+        step reached when the run is preempted).
       keep_checkpoints: checkpoints kept (older ones are deleted).
       log_every: steps between metric records.
+      profile_steps: () or (first, last): a `jax.profiler` trace of those steps (inclusive) in
+        ``<workdir>/tensorboard/plugins/profile`` (TensorBoard's profile plugin).
       correction, loss, optim, data: see `CorrectionConfig`, `LossConfig`, `OptimConfig`,
         `DataConfig`.
+      eval: evaluation while training, see `HeldOutConfig`.
     """
 
     model: str = "sam2.1_hiera_b+"
@@ -107,10 +170,18 @@ class TrainConfig:
     checkpoint_every: int = 1000
     keep_checkpoints: int = 3
     log_every: int = 1
+    profile_steps: tuple = ()
     correction: CorrectionConfig = CorrectionConfig()
     loss: LossConfig = LossConfig()
     optim: OptimConfig = OptimConfig()
     data: DataConfig = DataConfig()
+    eval: HeldOutConfig = HeldOutConfig()
+
+    def __post_init__(self):
+        if self.profile_steps and (len(self.profile_steps) != 2 or not
+                                   0 <= self.profile_steps[0] <= self.profile_steps[1]):
+            raise InputError(f"profile_steps must be () or [first, last] with 0 <= first <= "
+                             f"last, got {list(self.profile_steps)}")
 
 
 def paper(**overrides) -> TrainConfig:
@@ -131,18 +202,26 @@ def tiny(**overrides) -> TrainConfig:
 
         p2s train --config tiny --workdir /tmp/tiny
 
-    12 steps with a checkpoint every 4; the loss falls and ``iou_after_point_8`` rises over the
-    run (a smoke test of the whole pipeline, not a useful model). Needs scikit-image.
+    12 steps with a checkpoint every 4 and mask AP on 4 generated held-out images at steps 6
+    and 12; the loss falls and ``iou_after_point_3`` rises over the run (a smoke test of the
+    whole pipeline, not a useful model). Needs scikit-image.
     """
     config = TrainConfig(
         model="sam2.1_hiera_t", image_size=128, compute_dtype="float32", global_batch_size=4,
         total_steps=12, checkpoint_every=4, optim=OptimConfig(base_lr=3e-4),
         correction=CorrectionConfig(num_points=3),
-        data=DataConfig(synthetic_images=8, objects_per_image=2, num_workers=2))
+        data=DataConfig(synthetic_images=8, objects_per_image=2, num_workers=2),
+        eval=HeldOutConfig(every=6, synthetic_images=4, save_results=True))
     return apply_overrides(config, overrides)
 
 
 PRESETS = {"paper": paper, "tiny": tiny}
+
+
+# Settings a resumed run may change: how the batches are made (not which), what is logged,
+# profiled, saved and evaluated. Everything else must equal the saved config.
+RESUME_MAY_CHANGE = ("data.loader", "data.num_workers", "data.prefetch", "profile_steps",
+                     "log_every", "checkpoint_every", "keep_checkpoints", "eval.")
 
 
 def _coerce(value: Any, annotation) -> Any:

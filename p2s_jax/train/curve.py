@@ -23,10 +23,12 @@ import numpy as np
 from flax import nnx
 from PIL import Image, ImageDraw
 from pycocotools.coco import COCO
+from tqdm.auto import tqdm
 
 from p2s_jax.data import coco as coco_lib
 from p2s_jax.data.augment import resize
 from p2s_jax.model.sam2 import SAM2Image
+from p2s_jax.parallel import all_gather_json
 from p2s_jax.train.correction import CorrectionConfig, LoopTargets, correction_loop
 from p2s_jax.train.step import normalize_images
 from p2s_jax.utils.errors import InputError
@@ -91,18 +93,28 @@ def _image_ious(graphdef, correction: CorrectionConfig, state, image, targets, k
     return ious
 
 
-def correction_curve(model: SAM2Image, coco: COCO, images_dir,
-                     config: CurveConfig = CurveConfig()) -> Curve:
-    """The Fig. 2 curve of `model` on the persons of `coco` (see the module docstring)."""
-    graphdef, state = nnx.split(model)
+def curve_image_ids(coco: COCO, config: CurveConfig) -> list[int]:
+    """The images a curve runs on: those with a person, by id (the first `max_images`)."""
     image_ids = [i for i in sorted(coco.getImgIds()) if len(coco_lib.ground_truth_poses(coco, i))]
     if config.max_images:
         image_ids = image_ids[:config.max_images]
     if not image_ids:
         raise InputError("the annotation file has no image with a person")
+    return image_ids
+
+
+def correction_curve(model: SAM2Image, coco: COCO, images_dir,
+                     config: CurveConfig = CurveConfig(), *, progress: bool = False) -> Curve:
+    """The Fig. 2 curve of `model` on the persons of `coco` (see the module docstring). With
+    several processes each takes every process_count-th image and the sums are gathered, so
+    the curve is the same on any number of processes. `progress`: a tqdm bar (process 0)."""
+    graphdef, state = nnx.split(model)
+    image_ids = curve_image_ids(coco, config)
     total = np.zeros(config.correction.num_points)
     persons = 0
-    for index, image_id in enumerate(image_ids):
+    mine = list(enumerate(image_ids))[jax.process_index()::jax.process_count()]
+    for index, image_id in tqdm(mine, unit="img", desc="curve", dynamic_ncols=True,
+                                disable=not progress or jax.process_index() != 0):
         image, targets = image_targets(coco, image_id, images_dir, model.config.image_size,
                                        config.max_people)
         key = jax.random.fold_in(jax.random.key(config.seed), index)
@@ -111,6 +123,9 @@ def correction_curve(model: SAM2Image, coco: COCO, images_dir,
         present = targets.valid & targets.masks.any(axis=(1, 2))
         total += ious[:, present].sum(axis=1)
         persons += int(present.sum())
+    gathered = all_gather_json({"total": total.tolist(), "persons": persons})
+    total = np.sum([g["total"] for g in gathered], axis=0)
+    persons = sum(g["persons"] for g in gathered)
     return Curve(total / max(persons, 1), persons, len(image_ids))
 
 

@@ -1,11 +1,22 @@
-"""The host side of training: batches in, steps dispatched, metrics and checkpoints out.
+"""The host side of training: batches in, steps dispatched, metrics, evaluations and checkpoints
+out, and a clean stop when the run is told to.
 
-`train` reads deterministic batches (the batch of step s is a function of the seed and s),
-runs the jitted data-parallel step of :mod:`p2s_jax.train.step`, checkpoints params, optimiser
-state, step and PRNG key (:mod:`p2s_jax.train.checkpoint`), resumes exactly, and writes metrics
-to JSONL and TensorBoard. The metrics of a step are read back after the next step has been
-dispatched, so the device never waits for the host. Multi-host: `jax.distributed.initialize()`
-before `train`; each process reads its own slice of every global batch.
+`train` checks every path the config names before it writes anything, reads deterministic
+batches (the batch of step s is a function of the seed and s), runs the jitted data-parallel
+step of :mod:`p2s_jax.train.step` (compiled once, ahead of the first step, which also gives
+XLA's FLOP count), checkpoints params, optimiser state, step, PRNG key and the loader's
+position (:mod:`p2s_jax.train.checkpoint`), resumes exactly, and writes metrics to JSONL and
+TensorBoard: the losses, the IoU after each correction point, the time split of the step and
+the utilisation (:mod:`p2s_jax.train.timing`), the held-out metrics every `eval.every` steps
+(:mod:`p2s_jax.train.evaluator`). The metrics of a step are read back after the next step has
+been dispatched, so the device never waits for the host.
+
+Stopping: on SIGTERM (a preemption or maintenance notice; on a multi-host slice every host
+stops at the same step, JAX's preemption sync point) or Ctrl-C, the step in flight finishes,
+the step reached is saved and committed, and `Preempted` is raised (`p2s train` prints one line
+and exits with status 75); `--resume` continues bit-exactly. Multi-host:
+`jax.distributed.initialize()` before `train`; each process reads its own slice of every global
+batch.
 """
 
 from __future__ import annotations
@@ -17,22 +28,30 @@ from typing import Optional
 
 import jax
 import numpy as np
+from etils import epath
 from flax import nnx
 from jax.sharding import NamedSharding
 from tqdm import tqdm
 
-from p2s_jax.data.pipeline import loader_from_config
+from p2s_jax.data.pipeline import check_data_paths, loader_from_config
+from p2s_jax.hardware import peak_flops
+from p2s_jax.model.flops import train_flops_per_image
 from p2s_jax.parallel import REPLICATED, host_to_global, make_mesh
 from p2s_jax.train import losses
-from p2s_jax.train.checkpoint import (WorkdirError, checkpoint_manager, restore_checkpoint,
-                                      save_checkpoint)
-from p2s_jax.train.config import TrainConfig, load_config, to_dict
+from p2s_jax.train.checkpoint import (WorkdirError, best_manager, checkpoint_manager,
+                                      restore_checkpoint, save_checkpoint, set_aside_after)
+from p2s_jax.train.config import RESUME_MAY_CHANGE, TrainConfig, load_config, to_dict
+from p2s_jax.train.evaluator import HeldOutEvaluator, held_out_files
 from p2s_jax.train.metrics_writer import MetricsWriter
 from p2s_jax.train.optim import make_optimizer, param_rules
+from p2s_jax.train.preemption import Preempted, StopWatch
 from p2s_jax.train.step import (STEP_INPUTS, build_training_model, init_state, make_train_step,
                                 trainable_filter)
-from p2s_jax.utils.errors import Error, InputError
+from p2s_jax.train.timing import StepTimer
+from p2s_jax.utils.errors import Error, InputError, MissingFileError
 from p2s_jax.utils.files import write_json
+
+DATA_BOUND_SHARE = 0.1  # a window whose device waits longer than this on its input is reported
 
 
 class NonFiniteError(Error, RuntimeError):
@@ -44,13 +63,13 @@ class TrainResult:
     state: dict  # the final training state (params, opt_state, step, rng)
     steps_run: int  # steps run by this call
     last_metrics: dict  # scalar metrics of the last step
+    final_step: int = 0  # the step the run is at (its last checkpoint)
 
 
-def _scalar_metrics(metrics: dict, seconds: float, images: int) -> dict:
+def _scalar_metrics(metrics: dict) -> dict:
     out = {k: float(v) for k, v in metrics.items() if k not in ("iou_per_step", "finite")}
     for t, value in enumerate(np.asarray(metrics["iou_per_step"])):
         out[f"iou_after_point_{t + 1}"] = float(value)
-    out["images_per_second"] = images / max(seconds, 1e-9)
     return out
 
 
@@ -64,50 +83,98 @@ def _flat(d: dict, prefix: str = "") -> dict:
     return out
 
 
-def _prepare_workdir(workdir: Path, config: TrainConfig, resume: bool) -> None:
+# ------------------------------------------------------------------------------ before any write
+
+
+def check_paths(config: TrainConfig, workdir) -> None:
+    """Every path the config reads, checked before the run writes anything: the initial
+    checkpoint, the training data (prepared, or its raw files), the held-out set."""
+    if config.init_checkpoint and not epath.Path(config.init_checkpoint).exists():
+        raise MissingFileError(f"init_checkpoint {config.init_checkpoint} not found (an "
+                               "official .pt or a folder from p2s convert; \"\" for random "
+                               "weights)")
+    check_data_paths(config)
+    if config.eval.every and not config.eval.synthetic_images:
+        held_out_files(config, workdir)
+
+
+def _check_workdir(workdir: epath.Path, config: TrainConfig, resume: bool) -> None:
+    """The workdir fits the request: checkpoints there need --resume, and a resumed run has the
+    saved config (nothing is written here)."""
     config_path = workdir / "config.json"
-    has_checkpoints = (workdir / "checkpoints").is_dir() and any(
-        p.name.isdigit() for p in (workdir / "checkpoints").iterdir())
+    checkpoints = workdir / "checkpoints"
+    has_checkpoints = checkpoints.is_dir() and any(p.name.isdigit()
+                                                   for p in checkpoints.iterdir())
     if has_checkpoints and not resume:
         raise WorkdirError(f"{workdir} already holds checkpoints: pass --resume to continue "
                            f"that run, or choose a new --workdir")
     if resume and config_path.is_file():
-        saved = load_config(str(config_path))
-        if saved != config:
-            old = _flat(to_dict(saved))
-            diff = sorted(k for k, v in _flat(to_dict(config)).items() if old.get(k) != v)
+        old = _flat(to_dict(load_config(str(config_path))))
+        derived = {"total_steps"} if config.total_steps == 0 else set()  # from the data
+        diff = sorted(k for k, v in _flat(to_dict(config)).items()
+                      if old.get(k) != v and k not in derived
+                      and not k.startswith(RESUME_MAY_CHANGE))
+        if diff:
             raise WorkdirError(f"--resume with a config that differs from {config_path} in "
-                               f"{', '.join(diff)}")
+                               f"{', '.join(diff)} (a resumed run may change only "
+                               f"{', '.join(RESUME_MAY_CHANGE)})")
+
+
+def _write_config(workdir: epath.Path, config: TrainConfig) -> None:
     workdir.mkdir(parents=True, exist_ok=True)
     if jax.process_index() == 0:
-        write_json(config_path, to_dict(config), indent=2)
+        write_json(workdir / "config.json", to_dict(config), indent=2)
 
 
-class _StepMetrics:
-    """Reads a finished step's metrics back: stops on a non-finite step, logs, shows progress."""
+# ------------------------------------------------------------------------------ reporting
 
-    def __init__(self, workdir: Path, config: TrainConfig, manager, start: int, end: int,
-                 progress: bool):
+
+class _Report:
+    """Reads a finished step's metrics back: stops on a non-finite step, logs the losses, the
+    time split and the utilisation, says when the run is data-bound, shows progress."""
+
+    def __init__(self, workdir: epath.Path, config: TrainConfig, manager, timer: StepTimer,
+                 start: int, end: int, progress: bool):
         self.workdir, self.config, self.manager, self.end = workdir, config, manager, end
+        self.timer = timer
         self.writer = MetricsWriter(workdir, enabled=jax.process_index() == 0)
         self.bar = (tqdm(total=config.total_steps, initial=start, unit="step", dynamic_ncols=True)
                     if progress and jax.process_index() == 0 else None)
         self.last: dict = {}
-        self.tick = time.perf_counter()
 
     def __call__(self, step: int, metrics, record_index: np.ndarray) -> None:
         metrics = jax.device_get(metrics)
-        now = time.perf_counter()
         if not bool(metrics["finite"]):
             self._stop(step, metrics, record_index)
-        self.last = _scalar_metrics(metrics, now - self.tick, self.config.global_batch_size)
-        self.tick = now
-        if (step + 1) % self.config.log_every == 0 or step + 1 == self.end:
-            self.writer.write(step + 1, self.last)
+        self.last = {**_scalar_metrics(metrics), **self.timer.metrics(self.timer.times(step))}
+        done = step + 1
+        if done % self.config.log_every == 0 or done == self.end:
+            self.writer.write(done, self.last)
+        if len(self.timer.window) == self.timer.window.maxlen or done == self.end:
+            self._data_bound(done)
         if self.bar is not None:
             self.bar.update(1)
             self.bar.set_postfix(loss=f"{self.last[losses.CORE_LOSS_KEY]:.4f}",
                                  img_s=f"{self.last['images_per_second']:.2f}")
+
+    def _data_bound(self, done: int) -> None:
+        share, steps = self.timer.data_bound_share(), len(self.timer.window)
+        self.timer.window.clear()
+        if share > DATA_BOUND_SHARE:
+            advice = ("raise data.num_workers" if self.config.data.loader == "processes"
+                      else "raise data.num_workers or set data.loader=processes")
+            self.say(f"data-bound: {100 * share:.0f} % of the last {steps} steps (to step "
+                     f"{done}) waiting on the loader; {advice}")
+
+    def say(self, line: str) -> None:
+        if jax.process_index() == 0:
+            (self.bar.write if self.bar is not None else print)(line)
+
+    def evaluation(self, done: int, values: dict, seconds: float) -> None:
+        self.writer.write(done, {**values, "eval/seconds": seconds})
+        shown = ", ".join(f"{k.removeprefix('eval/')} {'-' if v < 0 else f'{100 * v:.1f}'}"
+                          for k, v in values.items() if not k.startswith("eval/iou_after"))
+        self.say(f"step {done}: held-out {shown} ({seconds:.1f} s)")
 
     def _stop(self, step: int, metrics, record_index: np.ndarray):
         self.manager.wait_until_finished()
@@ -125,26 +192,38 @@ class _StepMetrics:
             self.bar.close()
 
 
-def train(config: TrainConfig, workdir, *, resume: bool = False, loader=None,
-          progress: bool = True, max_steps: Optional[int] = None) -> TrainResult:
+# ------------------------------------------------------------------------------ the run
+
+
+def train(config: TrainConfig, workdir, *, resume: bool = False,
+          resume_step: Optional[int] = None, loader=None, progress: bool = True,
+          max_steps: Optional[int] = None) -> TrainResult:
     """Runs (or resumes) training in ``workdir``; returns the final state.
 
-    ``loader``: an object with ``iterate(start_step)`` yielding ``(step, batch)`` and
-    ``num_records`` (default: built from ``config.data``, see :mod:`p2s_jax.data.pipeline`).
-    ``max_steps``: stop after this many steps in this call (the schedule still spans
-    ``total_steps``), e.g. to simulate an interruption.
+    ``resume_step``: with ``resume``, continue from that checkpoint instead of the latest (the
+    later ones are moved to ``<workdir>/checkpoints.unused``). ``loader``: an object with
+    ``iterate(start_step)`` yielding ``(step, batch)`` and ``num_records`` (default: built from
+    ``config.data``, see :mod:`p2s_jax.data.pipeline`). ``max_steps``: stop after this many
+    steps in this call (the schedule still spans ``total_steps``), e.g. to simulate an
+    interruption.
+
+    Raises:
+      Preempted: the run was told to stop (SIGTERM, Ctrl-C) and saved the step it reached.
+      NonFiniteError, WorkdirError, InputError: see their messages.
     """
-    workdir = Path(workdir)
+    workdir = epath.Path(workdir)
     mesh = make_mesh()
     if config.global_batch_size % mesh.size:
         raise InputError(f"global_batch_size {config.global_batch_size} is not a multiple of "
                          f"the {mesh.size} devices")
-    loader = loader_from_config(config, workdir) if loader is None else loader
+    check_paths(config, workdir)
+    _check_workdir(workdir, config, resume)
+    loader = loader_from_config(config, Path(workdir)) if loader is None else loader
     if not config.total_steps:
         steps = (config.epochs * config.dataset_multiplier * loader.num_records
                  // config.global_batch_size)
         config = dataclasses.replace(config, total_steps=max(int(steps), 1))
-    _prepare_workdir(workdir, config, resume)
+    _write_config(workdir, config)
 
     model = build_training_model(config)
     graphdef, params, frozen = nnx.split(model, trainable_filter(config), ...)
@@ -152,39 +231,156 @@ def train(config: TrainConfig, workdir, *, resume: bool = False, loader=None,
     replicated = NamedSharding(mesh, REPLICATED)
     state = jax.device_put(init_state(params, tx, config.seed), replicated)
     frozen = jax.device_put(frozen, replicated)
+    model_config = model.config
     del model, params
 
     manager = checkpoint_manager(workdir, config)
     start = 0
     if resume and manager.latest_step() is not None:
-        state, meta = restore_checkpoint(manager, state)
+        if resume_step is not None:
+            state, meta = restore_checkpoint(manager, state, resume_step)
+            if jax.process_index() == 0:
+                set_aside_after(workdir, resume_step)
+            manager.reload()
+        else:
+            state, meta = restore_checkpoint(manager, state)
         start = int(meta["step"])
-    step_fn = make_train_step(graphdef, tx, config, mesh)
+        _check_loader_position(loader, meta)
     end = config.total_steps if max_steps is None else min(config.total_steps, start + max_steps)
-    report = _StepMetrics(workdir, config, manager, start, end, progress)
+    if start >= end:
+        manager.close()
+        getattr(loader, "close", lambda: None)()
+        return TrainResult(state, 0, {}, start)
+
+    evaluator = HeldOutEvaluator(config, Path(workdir)) if config.eval.every else None
+    best = best_manager(workdir) if evaluator is not None and config.eval.keep_best else None
+    timer = StepTimer(config.global_batch_size,
+                      train_flops_per_image(model_config, config.correction.num_points,
+                                            config.data.objects_per_image,
+                                            config.freeze_image_encoder),
+                      peak_flops(jax.devices()[0].device_kind), mesh.size)
+    report = _Report(workdir, config, manager, timer, start, end, progress)
+    step_fn, compiled = make_train_step(graphdef, tx, config, mesh), None
+
+    def meta_of(done: int) -> dict:
+        return {"step": done, "data_position": done * config.global_batch_size,
+                "data_state": _loader_state(loader, done), "config": to_dict(config)}
+
+    profile = _Profile(config.profile_steps, workdir)
     pending = None  # (step, metrics, record ids) of the previous step, read after the next
+    batches = iter(loader.iterate(start))
     try:
-        for step, batch in loader.iterate(start):
-            if step >= end:
-                break
-            state, metrics = step_fn(state, frozen,
-                                     {k: host_to_global(mesh, batch[k]) for k in STEP_INPUTS})
+        with StopWatch() as stop:
+            for step in range(start, end):
+                tick = time.perf_counter()
+                loaded_step, batch = next(batches)
+                if loaded_step != step:
+                    raise RuntimeError(f"the loader gave step {loaded_step} for step {step}")
+                loaded = time.perf_counter()
+                device_batch = {k: host_to_global(mesh, batch[k]) for k in STEP_INPUTS}
+                jax.block_until_ready(device_batch)
+                transferred = time.perf_counter()
+                if compiled is None:
+                    compiled = _compile(step_fn, state, frozen, device_batch, timer)
+                profile.before(step)
+                dispatch = time.perf_counter()
+                state, metrics = compiled(state, frozen, device_batch)
+                timer.dispatched(step, loaded - tick, transferred - loaded, metrics, dispatch)
+                if pending is not None:
+                    report(*pending)
+                pending = (step, metrics, np.asarray(batch["record_index"]))
+                done = step + 1
+                profile.after(step, metrics)
+                evaluated = None
+                if evaluator is not None and (done % config.eval.every == 0
+                                              or done == config.total_steps):
+                    report(*pending)
+                    pending = None
+                    began = time.perf_counter()
+                    evaluated = evaluator(nnx.merge(graphdef, state["params"], frozen), done)
+                    report.evaluation(done, evaluated, time.perf_counter() - began)
+                    timer.restart()
+                stopping = stop.should_stop(done) and done < end
+                if done % config.checkpoint_every == 0 or done == end or stopping or evaluated:
+                    if pending is not None:
+                        report(*pending)
+                        pending = None
+                    if done % config.checkpoint_every == 0 or done == end or stopping:
+                        save_checkpoint(manager, state, meta_of(done), force=stopping)
+                    if evaluated and best is not None:
+                        save_checkpoint(best, state, {**meta_of(done), "eval": evaluated},
+                                        metrics={"AP": evaluated["eval/AP"]})
+                if stopping:
+                    manager.wait_until_finished()
+                    if best is not None:
+                        best.wait_until_finished()
+                    raise Preempted(
+                        f"stopped by {stop.reason} at step {done}: checkpoint "
+                        f"{workdir / 'checkpoints' / str(done)} saved; continue with: p2s "
+                        f"train --workdir {workdir} --resume", done)
             if pending is not None:
                 report(*pending)
-            pending = (step, metrics, np.asarray(batch["record_index"]))
-            done = step + 1
-            if done % config.checkpoint_every == 0 or done == end:
-                report(*pending)
-                pending = None
-                save_checkpoint(manager, state, {
-                    "step": done, "data_position": done * config.global_batch_size,
-                    "config": to_dict(config)})
-        if pending is not None:
-            report(*pending)
-        manager.wait_until_finished()
+            manager.wait_until_finished()
+            if best is not None:
+                best.wait_until_finished()
     finally:
+        profile.close()
         report.close()
+        timer.close()
         close = getattr(loader, "close", None)
         if close is not None:
             close()
-    return TrainResult(state, end - start, report.last)
+    return TrainResult(state, end - start, report.last, end)
+
+
+def _compile(step_fn, state, frozen, batch, timer: StepTimer):
+    """The train step compiled for these arguments (the program every step runs); XLA's FLOP
+    count of it (all devices) goes to the timer's HFU."""
+    compiled = step_fn.lower(state, frozen, batch).compile()
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    if cost and cost.get("flops"):
+        timer.hardware_flops_per_step = float(cost["flops"]) * jax.device_count()
+    return compiled
+
+
+def _loader_state(loader, next_step: int) -> dict:
+    state_dict = getattr(loader, "state_dict", None)
+    return state_dict(next_step) if state_dict is not None else {"next_step": int(next_step)}
+
+
+def _check_loader_position(loader, meta: dict) -> None:
+    """The checkpoint's loader position must be one this loader continues (same order)."""
+    saved, resume_step = meta.get("data_state"), getattr(loader, "resume_step", None)
+    if saved is None or resume_step is None:
+        return
+    try:
+        next_step = resume_step(saved)
+    except ValueError as err:
+        raise WorkdirError(f"the checkpoint's data position does not fit this run: {err}") from None
+    if next_step != int(meta["step"]):
+        raise WorkdirError(f"the checkpoint of step {meta['step']} stores the data position of "
+                           f"step {next_step}")
+
+
+class _Profile:
+    """A `jax.profiler` trace of the steps `profile_steps` = (first, last), written under
+    `<workdir>/tensorboard` (TensorBoard's profile plugin: plugins/profile/<run>/)."""
+
+    def __init__(self, steps: tuple, workdir: epath.Path):
+        self.steps, self.workdir, self.active = tuple(steps), workdir, False
+
+    def before(self, step: int) -> None:
+        if self.steps and step == self.steps[0] and not self.active:
+            jax.profiler.start_trace(str(self.workdir / "tensorboard"))
+            self.active = True
+
+    def after(self, step: int, outputs) -> None:
+        if self.active and step >= self.steps[1]:
+            jax.block_until_ready(outputs)
+            self.close()
+
+    def close(self) -> None:
+        if self.active:
+            jax.profiler.stop_trace()
+            self.active = False

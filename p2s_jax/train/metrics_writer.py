@@ -2,7 +2,9 @@
 
 TensorBoard events are written with the ``tensorboard`` package's own ``EventFileWriter`` and
 protos (what ``torch.utils.tensorboard`` does); without the package only the JSONL is written.
-Only process 0 of a multi-host run writes.
+Only process 0 of a multi-host run writes. The JSONL file is appended to, which object stores
+(``gs://``) do not offer: a workdir there keeps its metrics on a filesystem that appends (a
+gcsfuse mount), docs/tpu-pod.md.
 """
 
 from __future__ import annotations
@@ -13,19 +15,21 @@ import time
 from pathlib import Path
 from typing import Mapping
 
+from etils import epath
+
 
 class MetricsWriter:
     """``write(step, {name: float})`` -> ``<workdir>/metrics.jsonl`` and ``<workdir>/tensorboard``."""
 
-    def __init__(self, workdir: str | Path, enabled: bool = True):
+    def __init__(self, workdir: str | Path | epath.Path, enabled: bool = True):
         self.enabled = enabled
         self._jsonl = None
         self._events = None
         if not enabled:
             return
-        workdir = Path(workdir)
+        workdir = epath.Path(workdir)
         workdir.mkdir(parents=True, exist_ok=True)
-        self._jsonl = open(workdir / "metrics.jsonl", "a", encoding="utf-8")
+        self._jsonl = (workdir / "metrics.jsonl").open("a")
         try:
             from tensorboard.summary.writer.event_file_writer import EventFileWriter
         except ImportError:  # pragma: no cover - tensorboard is a dependency

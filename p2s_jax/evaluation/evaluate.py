@@ -1,0 +1,178 @@
+"""`p2s evaluate`: files in, COCO segm results, AP table and JSON summary out.
+
+The dataset side is read and checked before any model work (`load_inputs`): the ground truth,
+the poses (a keypoint-results file or the ground-truth keypoints), every pose validated under
+the run's settings, and every photo's file header. A photo that is missing or unreadable stops
+the run with the list, because COCOeval would count its persons as missed and lower AP without
+a word; `skip_missing_images` scores the images present instead, and the summary says so.
+`evaluate_inputs` runs the model on checked inputs and scores the masks: `run_evaluation` and
+evaluation while training (`p2s_jax.train.evaluator`) call it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import NamedTuple
+
+import jax
+from jax.sharding import Mesh
+from pycocotools.coco import COCO
+
+from p2s_jax.data import coco as coco_lib
+from p2s_jax.evaluation.config import EvalConfig
+from p2s_jax.evaluation.metrics import evaluate_segm
+from p2s_jax.evaluation.plan import (check_image_files, ground_truth_prompt_poses,
+                                     missing_images_error, resolve_score_channels, run_items)
+from p2s_jax.evaluation.runner import EvalOutput, run_dataset
+from p2s_jax.keypoints import KeypointSchema
+from p2s_jax.model.configs import compute_dtype
+from p2s_jax.model.sam2 import SAM2Image
+from p2s_jax.utils.errors import InputError, MissingFileError
+from p2s_jax.utils.files import write_json
+from weights_conversion import load_model
+
+
+class EvalInputs(NamedTuple):
+    """A dataset ready to run: read, validated under `config`, photos checked."""
+
+    coco: COCO
+    images_dir: Path
+    poses: dict  # image_id -> PoseInstances
+    config: EvalConfig  # the run's settings, score channels resolved
+    unreadable: list  # [{"image_id", "file_name", "reason"}]: photos that cannot be run
+    description: str  # where the poses come from: the file, or "ground truth"
+    image_ids: list  # the images scored (all of the ground truth, or the first `max_images`)
+
+
+def load_inputs(annotations, images_dir, config: EvalConfig, *, keypoints=None,
+                gt_keypoints: bool = False, schema: KeypointSchema | None = None,
+                max_images: int = 0) -> EvalInputs:
+    """Reads and checks everything a run needs from files (see the module docstring);
+    `max_images` > 0 keeps the first that many images with a person (by id).
+
+    Raises:
+      InputError: a malformed file, a pose the settings cannot use, a score channel the file
+        does not carry; `MissingFileError` for a missing file or folder.
+    """
+    if (keypoints is None) == (not gt_keypoints):
+        raise InputError("give exactly one of keypoints (a detection file) and gt_keypoints")
+    coco = coco_lib.load_coco(annotations, schema)
+    images_dir = Path(images_dir)
+    if not images_dir.is_dir():
+        raise MissingFileError(f"image folder not found: {images_dir}")
+    poses = (ground_truth_prompt_poses(coco) if gt_keypoints
+             else coco_lib.load_keypoint_detections(keypoints, coco))
+    image_ids = sorted(coco.getImgIds())
+    if max_images:
+        with_people = set(coco.getImgIds(catIds=[coco_lib.person_category_id(coco)]))
+        image_ids = [i for i in image_ids if i in with_people][:max_images]
+        poses = {i: poses[i] for i in image_ids if i in poses}
+    config = resolve_score_channels(config, poses, "ground truth" if gt_keypoints else keypoints)
+    items = run_items(coco, images_dir, poses, config)  # raises on a pose it cannot use
+    return EvalInputs(coco, images_dir, poses, config, check_image_files(items),
+                      "ground truth" if gt_keypoints else str(keypoints), image_ids)
+
+
+def evaluate_inputs(model: SAM2Image, inputs: EvalInputs, *, coco_star: bool = False,
+                    skip_missing_images: bool = False, mesh: Mesh | None = None,
+                    progress: bool = True, label: str = "evaluate"
+                    ) -> tuple[dict, EvalOutput, list[int]]:
+    """Masks for the persons of `inputs` and their mask AP -> (metrics, run output, the image
+    ids scored). Photos that cannot be read stop the run unless `skip_missing_images`, which
+    leaves their images out of the scoring."""
+    if inputs.unreadable and not skip_missing_images:
+        raise missing_images_error(inputs.unreadable, inputs.images_dir)
+    left_out = {p["image_id"] for p in inputs.unreadable}
+    poses = {i: p for i, p in inputs.poses.items() if i not in left_out}
+    output = run_dataset(model, inputs.coco, inputs.images_dir, poses, inputs.config, mesh=mesh,
+                         progress=progress, label=label)
+    left_out |= {s["image_id"] for s in output.report.skipped_images}
+    if left_out and not skip_missing_images:  # a photo that broke while decoding
+        raise missing_images_error(output.report.skipped_images, inputs.images_dir)
+    image_ids = [i for i in inputs.image_ids if i not in left_out]
+    if not image_ids:
+        raise InputError(f"no image of the ground truth can be read under {inputs.images_dir}")
+    metrics = evaluate_segm(inputs.coco, output.results, image_ids=image_ids,
+                            coco_star=coco_star)
+    return metrics, output, image_ids
+
+
+def run_evaluation(annotations, images_dir, checkpoint, *, keypoints=None,
+                   gt_keypoints: bool = False, model_name: str | None = None,
+                   image_size: int | None = None, config: EvalConfig = EvalConfig(),
+                   coco_star: bool = False, out=None, summary_path=None,
+                   progress: bool = True, mesh: Mesh | None = None,
+                   model: SAM2Image | None = None, dtype: str = "float32",
+                   attention: str = "auto", skip_missing_images: bool = False,
+                   schema: KeypointSchema | None = None, inputs: EvalInputs | None = None
+                   ) -> dict:
+    """`p2s evaluate`: files in, COCO segm results + AP table + JSON summary out.
+
+    Args:
+      annotations: COCO-format ground truth with person masks.
+      images_dir: the images' folder.
+      checkpoint: official `.pt` or converted folder (ignored when `model` is given).
+      keypoints: keypoint detections (COCO keypoint results); or `gt_keypoints=True`.
+      model_name, image_size: the model (None: read from the checkpoint).
+      dtype, attention: the compute dtype ('float32' or 'bfloat16') and attention
+        implementation (`SAM2Config.attention`) of the loaded model.
+      config: see `EvalConfig`.
+      coco_star: the paper's COCO* protocol (`metrics.evaluate_segm`).
+      out: where to write the results JSON (None: not written); the summary goes to
+        `summary_path`, by default next to it as `<out stem>.summary.json`.
+      model: an already loaded model (tests, notebooks).
+      skip_missing_images: score only the images whose photo can be read (stated in the
+        summary) instead of refusing.
+      schema: read the files' keypoints by position in this schema (names that fit none).
+      inputs: the inputs already read by `load_inputs` (the CLI checks them before it loads
+        the model).
+
+    Returns:
+      The summary dict (settings, metrics incl. "table", report).
+    """
+    if inputs is None:
+        inputs = load_inputs(annotations, images_dir, config, keypoints=keypoints,
+                             gt_keypoints=gt_keypoints, schema=schema)
+    if inputs.unreadable and not skip_missing_images:
+        raise missing_images_error(inputs.unreadable, inputs.images_dir)
+    checkpoint_loaded = model is None
+    if checkpoint_loaded:
+        model = load_model(checkpoint, model_name, image_size, compute_dtype(dtype), attention)
+    metrics, output, image_ids = evaluate_inputs(
+        model, inputs, coco_star=coco_star, skip_missing_images=skip_missing_images, mesh=mesh,
+        progress=progress)
+    left_out = sorted({s["image_id"]: s for s in
+                       inputs.unreadable + output.report.skipped_images}.values(),
+                      key=lambda s: s["image_id"])
+    summary = {
+        "settings": {
+            "annotations": str(annotations), "images": str(images_dir),
+            "keypoints": inputs.description,
+            "checkpoint": None if checkpoint is None else str(checkpoint),
+            "model": model.config.name, "image_size": model.config.image_size,
+            "attention": model.config.attention, "dtype": dtype if checkpoint_loaded else None,
+            "coco_star": coco_star, "skip_missing_images": skip_missing_images,
+            **inputs.config.for_backend().to_dict(),
+        },
+        "metrics": {k: v for k, v in metrics.items() if k != "table"},
+        "table": metrics["table"],
+        "report": dataclasses.replace(output.report, skipped_images=left_out).to_dict(),
+        "scored_images": len(image_ids),
+        "jax": {"version": jax.__version__, "backend": jax.default_backend(),
+                "devices": output.report.num_devices, "processes": jax.process_count()},
+    }
+    if left_out:
+        summary["left_out_images"] = (
+            f"{len(left_out)} image(s) could not be read and were left out of the scoring "
+            f"(--skip-missing-images): AP is over {len(image_ids)} of "
+            f"{len(inputs.image_ids)} images")
+    if out is not None and jax.process_index() == 0:
+        out = Path(out)
+        write_json(out, output.results)
+        summary_path = (out.with_name(out.stem + ".summary.json") if summary_path is None
+                        else Path(summary_path))
+        summary["results_file"] = str(out)
+        write_json(summary_path, summary, indent=2)
+        summary["summary_file"] = str(summary_path)
+    return summary
