@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import os
 import sys
+import tempfile
 
 import numpy as np
 import pytest
@@ -17,6 +18,16 @@ import reference  # noqa: E402  (stubs torchvision before anything imports it)
 # keep freed memory (p2s_jax.utils.allocator); the test process keeps glibc's defaults.
 # tests/test_allocator.py checks the setting in processes of its own.
 os.environ.setdefault("P2S_MALLOC", "default")
+# The processes the tests start (p2s commands, trainers, several hosts) share one persistent
+# compilation cache for the session, small programs included: a process after the first
+# builds a model in seconds instead of recompiling every parameter's initialiser.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="p2s_tests_xla_")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+import jax  # noqa: E402
+
+jax.config.update("jax_compilation_cache_dir", None)  # this process compiles each program once
 
 
 @functools.lru_cache(maxsize=None)

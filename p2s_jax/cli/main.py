@@ -11,12 +11,16 @@ traceback.
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
 import sys
+
+import jax
 
 from p2s_jax.model.configs import ConfigError
 from p2s_jax.parallel import describe_devices
 from p2s_jax.utils import allocator
+from p2s_jax.utils.download import cache_dir
 from p2s_jax.utils.errors import Error, Stopped, Terminated
 from p2s_jax.cli.arguments import PROG, build_parser
 from p2s_jax.cli.commands import COMMANDS, COMPUTES
@@ -28,6 +32,8 @@ def main(argv: list[str] | None = None) -> int:
     if allocator.set_mode(allocator.choose_mode(args.malloc, args.command)):
         print(f"{PROG}: host memory: freed blocks are kept for reuse (--malloc default to turn "
               "off)", file=sys.stderr)
+    if args.command in COMPUTES or args.command == "init":
+        use_compilation_cache()
     if args.command in COMPUTES:
         print(f"{PROG}: {describe_devices()}")
     with sigterm_raises():
@@ -43,6 +49,20 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{PROG} {args.command}: interrupted ({signal.Signals(number).name}); "
                   "nothing was written", file=sys.stderr)
             return 128 + number
+
+
+def use_compilation_cache(environ=os.environ) -> None:
+    """Compiled programs are kept on disk and reused by later runs (a second `p2s segment`
+    skips the encoder's compilation, a resumed pod run its train step's): JAX's persistent
+    compilation cache in `<p2s cache>/xla`, every program kept (the model's initialisers
+    compile in a tenth of a second each, and there are a hundred). `JAX_COMPILATION_CACHE_DIR`
+    chooses another folder; `P2S_COMPILATION_CACHE=off` turns it off."""
+    if environ.get("P2S_COMPILATION_CACHE", "").lower() == "off":
+        return
+    if not environ.get("JAX_COMPILATION_CACHE_DIR"):
+        jax.config.update("jax_compilation_cache_dir", str(cache_dir(environ) / "xla"))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
 @contextlib.contextmanager

@@ -604,6 +604,13 @@ def load_image_poses(path: str | os.PathLike, score_type: str | None = None, *,
             score_type)
 
 
+def _sorted_ids(ids) -> list:
+    try:
+        return sorted(ids)
+    except TypeError:  # ids of several types
+        return sorted(ids, key=str)
+
+
 def _photo_entries(path: Path, entries: list, image_id: int | None, photo) -> list:
     """The entries of one photo (see `load_image_poses`)."""
     keyed = [isinstance(e, dict) and "image_id" in e for e in entries]
@@ -613,7 +620,7 @@ def _photo_entries(path: Path, entries: list, image_id: int | None, photo) -> li
                                   "entry")
         chosen = [e for e in entries if e["image_id"] == image_id]
         if not chosen:
-            ids = sorted({e["image_id"] for e in entries}, key=str)
+            ids = _sorted_ids({e["image_id"] for e in entries})
             raise CocoFormatError(f"{path}: no person of image_id {image_id}; its image ids: "
                                   f"{ids[:10]}" + (" ..." if len(ids) > 10 else ""))
         return chosen
@@ -623,7 +630,7 @@ def _photo_entries(path: Path, entries: list, image_id: int | None, photo) -> li
         first = keyed.index(False)
         raise CocoFormatError(f"{path}: entry {first} has no 'image_id' but others have: "
                               "either every person names its image or none does")
-    ids = sorted({e["image_id"] for e in entries}, key=str)
+    ids = _sorted_ids({e["image_id"] for e in entries})
     stem = Path(photo).stem if photo is not None else ""
     named = int(stem) if stem.isdigit() else None
     if len(ids) == 1 and (named is None or named == ids[0]):

@@ -4,8 +4,8 @@
 are fetched with `huggingface_hub.hf_hub_download`: resumed after a dropped connection, locked
 against concurrent downloads, and stored in the Hub cache every other tool shares (`HF_HOME` /
 `HF_HUB_CACHE`; a file another tool fetched is a cache hit). The bytes of a fresh download are
-checked against the sha256 the Hub publishes for the file (its LFS ETag); a mismatch deletes
-them. `HF_ENDPOINT` points at a mirror, `HF_HUB_OFFLINE=1` uses the cache only.
+checked against the sha256 the Hub publishes for the file (its LFS ETag, which also names the
+cached blob); a mismatch deletes them. `HF_ENDPOINT` points at a mirror, `HF_HUB_OFFLINE=1` uses the cache only.
 
 `P2S_WEIGHTS_URL` replaces the SAM-pose2seg release by a plain URL (not on the Hub:
 `utils.download.fetch_url`). The converted folder lives in the project's cache
@@ -15,6 +15,7 @@ them. `HF_ENDPOINT` points at a mirror, `HF_HUB_OFFLINE=1` uses the cache only.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 from pathlib import Path
 from typing import NamedTuple
@@ -26,6 +27,7 @@ from p2s_jax.utils.download import ChecksumError, DownloadError
 from weights_conversion import METADATA_FILE, convert_checkpoint
 
 WEIGHTS_URL_ENV = "P2S_WEIGHTS_URL"
+_SHA256 = re.compile(r"[0-9a-f]{64}")
 RELEASE = "sam-pose2seg"
 
 
@@ -64,7 +66,6 @@ def hub_file(spec: HubFile, progress: bool = True) -> Path:
     """
     import huggingface_hub
     from huggingface_hub import errors as hub_errors
-    from huggingface_hub.file_download import get_hf_file_metadata, hf_hub_url
 
     endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
     kwargs = dict(repo_id=spec.repo_id, filename=spec.filename, revision=spec.revision,
@@ -74,25 +75,23 @@ def hub_file(spec: HubFile, progress: bool = True) -> Path:
     except (hub_errors.LocalEntryNotFoundError, FileNotFoundError):
         pass  # not cached yet
     try:
-        meta = get_hf_file_metadata(hf_hub_url(spec.repo_id, spec.filename,
-                                               revision=spec.revision, endpoint=endpoint))
         path = Path(huggingface_hub.hf_hub_download(
             **kwargs, tqdm_class=None if progress else _Silent))
-    except hub_errors.OfflineModeIsEnabled as err:
-        raise DownloadError(_offline_message(spec, endpoint, "HF_HUB_OFFLINE is set and the file "
-                                             "is not in the Hub cache")) from err
     except (hub_errors.LocalEntryNotFoundError, hub_errors.HfHubHTTPError, OSError) as err:
+        from huggingface_hub import constants
+
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        if constants.HF_HUB_OFFLINE or isinstance(err, hub_errors.OfflineModeIsEnabled):
+            reason = "HF_HUB_OFFLINE is set and the file is not in the Hub cache"
         raise DownloadError(_offline_message(spec, endpoint, reason)) from err
-    expected = (meta.etag or "").strip('"').lower()
-    if len(expected) == 64 and all(c in "0123456789abcdef" for c in expected):
-        actual = download.sha256_file(path)
-        if actual != expected:
-            blob = path.resolve()
+    blob = path.resolve()  # the cache names an LFS file's blob by its sha256 (its ETag)
+    if _SHA256.fullmatch(blob.name):
+        actual = download.sha256_file(blob)
+        if actual != blob.name:
             path.unlink(missing_ok=True)
             blob.unlink(missing_ok=True)
             raise ChecksumError(f"{spec.repo_id}/{spec.filename}: sha256 mismatch: the Hub "
-                                f"publishes {expected}, the download is {actual}; it was "
+                                f"publishes {blob.name}, the download is {actual}; it was "
                                 "deleted, run again to retry")
     return path
 

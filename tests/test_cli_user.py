@@ -1,0 +1,326 @@
+"""`p2s` as a new user meets it on real COCO photos (`../shared/data/real/coco`): every command
+run through `cli.main` (or as a process, for signals), each defect a user reported as a test.
+
+The model is the official SAM 2.1 tiny at 256 px with seeded random weights, converted."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import reference
+from conftest import model_pair
+from p2s_jax import cli
+from p2s_jax.evaluation.metrics import evaluate_segm
+from p2s_jax.data.coco import load_coco
+from weights_conversion import save_orbax
+
+REAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "real" / "coco"
+REPO = Path(__file__).resolve().parents[1]
+MODEL, SIZE = "sam2.1_hiera_t", 256
+HAS_CUDA = any(importlib.util.find_spec(name) is not None
+               for name in ("jax_cuda12_plugin", "jax_cuda13_plugin"))
+
+pytestmark = [
+    pytest.mark.skipif(not reference.reference_available(),
+                       reason="needs torch, sam2 and hydra (the dev extra)"),
+    pytest.mark.skipif(not (REAL / "test_coco.json").is_file(),
+                       reason=f"the real COCO sample is not at {REAL}"),
+]
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("model") / "t256"
+    save_orbax(model_pair(MODEL, SIZE)[1], folder)
+    return folder
+
+
+@pytest.fixture
+def real(tmp_path):
+    """A writable copy of the real sample: annotations, images/, and keypoint results of its 4
+    photos as a pose estimator writes them ([x, y, s] triplets, no visibility channel)."""
+    images = tmp_path / "images"
+    images.mkdir()
+    for photo in REAL.glob("*.jpg"):
+        shutil.copy(photo, images / photo.name)
+    annotations = tmp_path / "annotations.json"
+    shutil.copy(REAL / "test_coco.json", annotations)
+    data = json.loads(annotations.read_text())
+    results = [{"image_id": a["image_id"], "category_id": 1, "score": 0.9,
+                "keypoints": [v if i % 3 != 2 else (0.95 if v > 0 else 0.05)
+                              for i, v in enumerate(a["keypoints"])]}
+               for a in data["annotations"] if a["num_keypoints"] > 0]
+    (tmp_path / "results.json").write_text(json.dumps(results))
+    return {"root": tmp_path, "images": images, "annotations": annotations,
+            "results": tmp_path / "results.json", "data": data}
+
+
+def _error(capsys) -> str:
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    return err
+
+
+# ------------------------------------------------------------------------------ wrong results
+
+
+def test_segment_takes_the_photos_own_results(real, converted, tmp_path, capsys):
+    """Keypoint results of 4 photos: the photo's own persons, by the image id its file name
+    spells, or by --image-id; a photo whose name says nothing is refused."""
+    persons = {i: sum(1 for a in real["data"]["annotations"] if a["image_id"] == i
+                      and a["num_keypoints"] > 0) for i in (785, 196141)}
+    args = ["segment", "--image", str(real["images"] / "000000000785.jpg"), "--keypoints",
+            str(real["results"]), "--checkpoint", str(converted), "--image-size", str(SIZE),
+            "--out", str(tmp_path / "a.png"), "--masks-out", str(tmp_path / "a.json"),
+            "--no-progress"]
+    assert cli.main(args) == 0
+    assert f"{persons[785]} person, " in capsys.readouterr().out
+    assert len(json.loads((tmp_path / "a.json").read_text())["people"]) == persons[785]
+
+    renamed = tmp_path / "photo.jpg"
+    shutil.copy(real["images"] / "000000196141.jpg", renamed)
+    args[2], args[-4], args[-2] = str(renamed), str(tmp_path / "b.png"), str(tmp_path / "b.json")
+    assert cli.main(args) == 2
+    err = _error(capsys)
+    assert "holds keypoint results of 4 images (image ids 785, 40083, 196141, 197388)" in err
+    assert "pass --image-id" in err and not (tmp_path / "b.png").exists()
+    assert cli.main(args + ["--image-id", "196141"]) == 0
+    assert f"{persons[196141]} people, " in capsys.readouterr().out
+    assert len(json.loads((tmp_path / "b.json").read_text())["people"]) == persons[196141]
+
+
+def test_evaluate_refuses_missing_photos_or_scores_only_those_present(real, converted, tmp_path,
+                                                                      capsys):
+    """A photo missing from --images is named before any work (the model is not even loaded:
+    the checkpoint given does not exist); --skip-missing-images scores the 3 photos left, as
+    COCOeval does on those 3 image ids, and the summary says so."""
+    (real["images"] / "000000040083.jpg").unlink()
+    args = ["evaluate", "--annotations", str(real["annotations"]), "--images",
+            str(real["images"]), "--keypoints", str(real["results"]), "--image-size", str(SIZE),
+            "--out", str(tmp_path / "r.json"), "--no-progress"]
+    assert cli.main(args + ["--checkpoint", str(tmp_path / "not_there.pt")]) == 2
+    err = _error(capsys)
+    assert "1 image(s) of the ground truth cannot be read" in err
+    assert "000000040083.jpg (image file not found)" in err and "--skip-missing-images" in err
+    assert not (tmp_path / "r.json").exists()
+
+    assert cli.main(args + ["--checkpoint", str(converted), "--skip-missing-images"]) == 0
+    printed = capsys.readouterr().out
+    assert "left out of the scoring (--skip-missing-images): AP is over 3 of 4 images" in printed
+    summary = json.loads((tmp_path / "r.summary.json").read_text())
+    assert summary["scored_images"] == 3 and summary["settings"]["skip_missing_images"]
+    coco = load_coco(real["annotations"])
+    expected = evaluate_segm(coco, json.loads((tmp_path / "r.json").read_text()),
+                             image_ids=[785, 196141, 197388])
+    assert summary["metrics"]["AP"] == expected["AP"]
+
+
+# ------------------------------------------------------------------------------ outputs
+
+
+def test_no_command_writes_over_its_input_or_an_existing_output(real, converted, tmp_path,
+                                                                capsys):
+    keypoints = real["root"] / "keypoint_only.json"
+    data = json.loads(real["annotations"].read_text())
+    for ann in data["annotations"]:
+        del ann["segmentation"]
+    keypoints.write_text(json.dumps(data))
+    before = keypoints.read_bytes()
+    annotate = ["annotate", "--keypoints", str(keypoints), "--images", str(real["images"]),
+                "--checkpoint", str(converted), "--image-size", str(SIZE), "--no-progress"]
+    assert cli.main(annotate + ["--out", str(keypoints), "--overwrite"]) == 2
+    assert "is an input of this command" in _error(capsys)
+    assert keypoints.read_bytes() == before
+    evaluate = ["evaluate", "--annotations", str(real["annotations"]), "--images",
+                str(real["images"]), "--gt-keypoints", "--checkpoint", str(converted),
+                "--image-size", str(SIZE), "--no-progress"]
+    assert cli.main(evaluate + ["--out", str(tmp_path / "r.json"), "--summary",
+                                str(real["annotations"])]) == 2
+    assert "--summary" in _error(capsys) and not (tmp_path / "r.json").exists()
+    assert cli.main(["segment", "--image", str(real["images"] / "000000000785.jpg"),
+                     "--keypoints", str(real["results"]), "--checkpoint", str(converted),
+                     "--out", str(real["images"] / "000000000785.jpg")]) == 2
+    assert "is an input" in _error(capsys)
+
+    # an existing output: refused (naming --overwrite), before any work; replaced with it
+    existing = tmp_path / "taken.json"
+    existing.write_text("mine")
+    assert cli.main(evaluate + ["--out", str(existing)]) == 2
+    assert f"--out {existing} already exists (a file): pass --overwrite" in _error(capsys)
+    assert existing.read_text() == "mine"
+    assert cli.main(evaluate + ["--out", str(existing), "--overwrite"]) == 0
+    assert json.loads(existing.read_text())
+    capsys.readouterr()
+    # a folder named as a file: refused before the run, nothing left behind
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    assert cli.main(evaluate + ["--out", str(folder)]) == 2
+    assert f"--out {folder} is a folder: name a file" in _error(capsys)
+    assert not list(tmp_path.glob(".*.tmp")) and not list(folder.iterdir())
+    for args in (["prepare", "coco-persons", str(real["annotations"]), str(existing)],
+                 ["init", "--model", "t", "--out", str(existing)],
+                 ["convert", str(existing), str(folder.parent)]):
+        assert cli.main(args) == 2
+        assert "already exists" in _error(capsys)
+
+
+def test_a_failed_annotate_leaves_nothing_and_checks_before_the_model(real, tmp_path, capsys):
+    """A bad option is found before the model loads (the checkpoint does not even exist) and
+    before any shard folder is made, so that the corrected command is not refused."""
+    out = tmp_path / "annotated.json"
+    args = ["annotate", "--keypoints", str(real["results"]), "--image-info",
+            str(real["annotations"]), "--images", str(real["images"]), "--out", str(out),
+            "--checkpoint", str(tmp_path / "not_there.pt"), "--no-progress"]
+    assert cli.main(args + ["--score-type", "presence"]) == 2
+    err = _error(capsys)
+    assert "carry no 'presence' keypoint scores" in err and "--score-type" in err
+    assert not out.with_name(out.name + ".shards").exists() and not out.exists()
+    assert cli.main(args) == 2  # now the missing checkpoint is what stops it
+    assert "not_there.pt" in _error(capsys)
+
+
+def test_plain_keypoint_results_use_their_confidence_everywhere(real, converted, tmp_path,
+                                                                capsys):
+    """One rule for segment, evaluate and annotate: results without a visibility channel use
+    the confidence (the s of [x, y, s]), and the command says so."""
+    assert cli.main(["evaluate", "--annotations", str(real["annotations"]), "--images",
+                     str(real["images"]), "--keypoints", str(real["results"]), "--checkpoint",
+                     str(converted), "--image-size", str(SIZE), "--out",
+                     str(tmp_path / "r.json"), "--no-progress"]) == 0
+    assert "keypoint scores: confidence" in capsys.readouterr().err
+    summary = json.loads((tmp_path / "r.summary.json").read_text())
+    assert summary["settings"]["keypoint_score"] == "confidence"
+    out = tmp_path / "annotated.json"
+    assert cli.main(["annotate", "--keypoints", str(real["results"]), "--image-info",
+                     str(real["annotations"]), "--images", str(real["images"]), "--out",
+                     str(out), "--checkpoint", str(converted), "--image-size", str(SIZE)]) == 0
+    captured = capsys.readouterr()
+    assert "annotate" in captured.err and "evaluate" not in captured.err  # the bar's label
+    assert json.loads(out.read_text())["annotations"]
+
+
+def test_malformed_inputs_are_one_line(real, converted, tmp_path, capsys):
+    poses = tmp_path / "poses.json"
+    poses.write_text(json.dumps([[[10, 20, 0.9]] * 17 + [[1, 2]]]))
+    assert cli.main(["segment", "--image", str(real["images"] / "000000000785.jpg"),
+                     "--keypoints", str(poses), "--checkpoint", str(converted), "--out",
+                     str(tmp_path / "o.png")]) == 2
+    assert "poses.json: person 0: keypoint 17 must be [x, y, score], got [1, 2] (2 numbers)" \
+        in _error(capsys)
+    with pytest.raises(SystemExit):
+        cli.main(["evaluate", "--annotations", "a", "--images", "i", "--gt-keypoints",
+                  "--checkpoint", "c", "--out", "o", "--batch-size", "-1"])
+    assert "must be >= 0 (0: the backend's default)" in capsys.readouterr().err
+    not_a_checkpoint = tmp_path / "weights.pt"
+    not_a_checkpoint.write_text("hello")
+    assert cli.main(["convert", str(not_a_checkpoint), str(tmp_path / "c")]) == 2
+    err = _error(capsys)
+    assert "is not a PyTorch checkpoint (.pt)" in err and "weights_only" not in err
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="the CUDA wheels are installed here")
+def test_aot_for_a_gpu_without_the_cuda_wheels_says_what_to_install(capsys):
+    gpu = REPO.parent / "shared" / "data" / "gpu" / "h100_sxm.txtpb"
+    target = str(gpu) if gpu.is_file() else __file__
+    assert cli.main(["aot", "--target", "h100", "--gpu-target", target]) == 2
+    err = _error(capsys)
+    assert "pip install 'p2s_jax[cuda12]'" in err and "JAX_PLATFORMS=cpu" in err
+
+
+def test_curve_shows_progress_and_random_weights_are_named(real, tmp_path, capsys):
+    """`p2s init` writes random weights of any size; a command that loads them says so once;
+    `p2s curve` shows a progress bar."""
+    weights = tmp_path / "random_t.pt"
+    assert cli.main(["init", "--model", "t", "--image-size", str(SIZE), "--out",
+                     str(weights)]) == 0
+    assert "random weights" in capsys.readouterr().out
+    assert cli.main(["curve", "--annotations", str(real["annotations"]), "--images",
+                     str(real["images"]), "--checkpoint", str(weights), "--image-size",
+                     str(SIZE), "--points", "2", "--max-images", "2", "--max-people", "2",
+                     "--out", str(tmp_path / "c.png")]) == 0
+    captured = capsys.readouterr()
+    assert captured.err.count("holds random weights (p2s init") == 1
+    assert "curve: 100%" in captured.err and "2/2" in captured.err
+    assert (tmp_path / "c.png").stat().st_size > 1000
+
+
+# ------------------------------------------------------------------------------ signals
+
+
+def _started(args, tmp_path, env=None) -> subprocess.Popen:
+    environment = {**os.environ, "JAX_PLATFORMS": "cpu", **(env or {}),
+                   "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    return subprocess.Popen([sys.executable, "-m", "p2s_jax.cli", *args], env=environment,
+                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _many_photos(real, count: int) -> Path:
+    """The annotation file with each photo listed `count / 4` times (new ids, same files)."""
+    data = json.loads(real["annotations"].read_text())
+    images, annotations = [], []
+    for copy in range(count // 4):
+        for image in data["images"]:
+            images.append({**image, "id": image["id"] * 100 + copy})
+        for ann in data["annotations"]:
+            annotations.append({**ann, "id": ann["id"] * 100 + copy,
+                                "image_id": ann["image_id"] * 100 + copy})
+    path = real["root"] / "many.json"
+    path.write_text(json.dumps({**data, "images": images, "annotations": annotations}))
+    return path
+
+
+def test_ctrl_c_and_sigterm_end_in_one_line_at_once(real, converted, tmp_path):
+    """Ctrl-C in annotate after its first shard: one line saying what was kept, exit 130, and
+    the same command resumes; SIGTERM in evaluate: one line, exit 143; no traceback, and
+    each stops within seconds."""
+    many = _many_photos(real, 48)
+    out = tmp_path / "annotated.json"
+    args = ["annotate", "--keypoints", str(many), "--images", str(real["images"]), "--out",
+            str(out), "--checkpoint", str(converted), "--image-size", str(SIZE),
+            "--shard-images", "4", "--no-progress"]
+    proc = _started(args, tmp_path)
+    shards = out.with_name(out.name + ".shards")
+    deadline = time.time() + 300
+    while not (shards / "000000.json").exists():
+        assert proc.poll() is None and time.time() < deadline, proc.communicate()
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    sent = time.time()
+    _, err = proc.communicate(timeout=60)
+    assert time.time() - sent < 10
+    assert proc.returncode == 130 and "Traceback" not in err, err[-3000:]
+    (line,) = [line for line in err.splitlines() if line.startswith("p2s annotate:")]
+    assert line.startswith("p2s annotate: interrupted: ") and "shards finished and kept in" in line
+    assert line.endswith("run the same command again to resume")
+    done = len(list(shards.glob("0*.json")))
+    assert 1 <= done < 12 and not out.exists()
+
+    evaluate = _started(["evaluate", "--annotations", str(many), "--images",
+                         str(real["images"]), "--gt-keypoints", "--checkpoint", str(converted),
+                         "--image-size", str(SIZE), "--out", str(tmp_path / "r.json")],
+                        tmp_path)
+    deadline = time.time() + 300
+    while True:  # the bar has started: the run is under way
+        line = evaluate.stderr.readline()
+        assert line and time.time() < deadline, "no progress bar"
+        if line.startswith("evaluate:") or "evaluate:" in line:
+            break
+    evaluate.send_signal(signal.SIGTERM)
+    sent = time.time()
+    _, err = evaluate.communicate(timeout=60)
+    assert time.time() - sent < 10
+    assert evaluate.returncode == 143 and "Traceback" not in err, err[-3000:]
+    assert err.strip().splitlines()[-1] == ("p2s evaluate: interrupted (SIGTERM); nothing was "
+                                            "written")
+    assert not (tmp_path / "r.json").exists()
