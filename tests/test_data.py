@@ -527,6 +527,25 @@ def test_same_seed_same_batch_and_workers_do_not_matter(synthetic):
     assert not np.array_equal(other["image"], threaded_batches[0]["image"])
 
 
+def test_worker_processes_make_the_same_batches(synthetic):
+    """grain worker processes (1 and 2, each making every n-th sample of the host's stream)
+    give the batches of the calling thread, also when started mid-run; a failing sample is a
+    DataError naming the record, raised in the training process."""
+    source = synthetic["sources"]["synth_det"]
+    plain = _loader(source)
+    for workers in (1, 2):
+        with _loader(source, num_workers=workers, prefetch=2, workers="processes") as loader:
+            batches = list(loader.iterate(2, 3))
+        assert [s for s, _ in batches] == [2, 3, 4]
+        for step, batch in batches:
+            _assert_batches_equal(batch, plain.batch(step))
+    step = next(s for s in range(10) if 2 in plain.records(s)[1])
+    with _loader(_Broken(source, 2), num_workers=2, workers="processes") as loader:
+        with pytest.raises(DataError, match=rf"step {step}: record 2 .*cannot decode"):
+            for _ in loader.iterate(0, step + 1):
+                pass
+
+
 def test_resume_equals_uninterrupted_run(synthetic):
     source = synthetic["sources"]["synth_det"]
     with _loader(source, num_workers=2, prefetch=2) as loader:

@@ -450,6 +450,67 @@ def test_missing_paths_stop_the_run_before_anything_is_written(tmp_path, capsys)
         assert not workdir.exists()
 
 
+def _two_processes(workdir: Path, env, *args, hooks=None) -> list[subprocess.Popen]:
+    """`p2s train --distributed` as 2 processes x 2 CPU devices on this machine."""
+    environment = {**env, **(hooks or {}),
+                   "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+    procs = []
+    for e in multihost.process_env(2):
+        command = _p2s("train", "--workdir", str(workdir), "--no-progress", "--import",
+                       "train_hooks", "--distributed", "--coordinator",
+                       e["P2S_TEST_COORDINATOR"], "--num-processes", "2", "--process-id",
+                       e["P2S_TEST_PROCESS"], *args)
+        procs.append(subprocess.Popen(command, env={**environment, **e}, stdout=subprocess.PIPE,
+                                      stderr=subprocess.STDOUT, text=True))
+    return procs
+
+
+@pytest.mark.slow  # three runs of 2 training processes: 4 minutes
+def test_sigterm_to_one_of_two_processes_stops_both_at_one_step(tmp_path, env):
+    """2 processes x 2 devices: SIGTERM to process 1 only; JAX's preemption sync point makes
+    both save the same step and stop (exit 75); resumed on both, the parameters equal those of
+    an uninterrupted 2 x 2 run."""
+    reference_dir, workdir = tmp_path / "whole", tmp_path / "stopped"
+    for proc in _two_processes(reference_dir, env, "--config", "tiny"):
+        out = proc.communicate(timeout=900)[0]
+        assert proc.returncode == 0, out[-3000:]
+    _same_data(workdir, reference_dir)
+    marker = tmp_path / "marker"
+    procs = _two_processes(workdir, env, "--config", "tiny",
+                           hooks={"P2S_TEST_SLOW_LOADER": "0.3", "P2S_TEST_MARK_STEP": "7",
+                                  "P2S_TEST_MARK_FILE": str(marker)})
+    _wait_for(marker, procs[1], "step 7")
+    procs[1].send_signal(signal.SIGTERM)
+    logs = [proc.communicate(timeout=300)[0] for proc in procs]
+    steps = []
+    for proc, log in zip(procs, logs):
+        assert proc.returncode == 75, log[-3000:]
+        (line,) = [line for line in log.splitlines() if line.startswith("p2s train:")]
+        steps.append(int(line.split(" at step ")[1].split(":")[0]))
+    assert steps[0] == steps[1] and 7 <= steps[0] < 12
+    assert (workdir / "checkpoints" / str(steps[0]) / "commit_success.txt").is_file()
+    for proc in _two_processes(workdir, env, "--resume"):
+        out = proc.communicate(timeout=900)[0]
+        assert proc.returncode == 0, out[-3000:]
+    _assert_same_params(workdir, reference_dir, tmp_path, env)
+
+
+def test_two_processes_prepare_the_training_data_once(tmp_path, env):
+    """Multi-host: process 0 generates and prepares the records while process 1 waits at the
+    barrier; both then read the same records."""
+    workdir = tmp_path / "shared"
+    procs = [subprocess.Popen([sys.executable, str(RUNNER), "prepare", str(workdir)],
+                              env={**env, **e}, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True)
+             for e in multihost.process_env(2)]
+    logs = [proc.communicate(timeout=600)[0] for proc in procs]
+    for proc, log in zip(procs, logs):
+        assert proc.returncode == 0, log[-3000:]
+    assert "process 0: 8 records" in logs[0] and "process 1: 8 records" in logs[1]
+    assert sum(log.count("preparing p2s_person_segmentation/") for log in logs) == 1
+    assert "preparing" in logs[0]
+
+
 def test_workdir_guards(uninterrupted, env):
     proc = _run(_p2s("train", "--config", "tiny", "--workdir", str(uninterrupted),
                      "--no-progress"), env, check=False)

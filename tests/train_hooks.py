@@ -8,6 +8,7 @@
                                        blocks before its commit (the rename), after creating
                                        P2S_TEST_MARK_FILE: SIGKILL lands mid-save
 
+
 Everything else runs as `p2s train` runs it.
 """
 

@@ -2,6 +2,7 @@
 
     python tests/train_runner.py devices WORKDIR OUT.npz  # 2 toy steps of `tiny`, params -> npz
                                                           # (multihost.process_env: one of several)
+    python tests/train_runner.py prepare WORKDIR          # the tiny run's data (one of several)
     python tests/train_runner.py pause WORKDIR STEP       # `tiny` on its real data, blocking
                                                           # forever before STEP (to be killed)
     python tests/train_runner.py overfit WORKDIR          # one fixed toy batch, 40 steps
@@ -81,6 +82,12 @@ def main(argv) -> int:
         _, initial, _ = nnx.split(build_training_model(config), trainable_filter(config), ...)
         initial = {"initial" + k: v for k, v in flat_params({"params": initial}).items()}
         np.savez(argv[3], **flat_params(result.state), **initial)
+    elif mode == "prepare":  # one of several processes: the tiny run's data, prepared once
+        multihost.initialize()
+        from p2s_jax.data.pipeline import prepare_training_data
+
+        records = prepare_training_data(tiny(), workdir)
+        print(f"process {jax.process_index()}: {records} records", flush=True)
     elif mode == "pause":
         from p2s_jax.data.pipeline import loader_from_config
 

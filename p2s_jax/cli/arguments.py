@@ -85,6 +85,21 @@ def _add_model_arguments(parser: argparse.ArgumentParser, checkpoint_required: b
                              "einsum on TPU, cuDNN flash on GPU where it applies)")
 
 
+def _add_distributed(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("several hosts (one process per host, the same command)")
+    group.add_argument("--distributed", action="store_true",
+                       help="call jax.distributed.initialize() first: the cluster is detected "
+                            "(Cloud TPU, SLURM, Open MPI, Kubernetes) unless the flags below "
+                            "name it")
+    group.add_argument("--coordinator", default=None, metavar="HOST:PORT",
+                       help="with --distributed: process 0's address (default: detected, or "
+                            "$JAX_COORDINATOR_ADDRESS)")
+    group.add_argument("--num-processes", type=int, default=None,
+                       help="with --distributed: how many processes (default: detected)")
+    group.add_argument("--process-id", type=int, default=None,
+                       help="with --distributed: this process's index (default: detected)")
+
+
 def _add_overwrite(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--overwrite", action="store_true",
                         help="replace outputs that exist already (without it, an existing "
@@ -163,9 +178,7 @@ def build_parser() -> argparse.ArgumentParser:
                           help="JSON summary (default: <out stem>.summary.json beside --out)")
     _add_overwrite(evaluate)
     evaluate.add_argument("--no-progress", action="store_true")
-    evaluate.add_argument("--distributed", action="store_true",
-                          help="call jax.distributed.initialize() first (multi-host: start one "
-                               "process per host; every process gets the whole results)")
+    _add_distributed(evaluate)
 
     segment = commands.add_parser("segment", help="masks of the people of one photo")
     segment.add_argument("--image", required=True, help="the photo")
@@ -197,8 +210,7 @@ def build_parser() -> argparse.ArgumentParser:
                           help="with --resume: continue from this checkpoint (e.g. the last "
                                "good one when the latest cannot be restored); later ones are "
                                "moved aside, not deleted")
-    training.add_argument("--distributed", action="store_true",
-                          help="call jax.distributed.initialize() first (multi-host)")
+    _add_distributed(training)
     training.add_argument("--import", dest="imports", action="append", default=[],
                           metavar="MODULE", help="import MODULE first, e.g. one that registers "
                                                  "a sampler (repeatable)")
@@ -251,8 +263,7 @@ def build_parser() -> argparse.ArgumentParser:
     annotate_parser.add_argument("--workers", type=int, default=4)
     _add_overwrite(annotate_parser)
     annotate_parser.add_argument("--no-progress", action="store_true")
-    annotate_parser.add_argument("--distributed", action="store_true",
-                                 help="call jax.distributed.initialize() first (multi-host)")
+    _add_distributed(annotate_parser)
     annotate_parser.add_argument("--import", dest="imports", action="append", default=[],
                                  metavar="MODULE", help="import MODULE first, e.g. one that "
                                                         "registers a keypoint schema")

@@ -90,8 +90,6 @@ def cmd_init(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    if args.distributed:
-        jax.distributed.initialize()
     config = dataclasses.replace(
         inference_config(args, ground_truth=args.gt_keypoints),
         images_per_device=args.batch_size, people_per_chunk=args.people_chunk,
@@ -167,8 +165,6 @@ def cmd_segment(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    if args.distributed:
-        jax.distributed.initialize()
     _import_modules(args.imports)
     config_name = args.config
     if config_name is None:
@@ -218,8 +214,6 @@ def _import_modules(modules: list[str]) -> None:
 
 
 def cmd_annotate(args: argparse.Namespace) -> int:
-    if args.distributed:
-        jax.distributed.initialize()
     _import_modules(args.imports)
     out = Path(args.out)
     check_outputs({"--out": out, "summary": summary_path(out), "--overlays": args.overlays},

@@ -34,9 +34,13 @@ def main(argv: list[str] | None = None) -> int:
               "off)", file=sys.stderr)
     if args.command in COMPUTES or args.command == "init":
         use_compilation_cache()
+    if getattr(args, "distributed", False):  # before anything asks JAX for its devices
+        jax.distributed.initialize(args.coordinator, args.num_processes, args.process_id)
     if args.command in COMPUTES:
         print(f"{PROG}: {describe_devices()}")
-    with sigterm_raises():
+    # a multi-process `p2s train` leaves SIGTERM to JAX's preemption notifier (the hosts agree
+    # on the step to save at, p2s_jax.train.preemption)
+    with sigterm_raises(enabled=not (args.command == "train" and args.distributed)):
         try:
             return COMMANDS[args.command](args)
         except (Error, ConfigError) as err:
@@ -66,12 +70,15 @@ def use_compilation_cache(environ=os.environ) -> None:
 
 
 @contextlib.contextmanager
-def sigterm_raises():
+def sigterm_raises(enabled: bool = True):
     """SIGTERM raises `Terminated` (a KeyboardInterrupt) in the main thread while inside, so
     that a terminated command ends as Ctrl-C does: one line, nothing half-written."""
     def handler(signum, frame):
         raise Terminated()
 
+    if not enabled:
+        yield
+        return
     try:
         previous = signal.signal(signal.SIGTERM, handler)
     except ValueError:  # not the main thread (e.g. a test calling main from a thread)
