@@ -48,8 +48,14 @@ def _commands(line: str, functions: dict) -> list[list[str]]:
         tokens = shlex.split(_substitute(line), comments=True)
     except ValueError:
         return []
-    found, current = [], []
+    found, current, redirected = [], [], False
     for token in tokens + [";"]:
+        if redirected:  # the target of a redirection
+            redirected = False
+            continue
+        if re.fullmatch(r"\d?>>?(&\d)?", token):  # >, >>, 2>, 2>&1
+            redirected = "&" not in token
+            continue
         if token in SEPARATORS:
             if current:
                 found.append(current)

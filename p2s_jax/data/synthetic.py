@@ -195,7 +195,8 @@ def _image_annotations(skimage, rng: np.random.Generator, image_id: int, first_a
 
 def make_coco_dataset(out_dir: str | os.PathLike, num_images: int,
                       people_per_image: int | tuple[int, int], seed: int,
-                      image_size: int | tuple[int, int] | None = None) -> tuple[Path, Path]:
+                      image_size: int | tuple[int, int] | None = None,
+                      image_format: str | None = None) -> tuple[Path, Path]:
     """Writes a COCO-format person dataset: images on disk plus a person_keypoints-style JSON.
 
     Args:
@@ -205,6 +206,7 @@ def make_coco_dataset(out_dir: str | os.PathLike, num_images: int,
         end up (almost) fully occluded are dropped, so an image may hold fewer.
       seed: everything (poses, placements, labels, encodings) is a function of it.
       image_size: None (the photos' own sizes), an int (square) or (height, width).
+      image_format: None (each photo's own: JPEG or PNG) or "JPEG" / "PNG" for all.
 
     Returns:
       (annotations_path, images_dir).
@@ -220,6 +222,9 @@ def make_coco_dataset(out_dir: str | os.PathLike, num_images: int,
     for index in range(num_images):
         image_id = index + 1
         photo, fmt = _photo(skimage, index, image_size)
+        fmt = image_format or fmt
+        if fmt == "JPEG" and photo.mode not in ("L", "RGB"):
+            photo = photo.convert("RGB")
         file_name = f"{image_id:012d}.{'jpg' if fmt == 'JPEG' else 'png'}"
         photo.save(images_dir / file_name, format=fmt, **({"quality": 92} if fmt == "JPEG" else {}))
         images.append({"id": image_id, "file_name": file_name, "width": photo.width,
