@@ -210,6 +210,54 @@ def test_plain_keypoint_results_use_their_confidence_everywhere(real, converted,
     assert json.loads(out.read_text())["annotations"]
 
 
+def test_persons_without_a_usable_keypoint_get_their_own_status(real, converted, tmp_path,
+                                                                 capsys):
+    """Under the preset a person without a gated keypoint is segmented from the empty prompt:
+    status `empty_prompt` (not `ok`), left out of the training data by default."""
+    from p2s_jax.data.builder import _annotated
+
+    keypoints = real["root"] / "keypoint_only.json"
+    data = json.loads(real["annotations"].read_text())
+    for ann in data["annotations"]:
+        del ann["segmentation"]
+    keypoints.write_text(json.dumps(data))
+    out = tmp_path / "annotated.json"
+    assert cli.main(["annotate", "--keypoints", str(keypoints), "--images", str(real["images"]),
+                     "--out", str(out), "--checkpoint", str(converted), "--image-size",
+                     str(SIZE), "--preset", "sam-pose2seg", "--no-progress"]) == 0
+    assert "empty_prompt 2" in capsys.readouterr().out
+    annotated = json.loads(out.read_text())["annotations"]
+    without = {a["id"] for a in data["annotations"] if a["num_keypoints"] == 0}
+    assert len(without) == 2
+    for ann in annotated:
+        assert (ann["p2s"]["status"] == "empty_prompt") == (ann["id"] in without)
+        if ann["id"] in without:
+            assert ann["p2s"]["prompt"][0][2] == -2 and "segmentation" in ann
+    trained_on = _annotated(out, ("ok",))
+    assert not without & set(trained_on.anns) and len(trained_on.anns) == len(annotated) - 2
+
+
+def test_keypoint_names_of_no_schema_are_read_by_position_with_schema(real, converted,
+                                                                        tmp_path, capsys):
+    """A 17-keypoint file whose names fit no schema (k0 .. k16): refused naming --schema, read
+    by position with --schema coco17 (the same result as the COCO names)."""
+    data = json.loads(real["annotations"].read_text())
+    data["categories"][0]["keypoints"] = [f"k{i}" for i in range(17)]
+    custom = real["root"] / "custom.json"
+    custom.write_text(json.dumps(data))
+    args = ["evaluate", "--annotations", str(custom), "--images", str(real["images"]),
+            "--gt-keypoints", "--checkpoint", str(converted), "--image-size", str(SIZE),
+            "--no-progress"]
+    assert cli.main(args + ["--out", str(tmp_path / "a.json")]) == 2
+    assert "fit no known schema" in (err := _error(capsys)) and "--schema NAME" in err
+    assert cli.main(args + ["--out", str(tmp_path / "a.json"), "--schema", "coco17"]) == 0
+    assert cli.main(args[:2] + [str(real["annotations"])] + args[3:]
+                    + ["--out", str(tmp_path / "b.json")]) == 0
+    capsys.readouterr()
+    assert (json.loads((tmp_path / "a.json").read_text())
+            == json.loads((tmp_path / "b.json").read_text()))
+
+
 def test_malformed_inputs_are_one_line(real, converted, tmp_path, capsys):
     poses = tmp_path / "poses.json"
     poses.write_text(json.dumps([[[10, 20, 0.9]] * 17 + [[1, 2]]]))

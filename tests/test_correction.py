@@ -82,15 +82,41 @@ def loop_gradients(model, image, targets, config, key: int):
     return jax.jit(jax.grad(loss))(params)
 
 
+OBJECT_SCORE_BIAS = "sam_mask_decoder.pred_obj_score_head.layers.2.bias"
+
+
 @functools.lru_cache(maxsize=None)
+def gated_pair():
+    """`train_pair` with the object-score head's bias moved so that the two objects' scores
+    straddle 0 (the one below 0 is gated: the official `_forward_sam_heads` sets its logits to
+    -1024); -> (official, ours, the shift)."""
+    import copy
+
+    from weights_conversion.convert import from_state_dict
+
+    official, ours = train_pair()
+    image, targets = scene()
+    config = CorrectionConfig(num_points=1, sampler="pose_mask_refine")
+    scores = np.asarray(jax.jit(lambda: _run_ours(ours, image, targets, config))()
+                        .first.object_score_logits)
+    shift = -float(scores.mean())  # one object's score below 0, the other's above
+    gated = copy.deepcopy(official)
+    with reference.import_torch().no_grad():
+        dict(gated.named_parameters())[OBJECT_SCORE_BIAS].add_(shift)
+    twin = abstract_model(get_config(NAME, SIZE))
+    from_state_dict(twin, reference.official_state_dict(gated))
+    return gated, twin, shift
+
+
 @functools.lru_cache(maxsize=None)
-def official_run(sampler: str):
-    """Our loop, then the official track_step fed the same points (its sampler patched)."""
+def official_run(sampler: str, gated: bool = False):
+    """Our loop, then the official track_step fed the same points (its sampler patched); with
+    `gated`, on `gated_pair`."""
     torch = reference.import_torch()
     import training.model.sam2 as official_sam2
     from training.loss_fns import MultiStepMultiMasksAndIous
 
-    official, ours = train_pair()
+    official, ours = gated_pair()[:2] if gated else train_pair()
     image, targets = scene()
     config = CorrectionConfig(num_points=8, sampler=sampler)
     out = jax.jit(lambda: _run_ours(ours, image, targets, config))()
@@ -142,9 +168,22 @@ def official_run(sampler: str):
     return out, current, official_losses, grads, calls
 
 
-@pytest.mark.parametrize("sampler", ["pose_mask_refine", "mask_refine"])
-def test_loop_matches_official_sam2train(sampler):
-    out, current, official_losses, _, calls = official_run(sampler)
+# PoseMaskRefine runs on the gated pair (one object gated at some steps, the other not), so it
+# checks both branches; MaskRefine on the plain one.
+@pytest.mark.parametrize("sampler, gated", [("mask_refine", False), ("pose_mask_refine", True)])
+def test_loop_matches_official_sam2train(sampler, gated):
+    """Every step's masks, IoUs, object scores, the kept masks and the losses against the
+    official `SAM2Train`; `gated`: with objects whose object score is <= 0, whose logits the
+    training path gates to -1024 (steps where it is and where it is not)."""
+    out, current, official_losses, _, calls = official_run(sampler, gated)
+    if gated:
+        scores = np.concatenate([np.asarray(out.first.object_score_logits)[None],
+                                 np.asarray(out.rest.object_score_logits)])
+        assert (scores <= 0).any() and (scores > 0).any(), scores
+        low = [np.asarray(out.first.low_res_logits)] + list(np.asarray(out.rest.low_res_logits))
+        for t, step_scores in enumerate(scores):
+            for i, score in enumerate(step_scores):
+                assert np.all(low[t][i] == -1024.0) == (score <= 0), (t, i)
     # every step's masks, IoUs and object scores
     off_masks = [m.detach().numpy() for m in current["multistep_pred_multimasks"]]
     off_ious = [m.detach().numpy() for m in current["multistep_pred_ious"]]
@@ -178,18 +217,20 @@ def test_loop_matches_official_sam2train(sampler):
                                                                      1e-3), name
 
 
-@pytest.mark.parametrize("attention", ["cpu_chunked", "einsum"])
-def test_loop_gradients_match_official(attention):
+@pytest.mark.parametrize("attention, gated", [("cpu_chunked", True), ("einsum", False)])
+def test_loop_gradients_match_official(attention, gated):
     """d core_loss / d params through all 8 steps (mask input not detached), frozen encoder;
-    with the CPU formulations and with the accelerators' (`model.layers.cpu_formulations`)."""
+    with the CPU formulations and with the accelerators' (`model.layers.cpu_formulations`);
+    `gated`: with an object whose score is <= 0 (its logits gated to -1024: no gradient
+    reaches its masks, only its object score)."""
     from p2s_jax.model.sam2 import with_attention
     from weights_conversion.convert import to_state_dict
 
-    official, ours = train_pair()
+    official, ours = gated_pair()[:2] if gated else train_pair()
     ours = with_attention(ours, attention)
     image, targets = scene()
     config = CorrectionConfig(num_points=8, sampler="pose_mask_refine")
-    _, _, _, official_grads, _ = official_run("pose_mask_refine")
+    _, _, _, official_grads, _ = official_run("pose_mask_refine", gated)
 
     graphdef, _, rest = nnx.split(ours, nnx.Param, ...)
     grad_model = nnx.merge(graphdef, loop_gradients(ours, image, targets, config, 0), rest)

@@ -761,6 +761,27 @@ def test_wrong_image_size_and_foreign_id_are_named(synthetic, tmp_path):
         prepare(root, tmp_path / "tfds", config)
 
 
+def test_keypoint_names_of_no_schema_are_read_by_position(synthetic, tmp_path):
+    """data.schema: a file whose keypoint names fit no schema is refused naming the option,
+    and read by position in the schema named (the same records as with COCO's names)."""
+    from p2s_jax.data.builder import generate_examples
+    from p2s_jax.utils.errors import InputError
+
+    data = json.loads(synthetic["annotations"].read_text())
+    data["categories"][0]["keypoints"] = [f"k{i}" for i in range(17)]
+    custom = tmp_path / "custom.json"
+    custom.write_text(json.dumps(data))
+    images = synthetic["images_dir"]
+    with pytest.raises(InputError, match="data.schema in a training config"):
+        next(generate_examples(custom, images))
+    ours = list(generate_examples(custom, images, read_schema="coco17"))
+    plain = list(generate_examples(synthetic["annotations"], images))
+    assert [i for i, _ in ours] == [i for i, _ in plain] and len(ours) >= 5
+    for (_, a), (_, b) in zip(ours, plain):
+        for key in ("keypoints", "visibility", "rle"):
+            np.testing.assert_array_equal(a[key], b[key])
+
+
 def test_load_source_of_unprepared_config(synthetic):
     with pytest.raises(FileNotFoundError, match=r"no prepared dataset 'nope'.*synth_det"):
         load_source(synthetic["data_dir"], "nope")

@@ -567,11 +567,15 @@ AUTHORS = {"maxvis3": PromptConfig(selection="maxvis", num_points=3, no_prompt="
 
 @pytest.mark.parametrize("name", sorted(AUTHORS))
 @pytest.mark.parametrize("tie_heavy", [False, True])
-def test_two_channels_match_the_authors_transcription(name, tie_heavy):
-    cfg = AUTHORS[name]
+@pytest.mark.parametrize("outside", ["use", "drop"])
+def test_two_channels_match_the_authors_transcription(name, tie_heavy, outside):
+    """Ours against the transcription of the authors' `_pose2seg`; with outside="use" (the
+    presets) a keypoint outside the photo enters their selection with its own scores, as in
+    their code; with "drop" (ours) it enters with scores -1 (never selected)."""
+    cfg = dataclasses.replace(AUTHORS[name], outside_keypoints=outside)
     rng = np.random.default_rng(7 + tie_heavy)
     argsort_desc = stable_argsort_desc if tie_heavy else literal_argsort_desc
-    gate_failures = 0
+    gate_failures = outside_picks = 0
     for keypoints, visibility, _ in random_images(3 + tie_heavy, 24, tie_heavy=tie_heavy):
         if tie_heavy:
             confidence = rng.choice([0.1, 0.4, 0.5, 0.6, 0.9], visibility.shape)
@@ -580,9 +584,9 @@ def test_two_channels_match_the_authors_transcription(name, tie_heavy):
         confidence = confidence.astype(np.float32)
         prompts = jit_select_prompts(keypoints, visibility, IMAGE_HW, cfg, None, confidence)
         labels, coords = np.asarray(prompts.labels), np.asarray(prompts.coords)
-        usable = (np.isfinite(keypoints).all(-1) & (keypoints[..., 0] >= 0)
-                  & (keypoints[..., 1] >= 0) & (keypoints[..., 0] < IMAGE_HW[1])
-                  & (keypoints[..., 1] < IMAGE_HW[0]))
+        inside = ((keypoints[..., 0] >= 0) & (keypoints[..., 1] >= 0)
+                  & (keypoints[..., 0] < IMAGE_HW[1]) & (keypoints[..., 1] < IMAGE_HW[0]))
+        usable = np.isfinite(keypoints).all(-1) & (inside | (outside == "use"))
         for p in range(NUM_PEOPLE):
             picks = authors_select(np.nan_to_num(keypoints[p]),
                                    np.where(usable[p], confidence[p], -1.0).astype(np.float32),
@@ -597,7 +601,9 @@ def test_two_channels_match_the_authors_transcription(name, tie_heavy):
             np.testing.assert_array_equal(labels[p, :k], 1, err_msg=f"person {p}")
             np.testing.assert_array_equal(labels[p, k:], -1, err_msg=f"person {p}")
             np.testing.assert_allclose(coords[p, :k], keypoints[p, picks], err_msg=f"person {p}")
-    assert gate_failures > 3  # the gate is exercised
+            outside_picks += int((~inside[p, picks]).sum())
+    assert gate_failures > 1  # the gate is exercised
+    assert (outside_picks > 0) == (outside == "use")  # keypoints off the photo are prompted
 
 
 def test_gate_needs_both_channels_and_modes_for_people_without_it():

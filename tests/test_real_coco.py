@@ -112,21 +112,43 @@ def preset_run(coco, models):
                           mesh=make_mesh(jax.devices()[:1]), progress=False)
 
 
-@pytest.fixture(scope="module")
-def authors_run(coco, models, monkeypatch_module):
-    """image_id -> (masks (P, H, W) bool after exclusive masks, picks per person or None)."""
+def ground_truth_keypoints(coco, image_id):
+    """(P, 17, 2) with NaN for unlabelled points, (P, 17) binary visibility."""
+    gt = coco_lib.ground_truth_poses(coco, image_id)
+    triplets = np.concatenate([gt.keypoints, gt.scores["visibility"][..., None]], -1)
+    return labelled_points(triplets)
+
+
+def just_outside(keypoints, image_hw):
+    """Each person's extreme labelled keypoints moved just past the four borders (left, top,
+    right, bottom): what a pose estimator predicts for a limb cut by the frame."""
+    keypoints = keypoints.copy()
+    height, width = image_hw
+    for person in keypoints:
+        labelled = np.flatnonzero(np.isfinite(person[:, 0]))
+        if len(labelled) < 4:
+            continue
+        x, y = person[labelled, 0], person[labelled, 1]
+        person[labelled[np.argmin(x)], 0] = -2.5
+        person[labelled[np.argmin(y)], 1] = -0.5
+        person[labelled[np.argmax(x)], 0] = width + 1.5
+        person[labelled[np.argmax(y)], 1] = height + 3.0
+    return keypoints
+
+
+def authors_pipeline(coco, models, keypoints_of):
+    """The authors' inference on the real photos: their selection (MaxSpread_3 on binary
+    visibility, tests/authors.py) of `keypoints_of(image_id) -> (P, 17, 2), (P, 17)`, the
+    official predictor with holes / sprinkles cleaned, their exclusive masks.
+    -> image_id -> (masks (P, H, W) bool, picks per person or None)."""
     from sam2.sam2_image_predictor import SAM2ImagePredictor
 
-    monkeypatch_module.setattr("sam2.utils.misc.get_connected_components",
-                               scipy_connected_components)
     predictor = SAM2ImagePredictor(models[0], max_hole_area=10.0, max_sprinkle_area=50.0)
     predictor._bb_feat_sizes = [(SIZE // 4 // s, SIZE // 4 // s) for s in (1, 2, 4)]
     out = {}
     for image_id in sorted(coco.getImgIds()):
         image = load_image(REAL / coco.imgs[image_id]["file_name"])
-        gt = coco_lib.ground_truth_poses(coco, image_id)
-        triplets = np.concatenate([gt.keypoints, gt.scores["visibility"][..., None]], -1)
-        keypoints, visibility = labelled_points(triplets)
+        keypoints, visibility = keypoints_of(image_id)
         predictor.set_image(image)
         masks, ious, picks = [], [], []
         for person in range(len(keypoints)):
@@ -146,22 +168,32 @@ def authors_run(coco, models, monkeypatch_module):
 
 
 @pytest.fixture(scope="module")
+def authors_run(coco, models, monkeypatch_module):
+    monkeypatch_module.setattr("sam2.utils.misc.get_connected_components",
+                               scipy_connected_components)
+    return authors_pipeline(coco, models, lambda i: ground_truth_keypoints(coco, i))
+
+
+@pytest.fixture(scope="module")
 def monkeypatch_module():
     patch = pytest.MonkeyPatch()
     yield patch
     patch.undo()
 
 
-def test_preset_equals_the_authors_pipeline_person_by_person(coco, preset_run, authors_run):
+def assert_equals_the_authors(run, authors, keypoints_of) -> tuple[int, int]:
+    """Person by person: the same prompt points and the same mask after exclusive masks.
+    -> (empty prompts, prompt points outside their photo)."""
     by_image = {}
-    for result in preset_run.results:
+    for result in run.results:
         by_image.setdefault(result["image_id"], []).append(result)
-    empty_prompts = 0
-    for image_id, (expected, picks) in authors_run.items():
-        prompts = preset_run.prompts[image_id]
+    empty_prompts = outside = 0
+    for image_id, (expected, picks) in authors.items():
+        prompts = run.prompts[image_id]
         assert prompts.has_prompt.all()  # the authors prompt everyone (the empty prompt included)
         results = by_image[image_id]
         assert len(results) == len(expected)
+        keypoints, _ = keypoints_of(image_id)
         for person, (result, mask, chosen) in enumerate(zip(results, expected, picks)):
             labels = prompts.labels[person]
             if chosen is None:
@@ -169,16 +201,51 @@ def test_preset_equals_the_authors_pipeline_person_by_person(coco, preset_run, a
                 np.testing.assert_array_equal(labels[:1], [-2])
             else:
                 np.testing.assert_array_equal(labels[labels >= 0], 1)
-                gt = coco_lib.ground_truth_poses(coco, image_id)
-                np.testing.assert_allclose(prompts.coords[person][labels == 1],
-                                           gt.keypoints[person, chosen])
+                points = prompts.coords[person][labels == 1]
+                np.testing.assert_allclose(points, keypoints[person, chosen])
+                mask_h, mask_w = mask.shape
+                outside += int(((points < 0) | (points >= [mask_w, mask_h])).any(-1).sum())
             ours = mask_utils.decode(result["segmentation"]).astype(bool)
             assert result["score"] == 1.0  # ground-truth poses: Pose2Seg's constant score
             assert (ours != mask).mean() < 2e-3, (image_id, person)
-    assert empty_prompts == 2  # the two persons without keypoints
     for image_id, results in by_image.items():  # exclusive: no pixel in two masks
         masks = np.stack([mask_utils.decode(r["segmentation"]) for r in results])
         assert masks.sum(axis=0).max() <= 1
+    return empty_prompts, outside
+
+
+def test_preset_equals_the_authors_pipeline_person_by_person(coco, preset_run, authors_run):
+    empty, _ = assert_equals_the_authors(preset_run, authors_run,
+                                         lambda i: ground_truth_keypoints(coco, i))
+    assert empty == 2  # the two persons without keypoints
+
+
+def test_keypoints_just_outside_the_photo_as_the_authors_run_them(coco, models, authors_run,
+                                                                  monkeypatch_module):
+    """Each person's extreme keypoints moved just past the four borders: the preset prompts
+    them as given, as the authors' selection and the official predictor do, person by person
+    (exclusive masks included); `--outside-keypoints drop` never prompts them."""
+    def shifted(image_id):
+        keypoints, visibility = ground_truth_keypoints(coco, image_id)
+        info = coco.imgs[image_id]
+        return just_outside(keypoints, (info["height"], info["width"])), visibility
+
+    poses = {}
+    for image_id, pose in plan.ground_truth_prompt_poses(coco).items():
+        poses[image_id] = dataclasses.replace(pose, keypoints=shifted(image_id)[0])
+    config = EvalConfig.from_preset("sam-pose2seg", ground_truth=True, images_per_device=2)
+    run = ev.run_dataset(models[1], coco, REAL, poses, config,
+                         mesh=make_mesh(jax.devices()[:1]), progress=False)
+    authors = authors_pipeline(coco, models, shifted)
+    empty, outside = assert_equals_the_authors(run, authors, shifted)
+    assert empty == 2 and outside >= 5
+    dropped = ev.run_dataset(models[1], coco, REAL, poses, dataclasses.replace(
+        config, prompt=dataclasses.replace(config.prompt, outside_keypoints="drop")),
+        mesh=make_mesh(jax.devices()[:1]), progress=False)
+    for image_id, prompts in dropped.prompts.items():
+        height, width = coco.imgs[image_id]["height"], coco.imgs[image_id]["width"]
+        points = prompts.coords[prompts.labels == 1]
+        assert ((points >= 0) & (points < [width, height])).all()
 
 
 def test_postprocess_changes_masks_on_these_photos(coco, models, preset_run):

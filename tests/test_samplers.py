@@ -19,6 +19,7 @@ from p2s_jax.train import samplers
 from p2s_jax.train.samplers import (available_samplers, distance_transform, get_sampler,
                               keypoint_pixels, register_sampler,
                               squared_distance_transform)
+import paper_samplers as paper
 from reference import import_torch, reference_available
 
 H, W = 12, 16  # non-square, to catch x / y swaps
@@ -295,6 +296,113 @@ def test_pose_correction_without_keypoint_on_errors_is_uniform_in_error():
     assert (FN | FP)[rows, cols].all()
     np.testing.assert_array_equal(labels, FN[rows, cols])
     assert len(set(zip(rows, cols))) == (FN | FP).sum()
+
+
+def _frequencies(points, labels) -> dict:
+    out: dict = {}
+    for (x, y), label in zip(np.asarray(points, np.float64), labels):
+        key = (float(x), float(y), int(label))
+        out[key] = out.get(key, 0) + 1
+    return out
+
+
+def assert_follows(points, labels, expected: dict, where: str) -> None:
+    """N draws against an exact distribution: nothing outside its support, and every outcome's
+    count within 5 standard deviations of N p (binomial), so a wrong rule, label, tie break or
+    probability is caught while a right sampler passes (deterministic keys)."""
+    counts = _frequencies(points, labels)
+    support = {(float(x), float(y), int(l)): p for (x, y, l), p in expected.items()}
+    unexpected = set(counts) - set(support)
+    assert not unexpected, f"{where}: outcomes the paper's rule never gives: {sorted(unexpected)[:5]}"
+    n = len(labels)
+    for outcome, p in support.items():
+        count = counts.get(outcome, 0)
+        assert abs(count - n * p) <= 5 * np.sqrt(n * p * (1 - p)) + 1, (where, outcome, count,
+                                                                         n * p)
+
+
+def _random_case(rng, shape, with_errors_on_keypoints: bool):
+    gt = random_blobs(rng, shape, 2)
+    pred = random_blobs(rng, shape, 2) if rng.random() < 0.8 else gt.copy()
+    keypoints = np.stack([rng.uniform(-1.5, shape[1] + 0.5, 17),
+                          rng.uniform(-1.5, shape[0] + 0.5, 17)], -1).astype(np.float32)
+    visibility = rng.choice([0.0, 0.3, 0.7, 0.7, 0.9], 17).astype(np.float32)  # ties, zeros
+    keypoints[rng.random(17) < 0.1] = np.nan
+    if not with_errors_on_keypoints:  # move every keypoint off the error pixels
+        errors = gt ^ pred
+        for j, point in enumerate(keypoints):
+            pixel = paper.keypoint_pixel(point)
+            if pixel and 0 <= pixel[0] < shape[1] and 0 <= pixel[1] < shape[0] \
+                    and errors[pixel[1], pixel[0]]:
+                visibility[j] = 0.0
+    return gt, pred, keypoints, visibility
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_pose_mask_refine_follows_the_papers_text(seed):
+    """First and correction points against the paper's rule written as an exact distribution
+    (tests/paper_samplers.py) on random masks and poses: ties of visibility, keypoints that are
+    missing, invisible, off the image, on false negatives and false positives, none on the
+    errors, and error-free predictions."""
+    rng = np.random.default_rng(seed)
+    shape = (10, 14)
+    keypoint_outcomes = 0
+    for case in range(3):
+        gt, pred, kps, vis = _random_case(rng, shape, with_errors_on_keypoints=case != 1)
+        points, labels = draw("pose_mask_refine", gt, None, kps, vis, seed=10 * seed + case)
+        assert_follows(points, labels, paper.first_point(gt, kps, vis), f"first {seed}/{case}")
+        points, labels = draw("pose_mask_refine", gt, pred, kps, vis, seed=10 * seed + case)
+        expected = paper.correction_point(gt, pred, kps, vis)
+        assert_follows(points, labels, expected, f"correction {seed}/{case}")
+        keypoint_outcomes += sum(x != int(x) or y != int(y) for x, y, _ in expected)
+    assert keypoint_outcomes > 0  # keypoints on error pixels were drawn
+
+
+def test_pose_mask_refine_edge_cases_follow_the_paper():
+    """An error-free prediction, an empty ground truth, a full-image object, no keypoint."""
+    vis = np.full(17, 0.8, np.float32)
+    kps = np.stack([np.arange(17) % W, np.arange(17) % H], -1).astype(np.float32)
+    full = np.ones((H, W), bool)
+    for name, gt, pred, kp, v in (("perfect", GT, GT.copy(), kps, vis),
+                                  ("empty gt", np.zeros((H, W), bool), PRED, kps, vis),
+                                  ("full object", full, full.copy(), kps, vis),
+                                  ("no keypoint", GT, PRED, NO_KP, NO_VIS)):
+        points, labels = draw("pose_mask_refine", gt, pred, kp, v)
+        assert_follows(points, labels, paper.correction_point(gt, pred, kp, v), name)
+        points, labels = draw("pose_mask_refine", gt, None, kp, v)
+        assert_follows(points, labels, paper.first_point(gt, kp, v), f"{name}, first")
+
+
+def test_pose_mask_refine_on_a_real_person():
+    """A COCO val2017 person (its published polygon and keypoints, at a quarter of the size),
+    a prediction that misses a band of the body and spills beside it."""
+    from pycocotools.coco import COCO
+
+    real = pathlib.Path(__file__).resolve().parents[2] / "shared" / "data" / "real" / "coco"
+    if not (real / "test_coco.json").is_file():
+        pytest.skip(f"the real COCO sample is not at {real}")
+    coco = COCO(str(real / "test_coco.json"))
+    ann = max((a for a in coco.anns.values() if a["num_keypoints"] >= 12),
+              key=lambda a: a["area"])
+    full = coco.annToMask(ann).astype(bool)
+    gt = full[::4, ::4]
+    triplets = np.asarray(ann["keypoints"], np.float32).reshape(17, 3)
+    kps = (triplets[:, :2] + 0.5) / 4 - 0.5  # pixel centres at a quarter of the size
+    vis = np.where(triplets[:, 2] > 0, np.linspace(0.95, 0.55, 17), 0.0).astype(np.float32)
+    rows = np.nonzero(gt.any(1))[0]
+    pred = gt.copy()
+    pred[rows[len(rows) // 3]:rows[len(rows) // 2]] = False  # a missed band: false negatives
+    pred[:, :] |= np.roll(gt, 3, axis=1) & (np.arange(gt.shape[0]) > rows[-1] - 10)[:, None]
+    assert (gt & ~pred).any() and (~gt & pred).any()
+    for seed, first in ((0, True), (1, False)):
+        tile = lambda a: np.broadcast_to(a, (N, *np.shape(a)))  # noqa: E731
+        keys = jax.random.split(jax.random.key(seed), N)
+        points, labels = draw_batch("pose_mask_refine", keys, tile(gt),
+                                    None if first else tile(pred), tile(kps), tile(vis),
+                                    np.ones(N), np.full(N, 0.1))
+        expected = (paper.first_point(gt, kps, vis) if first
+                    else paper.correction_point(gt, pred, kps, vis))
+        assert_follows(points, labels, expected, "real person")
 
 
 def test_pose1_corrections_are_mask_refine():

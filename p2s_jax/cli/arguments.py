@@ -46,6 +46,10 @@ def _add_prompt_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--no-prompt", choices=("best_keypoint", "empty", "skip"), default=None,
                        help="a person without a gated keypoint: its best keypoint (default), "
                             "the empty prompt (the authors) or no mask")
+    group.add_argument("--outside-keypoints", choices=("use", "drop"), default=None,
+                       help="keypoints outside the photo: prompted as given (use: the authors "
+                            "and both presets) or never used (drop: the default without a "
+                            "preset, as such a point marks no pixel SAM sees)")
     group.add_argument("--spread-percentile", default=80.0,
                        type=lambda v: None if v.lower() == "none" else float(v),
                        help="MaxSpread's percentile rule, or 'none' (default 80)")
@@ -340,6 +344,7 @@ def inference_config(args: argparse.Namespace, ground_truth: bool) -> EvalConfig
         num_points=given(args.num_points, base.prompt.num_points),
         visibility_threshold=given(args.threshold, base.prompt.visibility_threshold),
         no_prompt=given(args.no_prompt, base.prompt.no_prompt),
+        outside_keypoints=given(args.outside_keypoints, base.prompt.outside_keypoints),
         spread_percentile=args.spread_percentile, negatives=args.negatives,
         num_negatives=args.num_negatives, box=box_mode, box_inflation=args.box_inflation)
     postprocess = MaskPostprocess(

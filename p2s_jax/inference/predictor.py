@@ -106,12 +106,7 @@ def check_prompts(coords, labels, orig_hw, name: str = "point") -> Tuple[np.ndar
     if (used & ~finite).any():
         n, k = np.argwhere(used & ~finite)[0]
         raise ValueError(f"{name}_coords[{n}, {k}] = {coords[n, k].tolist()} is not finite")
-    h, w = orig_hw
-    inside = (coords[..., 0] >= 0) & (coords[..., 0] <= w) & (coords[..., 1] >= 0) & (coords[..., 1] <= h)
-    if (used & ~inside).any():
-        n, k = np.argwhere(used & ~inside)[0]
-        raise ValueError(f"{name}_coords[{n}, {k}] = {coords[n, k].tolist()} lies outside the "
-                         f"{w}x{h} (width x height) image")
+    del orig_hw  # points may lie outside the photo: the official predictor does not clip them
     return np.where(used[..., None], coords, 0).astype(np.float32), labels.astype(np.int32)
 
 

@@ -9,6 +9,8 @@ a flag given beside `--preset` wins.
   * MaxVis_3 on ProbPose visibility; a person is prompted only if some keypoint has confidence
     (the s of [x, y, s]) > 0.5 and visibility > 0.5; one who is not gets the empty prompt of
     their single-image mode (`no_prompt="empty"`); no negatives, no box, no crop.
+  * Keypoints outside the photo are prompted as given (`outside_keypoints="use"`): their code
+    gates and ranks by the scores only, and the official predictor does not clip points.
   * `SAM2ImagePredictor(max_hole_area=10, max_sprinkle_area=50)`, `multimask_output=False`
     (the decoder's stability fallback on, as in the official predictor).
   * Exclusive masks on.
@@ -54,7 +56,8 @@ class Preset:
     result_score: str = "detection"
 
 
-_AUTHORS_PROMPT = dict(visibility_threshold=0.5, confidence_threshold=0.5, no_prompt="empty")
+_AUTHORS_PROMPT = dict(visibility_threshold=0.5, confidence_threshold=0.5, no_prompt="empty",
+                       outside_keypoints="use")
 
 PRESETS = {
     "sam-pose2seg": Preset(

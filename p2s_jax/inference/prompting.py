@@ -11,10 +11,15 @@ Which keypoints may be used: two score channels, as in the authors' code
     Every keypoint has a *visibility* score (`scores`: ProbPose visibility by default, Supp.
     Tab. 6, or the binary 0 / 1 of ground-truth poses, `p2s_jax.keypoints.labelled_points`) and
     a *confidence* (`confidence`: the s of ProbPose's [x, y, s] triplets; the visibility itself
-    when not given).  A keypoint is *usable* when its coordinates are finite and inside the
-    image (0 <= x < W, 0 <= y < H); other keypoints never become prompts, not even negatives,
-    and take part in no rule below (COCO v = 0 points get NaN coordinates, so they are never
-    used).  A usable keypoint is *visible* when its visibility is >= `visibility_threshold`.
+    when not given).  A keypoint is *usable* when its coordinates are finite and, with
+    `outside_keypoints="drop"`, inside the image (0 <= x < W, 0 <= y < H); other keypoints
+    never become prompts, not even negatives, and take part in no rule below (COCO v = 0
+    points get NaN coordinates, so they are never used).  With `outside_keypoints="use"` (the
+    authors, and both presets) a keypoint outside the photo that passes the thresholds is a
+    prompt point as given: the authors' `_pose2seg` gates and ranks by scores only, and the
+    official predictor normalises point coordinates without clipping them.  ProbPose predicts
+    such keypoints by design.  A usable keypoint is *visible* when its visibility is >=
+    `visibility_threshold`.
     The gate (BMP `_pose2seg`): a person is prompted from its visible keypoints only if some
     usable keypoint has confidence > `confidence_threshold` *and* visibility >
     `visibility_threshold` (both strict).  A person who fails the gate gets, by `no_prompt`:
@@ -92,6 +97,7 @@ Selection = Literal["maxvis", "maxspread"]
 Negatives = Literal["none", "closest_other", "least_visible_own"]
 BoxMode = Literal["none", "given", "inflated"]
 NoPrompt = Literal["best_keypoint", "empty", "skip"]
+OutsideKeypoints = Literal["use", "drop"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -115,6 +121,9 @@ class PromptConfig:
       box: 'none', 'given' (the pose's box) or 'inflated' (scaled about its centre).
       box_inflation: side-length factor of 'inflated'.
       max_slots: K, the prompt length; None: just enough slots for this configuration.
+      outside_keypoints: 'drop' (the project's default: a point off the photo marks no pixel
+        SAM sees, and its position encoding lies outside the range SAM was trained on) or
+        'use' (the authors' code and both presets: such a keypoint is prompted as given).
     """
 
     selection: Selection = "maxvis"
@@ -130,6 +139,7 @@ class PromptConfig:
     box: BoxMode = "none"
     box_inflation: float = 2.0
     max_slots: int | None = None
+    outside_keypoints: OutsideKeypoints = "drop"
 
     def __post_init__(self):
         if self.selection not in ("maxvis", "maxspread"):
@@ -138,6 +148,9 @@ class PromptConfig:
             raise InputError(f"unknown negatives mode {self.negatives!r}")
         if self.box not in ("none", "given", "inflated"):
             raise InputError(f"unknown box mode {self.box!r}")
+        if self.outside_keypoints not in ("use", "drop"):
+            raise InputError(f"outside_keypoints must be 'use' or 'drop', got "
+                             f"{self.outside_keypoints!r}")
         if self.no_prompt not in ("best_keypoint", "empty", "skip"):
             raise InputError(f"no_prompt must be 'best_keypoint', 'empty' or 'skip', "
                              f"got {self.no_prompt!r}")
@@ -239,11 +252,16 @@ def validate_pose_inputs(keypoints, scores, image_id, boxes=None) -> None:
 # Per-person rules (J keypoints of one person); vmapped over people by `select_prompts`.
 
 
-def _usable_keypoints(keypoints: jax.Array, image_hw: jax.Array) -> jax.Array:
-    """keypoints (..., 2) (x, y), image_hw (2,) -> (...) bool: finite and inside the image."""
+def _usable_keypoints(keypoints: jax.Array, image_hw: jax.Array,
+                      outside: OutsideKeypoints = "drop") -> jax.Array:
+    """keypoints (..., 2) (x, y), image_hw (2,) -> (...) bool: finite, and inside the image
+    unless `outside` is 'use'."""
     x, y = keypoints[..., 0], keypoints[..., 1]
+    finite = jnp.isfinite(x) & jnp.isfinite(y)
+    if outside == "use":
+        return finite
     height, width = image_hw[0], image_hw[1]
-    return jnp.isfinite(x) & jnp.isfinite(y) & (x >= 0) & (y >= 0) & (x < width) & (y < height)
+    return finite & (x >= 0) & (y >= 0) & (x < width) & (y < height)
 
 
 def _rank(keys: jax.Array, candidates: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -442,7 +460,7 @@ def select_prompts(keypoints, scores, image_hw, config: PromptConfig, boxes=None
         raise InputError(f"num_points {config.num_points} / face slots {config.face} do not fit "
                          f"poses of {num_joints} keypoints")
 
-    usable = _usable_keypoints(keypoints, image_hw)  # (P, J)
+    usable = _usable_keypoints(keypoints, image_hw, config.outside_keypoints)  # (P, J)
     points = jnp.where(usable[..., None], keypoints, 0.0)  # no NaN past this point
     positive_index, positive_valid, gated = jax.vmap(
         lambda p, s, c, u: _positive_keypoints(p, s, c, u, config))(
