@@ -7,15 +7,19 @@ ProbPose-like detections; pycocotools is the reference for masks.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import json
 import shutil
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
+
+import reference
 from pycocotools import mask as mask_utils
 
 from p2s_jax.data.coco import CocoFormatError, load_coco, person_category_id
@@ -323,13 +327,17 @@ def test_flip_twice_is_identity():
 
 
 def test_resize_maps_pixel_centres_exactly():
-    """Integer upscaling: pixel (3, 5) becomes a 4 x 4 block centred on the moved keypoint."""
+    """Integer upscaling: pixel (3, 5) becomes the pixels of its 4 x 4 block where its bilinear
+    weight is >= 1/2 (the block without its corners, whose weight is (5/8)^2), centred on the
+    moved keypoint."""
     image, masks = np.zeros((16, 16, 3), np.uint8), np.zeros((1, 16, 16), bool)
     masks[0, 5, 3] = True
     keypoints = np.full((1, 17, 2), 8.0, np.float32)
     keypoints[0, 0] = (3.0, 5.0)
     _, out_masks, out_keypoints = aug.resize(image, masks, keypoints, 64)
-    np.testing.assert_array_equal(out_masks[0], np.kron(masks[0], np.ones((4, 4), bool)))
+    block = np.kron(masks[0], np.ones((4, 4), bool))
+    block[[20, 20, 23, 23], [12, 15, 12, 15]] = False
+    np.testing.assert_array_equal(out_masks[0], block)
     rows, cols = np.nonzero(out_masks[0])
     assert tuple(out_keypoints[0, 0]) == (cols.mean(), rows.mean()) == (13.5, 21.5)
 
@@ -469,6 +477,114 @@ def test_augment_is_a_function_of_the_generator():
     for a, b in zip(outs[0], outs[1]):
         np.testing.assert_array_equal(a, b)
     assert not np.array_equal(outs[0][0], outs[2][0])
+
+
+def _official_augment(image, masks, params: aug.AugmentParams, size: int):
+    """The official MOSE fine-tune transforms (`training/dataset/transforms.py`, the yaml's
+    order and ranges) on one frame, their random draws replaced by `params`: flip and
+    grayscale through `random.random`, the affine through `RandomAffine.get_params`, each
+    colour jitter through `ColorJitter.get_params`. -> (image (S, S, 3) uint8, masks (M, S, S)
+    bool)."""
+    import random as python_random
+
+    torch = reference.import_torch()
+    import torchvision.transforms as T
+    from PIL import Image
+    from training.dataset import transforms as official
+    from training.utils.data_utils import Frame, Object, VideoDatapoint
+
+    (rotation, shear), = params.affines
+    draws = iter([0.0 if params.flip else 1.0, 0.0 if params.grayscale else 1.0])
+    jitters = iter([params.jitter, params.jitter_after_grayscale])
+
+    def jitter_params(brightness, contrast, saturation, hue):
+        drawn = next(jitters)
+        return (torch.tensor([*drawn.order, 3]), *drawn.factors, None)
+
+    patches = [(python_random, "random", lambda: next(draws)),
+               (T.RandomAffine, "get_params", staticmethod(
+                   lambda degrees, translate, scale_ranges, shears, img_size:
+                   (rotation, (0, 0), 1.0, (shear, 0.0)))),
+               (T.ColorJitter, "get_params", staticmethod(jitter_params))]
+    saved = [(owner, name, owner.__dict__[name] if isinstance(owner, type) else
+              getattr(owner, name)) for owner, name, _ in patches]
+    try:
+        for owner, name, value in patches:
+            setattr(owner, name, value)
+        transforms = official.ComposeAPI([
+            official.RandomHorizontalFlip(consistent_transform=True),
+            official.RandomAffine(degrees=25, shear=20, image_interpolation="bilinear",
+                                  consistent_transform=True),
+            official.RandomResizeAPI(sizes=size, square=True, consistent_transform=True),
+            official.ColorJitter(consistent_transform=True, brightness=0.1, contrast=0.03,
+                                 saturation=0.03, hue=None),
+            official.RandomGrayscale(p=0.05, consistent_transform=True),
+            official.ColorJitter(consistent_transform=False, brightness=0.1, contrast=0.05,
+                                 saturation=0.05, hue=None)])
+        objects = [Object(i, 0, torch.from_numpy(m.astype(np.uint8))) for i, m in enumerate(masks)]
+        datapoint = transforms(VideoDatapoint([Frame(Image.fromarray(image), objects)], 0,
+                                              image.shape[:2]))
+    finally:
+        for owner, name, value in saved:
+            setattr(owner, name, value)
+    frame = datapoint.frames[0]
+    return np.asarray(frame.data), np.stack([o.segment.numpy() > 0 for o in frame.objects])
+
+
+@pytest.mark.skipif(not reference.reference_available(), reason="needs the official sam2")
+def test_augmentations_equal_the_official_transforms():
+    """Flip, affine, square resize, both colour jitters and grayscale with the parameters drawn
+    once (`sample_params`) and fed to ours and to the official transforms, on a real COCO photo
+    with its published person masks and keypoints, at the training size: the same image (PIL
+    does the resampling in both; within 1 grey level), masks IoU >= 0.99, and every keypoint
+    where the official
+    transforms carry a small disc drawn around it (the disc's centroid; a flip also swaps the
+    slots by the schema's pairs)."""
+    from pycocotools.coco import COCO
+
+    from p2s_jax.keypoints import COCO17
+
+    real = Path(__file__).resolve().parents[2] / "shared" / "data" / "real" / "coco"
+    if not (real / "test_coco.json").is_file():
+        pytest.skip(f"the real COCO sample is not at {real}")
+    coco = COCO(str(real / "test_coco.json"))
+    image_id = 196141
+    image = np.asarray(Image.open(real / coco.imgs[image_id]["file_name"]).convert("RGB"))
+    anns = [a for a in coco.loadAnns(coco.getAnnIds(imgIds=[image_id])) if a["num_keypoints"]]
+    masks = np.stack([coco.annToMask(a).astype(bool) for a in anns])
+    triplets = np.asarray([a["keypoints"] for a in anns], np.float32).reshape(-1, 17, 3)
+    keypoints, visibility = triplets[..., :2], (triplets[..., 2] > 0).astype(np.float32)
+    yy, xx = np.mgrid[:image.shape[0], :image.shape[1]]
+    size = 1024  # the training size (COCO photos are upsampled to it)
+    rng = np.random.default_rng(0)
+    flips = grays = 0
+    for draw in range(6):
+        params = aug.sample_params(rng, aug.AugmentConfig())
+        if draw < 2:  # make sure both flip directions and grayscale are covered
+            params = dataclasses.replace(params, flip=bool(draw), grayscale=bool(draw))
+        flips, grays = flips + params.flip, grays + params.grayscale
+        out_image, out_masks, out_keypoints, out_vis = aug.apply_params(
+            params, image, masks, keypoints, visibility, size)
+        # a disc around every keypoint that stays in the picture (a disc the affine would
+        # empty would make the official transform drop the affine, as for any empty object);
+        # a flip moves the keypoint of slot perm[j] to slot j
+        perm = list(COCO17.flip_permutation) if params.flip else list(range(17))
+        kept = [(p, j) for p in range(len(anns)) for j in range(17)
+                if out_vis[p, j] and 8 < out_keypoints[p, j].min()
+                and out_keypoints[p, j].max() < size - 8]
+        discs = np.stack([(xx - keypoints[p, perm[j], 0]) ** 2
+                          + (yy - keypoints[p, perm[j], 1]) ** 2 <= 16 for p, j in kept])
+        ref_image, ref_masks = _official_augment(image, np.concatenate([masks, discs]), params,
+                                                 size)
+        assert np.abs(out_image.astype(int) - ref_image.astype(int)).max() <= 1, draw
+        for ours, theirs in zip(out_masks, ref_masks[:len(anns)]):
+            assert (ours & theirs).sum() / (ours | theirs).sum() >= 0.99, draw
+        for (p, j), disc in zip(kept, ref_masks[len(anns):]):
+            ys, xs = np.nonzero(disc)
+            centre = np.array([xs.mean(), ys.mean()])
+            assert np.abs(out_keypoints[p, j] - centre).max() < 1.0, (draw, p, j)
+        assert len(kept) >= 30, draw
+    assert flips and grays
 
 
 def test_augment_config_errors():

@@ -5,12 +5,12 @@ The order and ranges are those of the official SAM 2.1 fine-tuning config
 
 1. horizontal flip, p = 0.5;
 2. random affine: rotation in [-25, 25] degrees and an x-shear in [-20, 20] degrees about the
-   image centre (no translation, no scale); bilinear for the image (border filled with the
+   image centre (no translation, no scale; torchvision's angle conventions, `affine_matrix`); bilinear for the image (border filled with the
    ImageNet mean in uint8, (123, 116, 103)), nearest for the masks. As in the official
    `RandomAffine` (num_tentatives = 1) the affine is dropped when it would empty a mask that was
    not empty;
 3. square resize to `image_size` x `image_size` (the aspect ratio is not kept): bilinear
-   (antialiased when shrinking) for the image, nearest for the masks;
+   (antialiased when shrinking) for the image and, rounded back to 0 / 1, for the masks;
 4. colour jitter (brightness 0.1, contrast 0.03, saturation 0.03, in a random order);
 5. grayscale, p = 0.05;
 6. colour jitter (brightness 0.1, contrast 0.05, saturation 0.05).
@@ -225,14 +225,17 @@ def hflip(image: np.ndarray, masks: np.ndarray, keypoints: np.ndarray, visibilit
 
 
 def affine_matrix(rotation: float, shear: float) -> np.ndarray:
-    """(2, 2) linear part A = R(rotation) @ Shear_x(shear), angles in degrees.
+    """(2, 2) linear part A = R(rotation) @ Shear_x(shear), angles in degrees, in torchvision's
+    convention (`F.affine(img, angle, translate, scale, shear)`, what the official
+    `RandomAffine` draws): the same (rotation, shear) moves the pixels as the official
+    transform does.
 
-    R turns counter-clockwise as seen on screen (y pointing down); the x-shear maps (x, y) to
-    (x + tan(shear) y, y). det(A) = 1: areas are preserved.
+    R turns clockwise as seen on screen (y pointing down); the x-shear maps (x, y) to
+    (x - tan(shear) y, y). det(A) = 1: areas are preserved.
     """
     a, s = math.radians(rotation), math.radians(shear)
-    rotate = np.array([[math.cos(a), math.sin(a)], [-math.sin(a), math.cos(a)]])
-    return rotate @ np.array([[1.0, math.tan(s)], [0.0, 1.0]])
+    rotate = np.array([[math.cos(a), -math.sin(a)], [math.sin(a), math.cos(a)]])
+    return rotate @ np.array([[1.0, -math.tan(s)], [0.0, 1.0]])
 
 
 def transform_points(linear: np.ndarray, points: np.ndarray, height: int, width: int
@@ -309,7 +312,10 @@ def random_affine(affines: tuple[tuple[float, float], ...], image: np.ndarray, m
 
 def resize(image: np.ndarray, masks: np.ndarray, keypoints: np.ndarray, size: int
            ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Square resize to size x size: image bilinear (antialiased), masks nearest.
+    """Square resize to size x size: image bilinear (antialiased), masks as the official
+    transform resizes them (torchvision's antialiased bilinear resize of the 0 / 1 uint8 mask,
+    rounded back to 0 / 1: a pixel is in the mask when at least half of its bilinear weight
+    is; PIL's antialiased bilinear here, the algorithm torchvision's copies).
 
     Keypoints follow the pixel-centre convention: x' = (x + 0.5) * size / W - 0.5 (y alike),
     so a keypoint inside the image stays inside.
@@ -323,9 +329,9 @@ def resize(image: np.ndarray, masks: np.ndarray, keypoints: np.ndarray, size: in
     if (height, width) == (size, size):
         return image, masks, moved
     image = np.asarray(Image.fromarray(image).resize((size, size), Image.Resampling.BILINEAR))
-    out = [np.asarray(Image.fromarray(m.astype(np.uint8)).resize(
-        (size, size), Image.Resampling.NEAREST)) for m in masks]
-    masks = np.stack(out).astype(bool) if out else np.zeros((0, size, size), bool)
+    out = [np.asarray(Image.fromarray(m.astype(np.uint8) * 255).resize(
+        (size, size), Image.Resampling.BILINEAR)) >= 128 for m in masks]
+    masks = np.stack(out) if out else np.zeros((0, size, size), bool)
     return image, masks, moved
 
 
