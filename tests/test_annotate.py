@@ -125,19 +125,35 @@ def test_masks_equal_the_official_predictor_with_the_same_prompts(setup, uninter
     assert len(overlays) == 2 and overlays[0].stat().st_size > 1000
 
 
-def test_resume_after_sigkill_on_four_devices_is_byte_identical(setup, uninterrupted):
-    """A 4-device run killed with SIGKILL between shards, then resumed on 1 device: the output
-    bytes equal the uninterrupted 1-device run's (so 4 devices computed the same shards)."""
-    out = setup["root"] / "killed" / "annotated.json"
-    args = ["annotate", "--keypoints", str(setup["keypoints"]), "--images",
-            str(setup["images"]), "--out", str(out), "--checkpoint", str(setup["checkpoint"]),
-            "--shard-images", "2", "--overlays", str(out.parent / "overlays"), "--sample", "2",
-            "--no-progress"]
+def _annotate_args(setup, out: Path) -> list[str]:
+    return ["annotate", "--keypoints", str(setup["keypoints"]), "--images", str(setup["images"]),
+            "--out", str(out), "--checkpoint", str(setup["checkpoint"]), "--shard-images", "2",
+            "--overlays", str(out.parent / "overlays"), "--sample", "2", "--no-progress"]
+
+
+def _on_four_devices(args) -> subprocess.Popen:
     env = {**os.environ, "JAX_PLATFORMS": "cpu",
            "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
            "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
-    proc = subprocess.Popen([sys.executable, "-m", "p2s_jax.cli", *args], env=env, cwd=REPO,
+    return subprocess.Popen([sys.executable, "-m", "p2s_jax.cli", *args], env=env, cwd=REPO,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+
+
+def test_a_complete_run_on_four_devices_equals_one_device(setup, uninterrupted):
+    """Every shard computed on 4 devices: the output bytes equal the 1-device run's."""
+    out = setup["root"] / "four" / "annotated.json"
+    proc = _on_four_devices(_annotate_args(setup, out))
+    log = proc.communicate(timeout=600)[0].decode()
+    assert proc.returncode == 0 and "4 device(s)" in log, log[-3000:]
+    assert out.read_bytes() == uninterrupted[0].read_bytes()
+
+
+def test_resume_after_sigkill_on_four_devices_is_byte_identical(setup, uninterrupted):
+    """A 4-device run killed with SIGKILL between shards, then resumed on 1 device: the output
+    bytes equal the uninterrupted 1-device run's."""
+    out = setup["root"] / "killed" / "annotated.json"
+    args = _annotate_args(setup, out)
+    proc = _on_four_devices(args)
     shards = out.with_name(out.name + ".shards")
     deadline = time.time() + 300
     while not (shards / "000000.json").exists() and proc.poll() is None:

@@ -3,6 +3,8 @@
     python tests/train_runner.py devices WORKDIR OUT.npz  # 2 toy steps of `tiny`, params -> npz
                                                           # (multihost.process_env: one of several)
     python tests/train_runner.py prepare WORKDIR          # the tiny run's data (one of several)
+    python tests/train_runner.py gradients WORKDIR OUT.npz  # first-step gradients: 1 vs 4
+                                                            # devices, bf16 compute
     python tests/train_runner.py pause WORKDIR STEP       # `tiny` on its real data, blocking
                                                           # forever before STEP (to be killed)
     python tests/train_runner.py overfit WORKDIR          # one fixed toy batch, 40 steps
@@ -14,6 +16,7 @@ Every mode of one kind compiles the same program, so a persistent compilation ca
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 import time
 from pathlib import Path
@@ -82,6 +85,32 @@ def main(argv) -> int:
         _, initial, _ = nnx.split(build_training_model(config), trainable_filter(config), ...)
         initial = {"initial" + k: v for k, v in flat_params({"params": initial}).items()}
         np.savez(argv[3], **flat_params(result.state), **initial)
+    elif mode == "gradients":  # 4 devices: the first step's gradients on 1 and on 4 devices
+        from flax import nnx
+
+        from p2s_jax.parallel import host_to_global, make_mesh
+        from p2s_jax.train.step import (STEP_INPUTS, build_training_model, init_state,
+                                        make_gradient_step, trainable_filter)
+        from p2s_jax.train.optim import make_optimizer, param_rules
+
+        config = tiny(**{"eval.every": 0})
+        model = build_training_model(config)
+        graphdef, params, frozen = nnx.split(model, trainable_filter(config), ...)
+        tx = make_optimizer(config.optim, config.total_steps,
+                            *param_rules(model, params, config.optim))
+        state = init_state(params, tx, config.seed)
+        batch = ToyLoader(config.global_batch_size, config.image_size).batch(0)
+        bf16 = nnx.split(build_training_model(dataclasses.replace(
+            config, compute_dtype="bfloat16")), trainable_filter(config), ...)[0]
+        out = {}
+        for name, definition, devices in (("1", graphdef, 1), ("4", graphdef, 4),
+                                          ("b", bf16, 1)):  # b: bf16 compute, float32 weights
+            mesh = make_mesh(jax.devices()[:devices])
+            loss, grads = make_gradient_step(definition, config, mesh)(
+                state, frozen, {k: host_to_global(mesh, batch[k]) for k in STEP_INPUTS})
+            out[f"loss_{name}"] = np.asarray(loss)
+            out.update({f"{name}{k}": v for k, v in flat_params({"params": grads}).items()})
+        np.savez(argv[3], **out)
     elif mode == "prepare":  # one of several processes: the tiny run's data, prepared once
         multihost.initialize()
         from p2s_jax.data.pipeline import prepare_training_data

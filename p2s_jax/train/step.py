@@ -111,12 +111,13 @@ def _loss_fn(params, frozen, graphdef, fpn, images, batch, keys, num_objects, co
     return loss, (terms, iou_sum, jnp.sum(present))
 
 
-def _device_step(state, frozen, batch, keys, *, graphdef, tx, config: TrainConfig):
-    """One data-parallel step on this device's shard (call inside shard_map)."""
+def _device_gradients(params, frozen, batch, keys, *, graphdef, config: TrainConfig):
+    """This device's shard -> (loss, loss terms, IoU sums, present objects, gradients), each
+    averaged (or summed, for the counts) over devices (call inside shard_map)."""
     images = normalize_images(batch["image"])
     fpn = None
     if config.freeze_image_encoder:
-        encoder = nnx.merge(graphdef, state["params"], frozen).image_encoder
+        encoder = nnx.merge(graphdef, params, frozen).image_encoder
         fpn = jax.lax.stop_gradient(
             encoder(images, config.drop_path_rate, drop_path_keys(keys)).backbone_fpn)
     local_objects = jnp.sum(batch["valid"].astype(jnp.float32))
@@ -124,15 +125,21 @@ def _device_step(state, frozen, batch, keys, *, graphdef, tx, config: TrainConfi
     # Differentiate a device-varying copy of the (replicated) parameters: the gradient of an
     # invariant shard_map input would come back already summed over devices; this way each
     # device has its own gradient and the all-reduce is the explicit mean, as DDP's.
-    params = jax.tree.map(lambda x: jax.lax.pcast(x, DATA_AXIS, to="varying"), state["params"])
+    varying = jax.tree.map(lambda x: jax.lax.pcast(x, DATA_AXIS, to="varying"), params)
     grad_fn = jax.value_and_grad(_loss_fn, has_aux=True)
     (loss, (terms, iou_sum, present)), grads = grad_fn(
-        params, frozen, graphdef, fpn, images, batch, keys, num_objects, config)
+        varying, frozen, graphdef, fpn, images, batch, keys, num_objects, config)
     grads = jax.lax.pmean(grads, DATA_AXIS)
     loss = jax.lax.pmean(loss, DATA_AXIS)
     terms = jax.lax.pmean(terms, DATA_AXIS)
     iou_sum, present = jax.lax.psum(iou_sum, DATA_AXIS), jax.lax.psum(present, DATA_AXIS)
+    return loss, terms, iou_sum, present, grads
 
+
+def _device_step(state, frozen, batch, keys, *, graphdef, tx, config: TrainConfig):
+    """One data-parallel step on this device's shard (call inside shard_map)."""
+    loss, terms, iou_sum, present, grads = _device_gradients(
+        state["params"], frozen, batch, keys, graphdef=graphdef, config=config)
     grad_norm = optax.global_norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
@@ -145,6 +152,33 @@ def _device_step(state, frozen, batch, keys, *, graphdef, tx, config: TrainConfi
                "iou_per_step": iou_sum / jnp.maximum(present, 1),
                "lr": lr_schedule(config.optim, config.total_steps)(state["step"])}
     return new_state, metrics
+
+
+def _step_keys(state, global_batch: int):
+    """The PRNG key data of each image of a step: split(fold_in(key, step), global batch)."""
+    base = jax.random.wrap_key_data(state["rng"])
+    return jax.random.key_data(jax.random.split(jax.random.fold_in(base, state["step"]),
+                                                global_batch))
+
+
+def make_gradient_step(graphdef, config: TrainConfig, mesh: Mesh):
+    """``gradients(state, frozen, batch) -> (core loss, gradients)``, jitted, data parallel
+    over ``mesh``: what `make_train_step` hands its optimiser (the gradients averaged over
+    devices, before clipping), for gradient checks and accumulation."""
+    def device(params, frozen, batch, keys):
+        loss, _, _, _, grads = _device_gradients(params, frozen, batch, keys,
+                                                 graphdef=graphdef, config=config)
+        return loss, grads
+
+    sharded = jax.shard_map(device, mesh=mesh, in_specs=(REPLICATED, REPLICATED, DATA, DATA),
+                            out_specs=(REPLICATED, REPLICATED))
+
+    @jax.jit
+    def gradients(state, frozen, batch):
+        return sharded(state["params"], frozen, batch,
+                       _step_keys(state, batch["image"].shape[0]))
+
+    return gradients
 
 
 def make_train_step(graphdef, tx, config: TrainConfig, mesh: Mesh):
@@ -160,10 +194,6 @@ def make_train_step(graphdef, tx, config: TrainConfig, mesh: Mesh):
 
     @functools.partial(jax.jit, donate_argnums=0)
     def step(state, frozen, batch):
-        global_batch = batch["image"].shape[0]
-        base = jax.random.wrap_key_data(state["rng"])
-        keys = jax.random.key_data(jax.random.split(jax.random.fold_in(base, state["step"]),
-                                                    global_batch))
-        return sharded(state, frozen, batch, keys)
+        return sharded(state, frozen, batch, _step_keys(state, batch["image"].shape[0]))
 
     return step
