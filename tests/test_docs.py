@@ -1,8 +1,8 @@
 """Every `p2s` command the documentation shows (README.md, docs/*.md) parses with the real
 argument parser and is runnable as written: shell continuations joined, the docs' shell
 functions expanded, variables given placeholder values, commands inside quoted strings
-(`gcloud ... --command "p2s train ..."`) and the argument cells of docs/reproduce.md's tables
-(each given to the table's `p2s evaluate` shorthand) included. A `p2s train` line must name its
+(`gcloud ... --command "p2s train ..."`) and the command cells of docs/reproduce.md's tables
+(those naming a --checkpoint, each given to the table's `p2s evaluate` shorthand) included. A `p2s train` line must name its
 data (generated, or `data.data_dir` and `data.manual_dir`) unless it resumes a run; a `p2s
 evaluate` line must say where its poses come from and give settings that build."""
 
@@ -86,7 +86,7 @@ def documented_commands() -> list[tuple[str, list[str]]]:
                           for words in _commands(line, functions)]
         if path.name == "reproduce.md":
             for row in re.findall(r"^\|.*\|$", text, re.M):
-                for cell in re.findall(r"`(--[^`]*)`", row):
+                for cell in re.findall(r"`(--[^`]*--checkpoint[^`]*|--checkpoint[^`]*)`", row):
                     words = TABLE_COMMAND + shlex.split(_substitute(cell.replace("DET",
                                                                                  "det.json")))
                     found.append((f"reproduce.md table: {cell}", words))
