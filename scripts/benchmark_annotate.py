@@ -62,8 +62,8 @@ def run(model_name: str, image_size: int, num_images: int, people: int, batch_si
     import jax
 
     import reference
-    from p2s_jax.evaluation.annotate import AnnotateConfig, annotate
-    from p2s_jax.evaluation.runner import EvalConfig
+    from p2s_jax.evaluation.annotate import AnnotateConfig, AnnotationInput, annotate
+    from p2s_jax.evaluation.config import EvalConfig
     from p2s_jax.model.configs import compute_dtype, get_config
     from weights_conversion.convert import from_state_dict
     from p2s_jax.model.sam2 import abstract_model
@@ -76,7 +76,7 @@ def run(model_name: str, image_size: int, num_images: int, people: int, batch_si
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         coco, images, _ = make_dataset(root, num_images, people, 480, 640)
-        source = keypoint_only(coco, root)
+        source = AnnotationInput(keypoint_only(coco, root), config=config)
         start = time.perf_counter()
         annotate(model, source, images, root / "warm" / "out.json", config, progress=False)
         warmup = time.perf_counter() - start

@@ -152,6 +152,7 @@ def main() -> None:
     import jax
 
     from p2s_jax.evaluation import runner as evaluation
+    from p2s_jax.evaluation.config import EvalConfig
     from p2s_jax.model.configs import compute_dtype, get_config
     from p2s_jax.model.sam2 import abstract_model
     from weights_conversion.convert import from_state_dict
@@ -169,8 +170,7 @@ def main() -> None:
     model = abstract_model(get_config(name, args.image_size, args.attention),
                            compute_dtype(args.dtype))
     from_state_dict(model, reference.official_state_dict(official))
-    config = evaluation.EvalConfig(images_per_device=args.batch_size,
-                                   people_per_chunk=args.people_chunk)
+    config = EvalConfig(images_per_device=args.batch_size, people_per_chunk=args.people_chunk)
     with tempfile.TemporaryDirectory() as root:
         coco, images, poses = make_dataset(Path(root), args.num_images, args.people, height,
                                            width)

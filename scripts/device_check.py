@@ -211,13 +211,13 @@ def section_decoder(ctx: Context) -> list:
 def section_evaluation(ctx: Context) -> dict:
     from benchmark_eval import make_dataset, run_ours
 
-    from p2s_jax.evaluation import runner
+    from p2s_jax.evaluation.config import EvalConfig
 
     with tempfile.TemporaryDirectory() as root:
         coco, images, poses = make_dataset(Path(root), ctx.profile["eval_images"],
                                            ctx.profile["eval_people"], 480, 640)
         output, warmup = run_ours(ctx.models[ctx.profile["dtype"]], coco, images, poses,
-                                  runner.EvalConfig())
+                                  EvalConfig())
     rate = output.report.images_per_second
     return {"images": output.report.num_images, "masks": output.report.num_results,
             "images_per_s": rate, "warmup_s": warmup,

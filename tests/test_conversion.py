@@ -131,7 +131,7 @@ def test_missing_file(tmp_path):
 def test_corrupt_and_truncated_files(t_state, torch_module, tmp_path):
     garbage = tmp_path / "garbage.pt"
     garbage.write_bytes(b"this is not a checkpoint" * 10)
-    with pytest.raises(CheckpointError, match="garbage.pt is truncated or corrupt"):
+    with pytest.raises(CheckpointError, match="garbage.pt is not a PyTorch checkpoint"):
         load_torch_state_dict(garbage)
     full = tmp_path / "full.pt"
     _save_pt({k: v for k, v in list(t_state.items())[:20]}, full, torch_module)

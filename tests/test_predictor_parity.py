@@ -24,6 +24,7 @@ class Scene:
         from p2s_jax.inference.predictor import Predictor
 
         official, ours = model_pair(name)
+        self.photo = image_name
         self.image = photo(image_name)
         self.official = reference.official_predictor(official)
         self.official.set_image(self.image)
@@ -148,8 +149,9 @@ def test_padding_does_not_change_a_person(scene):
 def test_people_per_chunk_does_not_change_results(scene):
     """Decoding in chunks of people (a lax.map, the CPU default) or all at once gives every
     person the official result, with points, mask input and per-person features alike."""
-    if scene.model.config.name != "sam2.1_hiera_t":
-        pytest.skip("chunking does not depend on the model size; t keeps CI short")
+    if (scene.model.config.name, scene.photo) != ("sam2.1_hiera_t", "astronaut"):
+        pytest.skip("chunking depends on neither the model size nor the photo: one case "
+                    "keeps CI short")
     import jax
     import jax.numpy as jnp
 

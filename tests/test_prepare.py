@@ -104,10 +104,13 @@ def test_prepare_coco_persons_command(tmp_path, capsys):
     assert [a["id"] for a in subset["annotations"]] == [1, 3, 5]  # crowd regions stay
     assert [im["id"] for im in subset["images"]] == [1, 3]
     assert cli.main(["prepare", "coco-persons", str(source), str(out), "--min-area",
-                     "1024"]) == 0
+                     "1024"]) == 2  # the output exists: refused without --overwrite
+    assert "already exists" in capsys.readouterr().err
+    assert cli.main(["prepare", "coco-persons", str(source), str(out), "--min-area",
+                     "1024", "--overwrite"]) == 0
     assert [a["id"] for a in json.loads(out.read_text())["annotations"]] == [1, 3]
     capsys.readouterr()
     del anns[0]["num_keypoints"]
     source.write_text(json.dumps({"images": [], "annotations": anns, "categories": []}))
-    assert cli.main(["prepare", "coco-persons", str(source), str(out)]) == 2
+    assert cli.main(["prepare", "coco-persons", str(source), str(out), "--overwrite"]) == 2
     assert "annotation 0 (id 1) has no 'num_keypoints'" in capsys.readouterr().err

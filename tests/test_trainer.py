@@ -95,13 +95,26 @@ def test_non_finite_loss_stops_with_step_batch_and_checkpoint(tmp_path, env):
     assert all(np.isfinite(r["core_loss"]) for r in records)
 
 
-def _export(workdir, out, env, *flags):
-    from p2s_jax.cli import main
-
-    assert main(["export", "--workdir", str(workdir), "--out", str(out), *flags]) == 0
+def torch_load(path) -> dict:
     import torch
 
-    return torch.load(out, map_location="cpu", weights_only=True)["model"]
+    return torch.load(path, map_location="cpu", weights_only=True)["model"]
+
+
+def _export(workdir, out, env, *flags):
+    """`p2s export` in this process: no warning on the way, the file with the user's umask."""
+    import warnings
+
+    from p2s_jax.cli import main
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert main(["export", "--workdir", str(workdir), "--out", str(out), *flags]) == 0
+    assert not [w for w in caught if "not writable" in str(w.message)], caught
+    umask = os.umask(0)
+    os.umask(umask)
+    assert Path(out).stat().st_mode & 0o777 == 0o666 & ~umask
+    return torch_load(out)
 
 
 def _same_data(workdir: Path, uninterrupted: Path) -> None:
@@ -127,10 +140,13 @@ def _wait_for(path: Path, proc: subprocess.Popen, what: str, timeout: float = 60
         time.sleep(0.1)
 
 
-def test_sigterm_saves_the_step_reached_and_resumes_bit_identically(tmp_path, env, uninterrupted):
-    """A preemption notice (SIGTERM) in the middle of the run: the step in flight finishes, the
-    step reached is saved and committed, one line says where and how to go on, exit status 75;
-    `--resume` then ends with the parameters of the uninterrupted run."""
+def test_sigterm_then_sigkill_in_a_save_then_resume_is_bit_identical(tmp_path, env,
+                                                                    uninterrupted):
+    """A preemption notice (SIGTERM) in the middle of the run: the step in flight finishes,
+    the step reached is saved and committed, one line says where and how to go on, exit
+    status 75. The resumed run is then killed (SIGKILL) while its last save is written but not
+    committed (a hook holds the commit): the next resume starts from the last complete
+    checkpoint, and the run ends with the parameters of the uninterrupted one."""
     workdir = tmp_path / "run_b"
     _same_data(workdir, uninterrupted)
     marker = tmp_path / "marker"
@@ -156,32 +172,22 @@ def test_sigterm_saves_the_step_reached_and_resumes_bit_identically(tmp_path, en
     assert f"checkpoint {workdir / 'checkpoints' / str(step)} saved" in line
     assert line.endswith(f"continue with: p2s train --workdir {workdir} --resume")
     assert (workdir / "checkpoints" / str(step) / "commit_success.txt").is_file()
-    resumed = _run(_p2s("train", "--workdir", str(workdir), "--resume", "--no-progress"), env)
-    assert f"trained {12 - step} step" in resumed.stdout
-    _assert_same_params(workdir, uninterrupted, tmp_path, env)
 
-
-def test_sigkill_during_an_asynchronous_save_resumes_from_the_last_complete_one(
-        tmp_path, env, uninterrupted):
-    """SIGKILL while the save of step 8 is written but not committed (held by a hook): the
-    resumed run starts from step 4, the last complete checkpoint, and ends identical."""
-    workdir = tmp_path / "run_c"
-    _same_data(workdir, uninterrupted)
-    marker = tmp_path / "marker"
-    hooks = {"P2S_TEST_HOLD_COMMIT_STEP": "8", "P2S_TEST_MARK_FILE": str(marker)}
-    proc = subprocess.Popen(_p2s("train", "--config", "tiny", "--workdir", str(workdir),
-                                 "--no-progress", "--import", "train_hooks"),
-                            env={**env, **hooks}, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+    marker.unlink()
+    proc = subprocess.Popen(_p2s("train", "--workdir", str(workdir), "--resume", "--no-progress",
+                                 "--import", "train_hooks"),
+                            env={**env, "P2S_TEST_HOLD_COMMIT_STEP": "12",
+                                 "P2S_TEST_MARK_FILE": str(marker)},
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        _wait_for(marker, proc, "the held save of step 8")
+        _wait_for(marker, proc, "the held save of step 12")
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait()
     saved = sorted(p.name for p in (workdir / "checkpoints").iterdir())
-    assert "4" in saved and "8" not in saved and any(n.startswith("8.") for n in saved), saved
+    assert str(step) in saved and "12" not in saved and any(n.startswith("12.") for n in saved)
     resumed = _run(_p2s("train", "--workdir", str(workdir), "--resume", "--no-progress"), env)
-    assert "trained 8 steps" in resumed.stdout  # from step 4
+    assert f"trained {12 - step} step" in resumed.stdout  # from the last complete checkpoint
     _assert_same_params(workdir, uninterrupted, tmp_path, env)
 
 
@@ -224,36 +230,6 @@ def test_unrestorable_checkpoint_then_resume_step_with_processes_and_a_profile(
     _assert_same_params(workdir, uninterrupted, tmp_path, env)
 
 
-def test_resume_after_sigkill_is_bit_identical(tmp_path, env, uninterrupted):
-    workdir = tmp_path / "run_b"
-    workdir.mkdir()
-    os.symlink(uninterrupted / "synthetic", workdir / "synthetic")  # the same generated data
-    proc = subprocess.Popen([sys.executable, str(RUNNER), "pause", str(workdir), "9"], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        deadline = time.time() + 600
-        while not (workdir / "checkpoints" / "8").is_dir():
-            assert proc.poll() is None, proc.stdout.read()[-3000:]
-            assert time.time() < deadline, "no checkpoint 8 in time"
-            time.sleep(0.5)
-        time.sleep(1.0)  # let it reach the pause (or not): the kill is abrupt either way
-    finally:
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
-    assert proc.returncode == -signal.SIGKILL
-    resumed = _run(_p2s("train", "--workdir", str(workdir), "--resume", "--no-progress"), env)
-    assert "trained 4 steps" in resumed.stdout
-
-    ours = _export(workdir, tmp_path / "b.pt", env, "--image-only")
-    ref = _export(uninterrupted, tmp_path / "a.pt", env, "--image-only")
-    assert ours.keys() == ref.keys()
-    for key in ref:
-        assert np.array_equal(ours[key].numpy(), ref[key].numpy()), key
-    # the steps after the resume were logged again, the earlier ones are all there
-    steps = [r["step"] for r in read_jsonl(workdir / "metrics.jsonl")]
-    assert set(steps) == set(range(1, 13))
-
-
 def test_evaluation_while_training_equals_p2s_evaluate_and_curve(tmp_path, env, uninterrupted):
     """The tiny run evaluates its held-out split at steps 6 and 12: the metrics and masks it
     logs at step 12 are those `p2s evaluate` gives on the checkpoint of step 12 (same data,
@@ -288,8 +264,9 @@ def test_evaluation_while_training_equals_p2s_evaluate_and_curve(tmp_path, env, 
     (best,) = [int(p.name) for p in (uninterrupted / "best").iterdir() if p.name.isdigit()]
     assert evaluations[best]["eval/AP"] == max(r["eval/AP"] for r in evaluations.values())
     from_best = _export(uninterrupted, tmp_path / "best.pt", env, "--image-only", "--best")
-    from_step = _export(uninterrupted, tmp_path / "at_best.pt", env, "--image-only", "--step",
-                        str(best))
+    from_step = (torch_load(exported) if best == 12 else  # on ties Orbax keeps the later
+                 _export(uninterrupted, tmp_path / "at_best.pt", env, "--image-only", "--step",
+                         str(best)))
     assert all(np.array_equal(from_best[k].numpy(), from_step[k].numpy()) for k in from_step)
 
 

@@ -1,12 +1,10 @@
-"""Runs training in a separate process for the trainer tests (device count, SIGKILL, NaN).
+"""Runs training in a separate process for the trainer tests (device count, NaN, gradients).
 
     python tests/train_runner.py devices WORKDIR OUT.npz  # 2 toy steps of `tiny`, params -> npz
                                                           # (multihost.process_env: one of several)
     python tests/train_runner.py prepare WORKDIR          # the tiny run's data (one of several)
     python tests/train_runner.py gradients WORKDIR OUT.npz  # first-step gradients: 1 vs 4
                                                             # devices, bf16 compute
-    python tests/train_runner.py pause WORKDIR STEP       # `tiny` on its real data, blocking
-                                                          # forever before STEP (to be killed)
     python tests/train_runner.py overfit WORKDIR          # one fixed toy batch, 40 steps
     python tests/train_runner.py nan WORKDIR              # the same with a NaN at step 3
 
@@ -18,7 +16,6 @@ from __future__ import annotations
 
 import dataclasses
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -52,22 +49,6 @@ def overfit_config(**overrides):
 def flat_params(state) -> dict:
     leaves = jax.tree_util.tree_flatten_with_path(jax.device_get(state["params"]))[0]
     return {jax.tree_util.keystr(path): np.asarray(v) for path, v in leaves}
-
-
-class PausingLoader:
-    """The real loader, blocking before step ``pause_at`` (so that a kill lands mid-run)."""
-
-    def __init__(self, loader, pause_at: int):
-        self.loader, self.pause_at = loader, pause_at
-        self.num_records = loader.num_records
-
-    def iterate(self, start: int = 0):
-        for step, batch in self.loader.iterate(start):
-            if step >= self.pause_at:
-                print(f"paused before step {step}", flush=True)
-                while True:
-                    time.sleep(1)
-            yield step, batch
 
 
 def main(argv) -> int:
@@ -117,12 +98,6 @@ def main(argv) -> int:
 
         records = prepare_training_data(tiny(), workdir)
         print(f"process {jax.process_index()}: {records} records", flush=True)
-    elif mode == "pause":
-        from p2s_jax.data.pipeline import loader_from_config
-
-        config = tiny()
-        loader = PausingLoader(loader_from_config(config, workdir), int(argv[3]))
-        train(config, workdir, loader=loader, progress=False)
     elif mode in ("overfit", "nan"):
         config = overfit_config(checkpoint_every=2 if mode == "nan" else 1000)
         poison = {3: NAN_MARKER} if mode == "nan" else None

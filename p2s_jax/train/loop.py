@@ -344,9 +344,10 @@ def _compile(step_fn, state, frozen, batch, timer: StepTimer):
     return compiled
 
 
-def _loader_state(loader, next_step: int) -> dict:
+def _loader_state(loader, next_step: int) -> dict | None:
+    """The loader's position for the checkpoint (None for a loader that has none to give)."""
     state_dict = getattr(loader, "state_dict", None)
-    return state_dict(next_step) if state_dict is not None else {"next_step": int(next_step)}
+    return state_dict(next_step) if state_dict is not None else None
 
 
 def _check_loader_position(loader, meta: dict) -> None:
