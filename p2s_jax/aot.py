@@ -45,7 +45,7 @@ import functools
 import json
 import re
 from pathlib import Path
-from typing import Callable, Iterator, NamedTuple
+from typing import Callable, Iterator
 
 import jax
 import jax.numpy as jnp
@@ -54,7 +54,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
 from p2s_jax.evaluation import steps as eval_steps
-from p2s_jax.hardware import CHIPS, GIB, Chip
+from p2s_jax.hardware import CHIPS, Chip
 from p2s_jax.inference import predictor
 from p2s_jax.model import flops as model_flops
 from p2s_jax.inference.postprocess import MaskPostprocess

@@ -151,7 +151,6 @@ def main() -> None:
     torch = reference.import_torch()
     import jax
 
-    from p2s_jax.evaluation import runner as evaluation
     from p2s_jax.evaluation.config import EvalConfig
     from p2s_jax.model.configs import compute_dtype, get_config
     from p2s_jax.model.sam2 import abstract_model

@@ -6,6 +6,7 @@ import functools
 import os
 import sys
 import tempfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -28,6 +29,17 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 import jax  # noqa: E402
 
 jax.config.update("jax_compilation_cache_dir", None)  # this process compiles each program once
+
+
+# The real COCO val2017 sample (photos and their published annotations), read-only.
+REAL_COCO = Path(__file__).resolve().parents[2] / "shared" / "data" / "real" / "coco"
+# The marks of a test module that runs the official reference on the real sample.
+NEEDS_REAL_COCO_AND_REFERENCE = [
+    pytest.mark.skipif(not reference.reference_available(),
+                       reason="needs torch, sam2 and hydra (the dev extra)"),
+    pytest.mark.skipif(not (REAL_COCO / "test_coco.json").is_file(),
+                       reason=f"the real COCO sample is not at {REAL_COCO}"),
+]
 
 
 @functools.lru_cache(maxsize=None)

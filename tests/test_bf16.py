@@ -11,16 +11,15 @@ truth poses prompted with MaxSpread_3) and scikit-image's astronaut (seeded poin
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 import reference
-from conftest import model_pair, photo
+from conftest import REAL_COCO, model_pair, photo
 
-REAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "real" / "coco"
+REAL = REAL_COCO
 MODEL = "sam2.1_hiera_t"
 
 pytestmark = [

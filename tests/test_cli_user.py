@@ -15,28 +15,20 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 
-import reference
-from conftest import model_pair
+from conftest import NEEDS_REAL_COCO_AND_REFERENCE, REAL_COCO, model_pair
 from p2s_jax import cli
 from p2s_jax.evaluation.metrics import evaluate_segm
 from p2s_jax.data.coco import load_coco
 from weights_conversion import save_orbax
 
-REAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "real" / "coco"
 REPO = Path(__file__).resolve().parents[1]
 MODEL, SIZE = "sam2.1_hiera_t", 256
 HAS_CUDA = any(importlib.util.find_spec(name) is not None
                for name in ("jax_cuda12_plugin", "jax_cuda13_plugin"))
 
-pytestmark = [
-    pytest.mark.skipif(not reference.reference_available(),
-                       reason="needs torch, sam2 and hydra (the dev extra)"),
-    pytest.mark.skipif(not (REAL / "test_coco.json").is_file(),
-                       reason=f"the real COCO sample is not at {REAL}"),
-]
+pytestmark = NEEDS_REAL_COCO_AND_REFERENCE
 
 
 @pytest.fixture(scope="module")
@@ -52,10 +44,10 @@ def real(tmp_path):
     photos as a pose estimator writes them ([x, y, s] triplets, no visibility channel)."""
     images = tmp_path / "images"
     images.mkdir()
-    for photo in REAL.glob("*.jpg"):
+    for photo in REAL_COCO.glob("*.jpg"):
         shutil.copy(photo, images / photo.name)
     annotations = tmp_path / "annotations.json"
-    shutil.copy(REAL / "test_coco.json", annotations)
+    shutil.copy(REAL_COCO / "test_coco.json", annotations)
     data = json.loads(annotations.read_text())
     results = [{"image_id": a["image_id"], "category_id": 1, "score": 0.9,
                 "keypoints": [v if i % 3 != 2 else (0.95 if v > 0 else 0.05)

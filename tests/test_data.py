@@ -13,13 +13,13 @@ import json
 import shutil
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
 import reference
+from conftest import REAL_COCO
 from pycocotools import mask as mask_utils
 
 from p2s_jax.data.coco import CocoFormatError, load_coco, person_category_id
@@ -544,7 +544,7 @@ def test_augmentations_equal_the_official_transforms():
 
     from p2s_jax.keypoints import COCO17
 
-    real = Path(__file__).resolve().parents[2] / "shared" / "data" / "real" / "coco"
+    real = REAL_COCO
     if not (real / "test_coco.json").is_file():
         pytest.skip(f"the real COCO sample is not at {real}")
     coco = COCO(str(real / "test_coco.json"))

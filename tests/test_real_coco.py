@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from pathlib import Path
 
 import jax
 import numpy as np
@@ -22,12 +21,12 @@ from pycocotools import mask as mask_utils
 
 import reference
 from authors import authors_exclusive, authors_select, scipy_connected_components
-from conftest import model_pair
+from conftest import NEEDS_REAL_COCO_AND_REFERENCE, REAL_COCO, model_pair
 from p2s_jax.data import coco as coco_lib
 from p2s_jax.data.prepare import coco_persons
-from p2s_jax.evaluation import evaluate, plan
+from p2s_jax.evaluation import plan
 from p2s_jax.evaluation import runner as ev
-from p2s_jax.evaluation.config import DEFAULT_RESULT_SCORE, EvalConfig
+from p2s_jax.evaluation.config import EvalConfig
 from p2s_jax.evaluation.metrics import coco_star_excluded, evaluate_segm
 from p2s_jax.inference.postprocess import MaskPostprocess
 from p2s_jax.keypoints import labelled_points
@@ -35,20 +34,14 @@ from p2s_jax.parallel import make_mesh
 from p2s_jax.utils.files import write_json
 from p2s_jax.utils.images import load_image
 
-REAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "real" / "coco"
 MODEL, SIZE = "sam2.1_hiera_t", 256
 
-pytestmark = [
-    pytest.mark.skipif(not reference.reference_available(),
-                       reason="needs torch, sam2 and hydra (the dev extra)"),
-    pytest.mark.skipif(not (REAL / "test_coco.json").is_file(),
-                       reason=f"the real COCO sample is not at {REAL}"),
-]
+pytestmark = NEEDS_REAL_COCO_AND_REFERENCE
 
 
 @pytest.fixture(scope="module")
 def coco():
-    return coco_lib.load_coco(REAL / "test_coco.json")
+    return coco_lib.load_coco(REAL_COCO / "test_coco.json")
 
 
 def gt_results(coco, keep=lambda ann: True):
@@ -75,11 +68,11 @@ def test_the_two_coco_star_definitions(coco, tmp_path):
     no_keypoints = [a["id"] for a in coco.anns.values() if a["num_keypoints"] == 0]
     assert len(no_keypoints) == 2 and set(no_keypoints) <= set(excluded)
 
-    subset = coco_persons(json.loads((REAL / "test_coco.json").read_text()))
+    subset = coco_persons(json.loads((REAL_COCO / "test_coco.json").read_text()))
     assert sorted(a["id"] for a in subset["annotations"]) == sorted(
         a["id"] for a in coco.anns.values() if a["num_keypoints"] > 0)
     assert len(subset["images"]) == 4
-    small_too = coco_persons(json.loads((REAL / "test_coco.json").read_text()), 32.0**2)
+    small_too = coco_persons(json.loads((REAL_COCO / "test_coco.json").read_text()), 32.0**2)
     assert {a["id"] for a in small_too["annotations"]} == set(coco.anns) - set(excluded)
     subset_coco = coco_lib.load_coco(write_json(tmp_path / "persons.json", subset))
     small_coco = coco_lib.load_coco(write_json(tmp_path / "persons_32.json", small_too))
@@ -108,7 +101,7 @@ def models():
 def preset_run(coco, models):
     poses = plan.ground_truth_prompt_poses(coco)
     config = EvalConfig.from_preset("sam-pose2seg", ground_truth=True, images_per_device=2)
-    return ev.run_dataset(models[1], coco, REAL, poses, config,
+    return ev.run_dataset(models[1], coco, REAL_COCO, poses, config,
                           mesh=make_mesh(jax.devices()[:1]), progress=False)
 
 
@@ -147,7 +140,7 @@ def authors_pipeline(coco, models, keypoints_of):
     predictor._bb_feat_sizes = [(SIZE // 4 // s, SIZE // 4 // s) for s in (1, 2, 4)]
     out = {}
     for image_id in sorted(coco.getImgIds()):
-        image = load_image(REAL / coco.imgs[image_id]["file_name"])
+        image = load_image(REAL_COCO / coco.imgs[image_id]["file_name"])
         keypoints, visibility = keypoints_of(image_id)
         predictor.set_image(image)
         masks, ious, picks = [], [], []
@@ -234,12 +227,12 @@ def test_keypoints_just_outside_the_photo_as_the_authors_run_them(coco, models, 
     for image_id, pose in plan.ground_truth_prompt_poses(coco).items():
         poses[image_id] = dataclasses.replace(pose, keypoints=shifted(image_id)[0])
     config = EvalConfig.from_preset("sam-pose2seg", ground_truth=True, images_per_device=2)
-    run = ev.run_dataset(models[1], coco, REAL, poses, config,
+    run = ev.run_dataset(models[1], coco, REAL_COCO, poses, config,
                          mesh=make_mesh(jax.devices()[:1]), progress=False)
     authors = authors_pipeline(coco, models, shifted)
     empty, outside = assert_equals_the_authors(run, authors, shifted)
     assert empty == 2 and outside >= 5
-    dropped = ev.run_dataset(models[1], coco, REAL, poses, dataclasses.replace(
+    dropped = ev.run_dataset(models[1], coco, REAL_COCO, poses, dataclasses.replace(
         config, prompt=dataclasses.replace(config.prompt, outside_keypoints="drop")),
         mesh=make_mesh(jax.devices()[:1]), progress=False)
     for image_id, prompts in dropped.prompts.items():
@@ -253,7 +246,7 @@ def test_postprocess_changes_masks_on_these_photos(coco, models, preset_run):
     poses = plan.ground_truth_prompt_poses(coco)
     config = EvalConfig.from_preset("sam-pose2seg", ground_truth=True, images_per_device=2,
                                        postprocess=MaskPostprocess())
-    plain = ev.run_dataset(models[1], coco, REAL, poses, config,
+    plain = ev.run_dataset(models[1], coco, REAL_COCO, poses, config,
                            mesh=make_mesh(jax.devices()[:1]), progress=False)
     differ = sum(a["segmentation"]["counts"] != b["segmentation"]["counts"]
                  for a, b in zip(plain.results, preset_run.results))
@@ -349,7 +342,7 @@ def test_correction_curve_command_and_first_point_against_the_predictor(coco, mo
     from weights_conversion import save_orbax
 
     ours = models[1]
-    curve = correction_curve(ours, coco, REAL, CurveConfig(CorrectionConfig(
+    curve = correction_curve(ours, coco, REAL_COCO, CurveConfig(CorrectionConfig(
         num_points=3, sampler="center")))
     assert curve.num_persons == 14 and curve.num_images == 4 and curve.mean_iou.shape == (3,)
     assert np.all((curve.mean_iou >= 0) & (curve.mean_iou <= 1))
@@ -357,7 +350,7 @@ def test_correction_curve_command_and_first_point_against_the_predictor(coco, mo
     predictor = Predictor(ours)
     ious = []
     for image_id in sorted(coco.getImgIds()):
-        image, targets = image_targets(coco, image_id, REAL, SIZE, 8)
+        image, targets = image_targets(coco, image_id, REAL_COCO, SIZE, 8)
         predictor.set_image(image)
         for mask in targets.masks[targets.valid]:
             depth = ndimage.distance_transform_edt(np.pad(mask, 1))[1:-1, 1:-1]
@@ -371,8 +364,8 @@ def test_correction_curve_command_and_first_point_against_the_predictor(coco, mo
     folder = tmp_path / "converted"
     save_orbax(ours, folder)
     out = tmp_path / "curve.png"
-    assert cli.main(["curve", "--annotations", str(REAL / "test_coco.json"), "--images",
-                     str(REAL), "--checkpoint", str(folder), "--points", "3", "--out",
+    assert cli.main(["curve", "--annotations", str(REAL_COCO / "test_coco.json"), "--images",
+                     str(REAL_COCO), "--checkpoint", str(folder), "--points", "3", "--out",
                      str(out)]) == 0
     printed = capsys.readouterr().out
     assert "14 persons, 4 images" in printed
@@ -396,7 +389,7 @@ def test_segment_a_real_photo_with_the_preset(coco, models, tmp_path, capsys):
     save_orbax(models[1], folder)
     out, masks_out = tmp_path / "overlay.png", tmp_path / "masks.json"
     info = coco.imgs[image_id]
-    assert cli.main(["segment", "--image", str(REAL / info["file_name"]), "--keypoints",
+    assert cli.main(["segment", "--image", str(REAL_COCO / info["file_name"]), "--keypoints",
                      str(poses), "--checkpoint", str(folder), "--preset", "sam-pose2seg",
                      "--out", str(out), "--masks-out", str(masks_out)]) == 0
     assert "5 people, 5 masks" in capsys.readouterr().out
@@ -421,14 +414,14 @@ def test_crop_to_box_equals_the_official_predictor_on_each_crop(coco, models):
                                        crop_to_box=1.5, exclusive=False,
                                        postprocess=MaskPostprocess())
     mesh = make_mesh(jax.devices()[:1])
-    run = ev.run_dataset(models[1], coco, REAL, poses, config, mesh=mesh, progress=False)
+    run = ev.run_dataset(models[1], coco, REAL_COCO, poses, config, mesh=mesh, progress=False)
     assert run.report.num_images == 4 and run.report.num_people == 14
     predictor = reference.official_predictor(models[0])
     by_image = {}
     for result in run.results:
         by_image.setdefault(result["image_id"], []).append(result)
     for image_id, results in by_image.items():
-        image = load_image(REAL / coco.imgs[image_id]["file_name"])
+        image = load_image(REAL_COCO / coco.imgs[image_id]["file_name"])
         prompts = run.prompts[image_id]
         assert len(results) == len(prompts.has_prompt)
         for person, result in enumerate(results):
@@ -450,7 +443,7 @@ def test_crop_to_box_equals_the_official_predictor_on_each_crop(coco, models):
     overlaps = [np.stack([mask_utils.decode(r["segmentation"]) for r in results]).sum(0).max()
                 for results in by_image.values()]
     assert max(overlaps) > 1  # the crops' masks do overlap before exclusivity
-    exclusive = ev.run_dataset(models[1], coco, REAL, poses,
+    exclusive = ev.run_dataset(models[1], coco, REAL_COCO, poses,
                                dataclasses.replace(config, exclusive=True), mesh=mesh,
                                progress=False)
     for image_id in by_image:

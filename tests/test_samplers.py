@@ -20,6 +20,7 @@ from p2s_jax.train.samplers import (available_samplers, distance_transform, get_
                               keypoint_pixels, register_sampler,
                               squared_distance_transform)
 import paper_samplers as paper
+from conftest import REAL_COCO
 from reference import import_torch, reference_available
 
 H, W = 12, 16  # non-square, to catch x / y swaps
@@ -378,7 +379,7 @@ def test_pose_mask_refine_on_a_real_person():
     a prediction that misses a band of the body and spills beside it."""
     from pycocotools.coco import COCO
 
-    real = pathlib.Path(__file__).resolve().parents[2] / "shared" / "data" / "real" / "coco"
+    real = REAL_COCO
     if not (real / "test_coco.json").is_file():
         pytest.skip(f"the real COCO sample is not at {real}")
     coco = COCO(str(real / "test_coco.json"))

@@ -5,10 +5,10 @@ The order and ranges are those of the official SAM 2.1 fine-tuning config
 
 1. horizontal flip, p = 0.5;
 2. random affine: rotation in [-25, 25] degrees and an x-shear in [-20, 20] degrees about the
-   image centre (no translation, no scale; torchvision's angle conventions, `affine_matrix`); bilinear for the image (border filled with the
-   ImageNet mean in uint8, (123, 116, 103)), nearest for the masks. As in the official
-   `RandomAffine` (num_tentatives = 1) the affine is dropped when it would empty a mask that was
-   not empty;
+   image centre (no translation, no scale; torchvision's angle conventions, `affine_matrix`);
+   bilinear for the image (border filled with the ImageNet mean in uint8, (123, 116, 103)),
+   nearest for the masks. As in the official `RandomAffine` (num_tentatives = 1) the affine is
+   dropped when it would empty a mask that was not empty;
 3. square resize to `image_size` x `image_size` (the aspect ratio is not kept): bilinear
    (antialiased when shrinking) for the image and, rounded back to 0 / 1, for the masks;
 4. colour jitter (brightness 0.1, contrast 0.03, saturation 0.03, in a random order);

@@ -18,7 +18,7 @@ from pycocotools.coco import COCO
 from p2s_jax.data import coco as coco_lib
 from p2s_jax.data.matching import ground_truth_boxes
 from p2s_jax.evaluation.config import EvalConfig
-from p2s_jax.inference.preprocess import CANVAS_MULTIPLE, bucket, canvas_hw
+from p2s_jax.inference.preprocess import bucket, canvas_hw
 from p2s_jax.inference.prompting import validate_pose_inputs
 from p2s_jax.keypoints import labelled_points
 from p2s_jax.utils.errors import InputError

@@ -52,7 +52,8 @@ def _decode_shard(graphdef, state, features, coords, labels, has_prompt, up_y, u
     score logits (B, P).
 
     The P people of an image are decoded `people_per_chunk` at a time inside the decoder
-    (`SAM2Image.decode`; None: all at once); people without a prompt get empty masks; with `exclusive`, every
+    (`SAM2Image.decode`; None: all at once); people without a prompt get empty masks; with
+    `exclusive`, every
     pixel goes to one mask (`exclusive_masks`)."""
 
     def one_image(image_features, image_coords, image_labels, image_up_y, image_up_x):

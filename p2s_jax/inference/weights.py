@@ -5,7 +5,8 @@ are fetched with `huggingface_hub.hf_hub_download`: resumed after a dropped conn
 against concurrent downloads, and stored in the Hub cache every other tool shares (`HF_HOME` /
 `HF_HUB_CACHE`; a file another tool fetched is a cache hit). The bytes of a fresh download are
 checked against the sha256 the Hub publishes for the file (its LFS ETag, which also names the
-cached blob); a mismatch deletes them. `HF_ENDPOINT` points at a mirror, `HF_HUB_OFFLINE=1` uses the cache only.
+cached blob); a mismatch deletes them. `HF_ENDPOINT` points at a mirror, `HF_HUB_OFFLINE=1`
+uses the cache only.
 
 `P2S_WEIGHTS_URL` replaces the SAM-pose2seg release by a plain URL (not on the Hub:
 `utils.download.fetch_url`). The converted folder lives in the project's cache

@@ -121,7 +121,8 @@ def _device_gradients(params, frozen, batch, keys, *, graphdef, config: TrainCon
         fpn = jax.lax.stop_gradient(
             encoder(images, config.drop_path_rate, drop_path_keys(keys)).backbone_fpn)
     local_objects = jnp.sum(batch["valid"].astype(jnp.float32))
-    num_objects = jnp.maximum(jax.lax.psum(local_objects, DATA_AXIS) / jax.lax.axis_size(DATA_AXIS), 1.0)
+    num_objects = jnp.maximum(
+        jax.lax.psum(local_objects, DATA_AXIS) / jax.lax.axis_size(DATA_AXIS), 1.0)
     # Differentiate a device-varying copy of the (replicated) parameters: the gradient of an
     # invariant shard_map input would come back already summed over devices; this way each
     # device has its own gradient and the all-reduce is the explicit mean, as DDP's.
@@ -185,8 +186,9 @@ def make_train_step(graphdef, tx, config: TrainConfig, mesh: Mesh):
     """``step(state, frozen, batch) -> (state, metrics)``, jitted, data parallel over ``mesh``.
 
     ``batch`` arrays are sharded along their leading (global batch) axis; ``state`` and
-    ``frozen`` (the variables the optimiser does not update) are replicated.  The PRNG key of sample i of step s is
-    ``split(fold_in(key, s), global_batch)[i]``: independent of the number of devices.
+    ``frozen`` (the variables the optimiser does not update) are replicated.  The PRNG key of
+    sample i of step s is ``split(fold_in(key, s), global_batch)[i]``: independent of the
+    number of devices.
     """
     device_step = functools.partial(_device_step, graphdef=graphdef, tx=tx, config=config)
     sharded = jax.shard_map(device_step, mesh=mesh, in_specs=(REPLICATED, REPLICATED, DATA, DATA),

@@ -7,8 +7,9 @@ its outputs are ready, seen by a watcher thread that blocks on them. The step's 
 time between the ends of two consecutive steps (images/s is the global batch over it): the
 device step plus the time the device sat idle before it (`time_device_idle_s`), waiting for the
 host. Loading overlaps the previous step's device work, so the loader's wait shows in the wall
-time only where it outlasts that work. With the device's dense bf16 peak known (`p2s_jax.hardware`), model-FLOPs utilisation
-(MFU: the architecture's own FLOPs, `model.flops.train_flops_per_image`) and hardware-FLOPs
+time only where it outlasts that work. With the device's dense bf16 peak known
+(`p2s_jax.hardware`), model-FLOPs utilisation (MFU: the architecture's own FLOPs,
+`model.flops.train_flops_per_image`) and hardware-FLOPs
 utilisation (HFU: XLA's count of the compiled step) are reported too.
 
 A run whose device waits on its input says so: over each window of steps, the share of the wall
