@@ -60,6 +60,7 @@ from p2s_jax.model import flops as model_flops
 from p2s_jax.inference.postprocess import MaskPostprocess
 from p2s_jax.model.configs import compute_dtype, get_config
 from p2s_jax.model.hiera import MultiScaleBlock, block_layout
+from p2s_jax.model.layers import resolve_attention
 from p2s_jax.model.sam2 import abstract_model
 from p2s_jax.parallel import DATA, DATA_AXIS, REPLICATED
 from p2s_jax.train import config as train_config
@@ -87,10 +88,11 @@ class Target:
     def num_chips(self) -> int:
         return self.mesh.devices.size
 
-    @property
-    def attention(self) -> str:
-        """The attention the target runs ('auto' would resolve for this CPU, not the target)."""
-        return "cudnn" if self.platform == "cuda" else "einsum"
+    def attention(self, dtype: str) -> str:
+        """The attention 'auto' picks on the target for compute `dtype` ('auto' itself would
+        resolve for this CPU): einsum on TPU; on a GPU cuDNN in bf16, XLA's path in float32
+        (cuDNN takes no float32). Every model's head dims are multiples of 8 up to 128."""
+        return resolve_attention("auto", compute_dtype(dtype), 64, backend=self.platform)
 
 
 def tpu_target(topology: str) -> Target:
@@ -140,7 +142,7 @@ def _replicated(target: Target, tree):
 
 
 def _model(target: Target, model: str, image_size: int, dtype: str):
-    config = get_config(model, image_size, target.attention)
+    config = get_config(model, image_size, target.attention(dtype))
     return nnx.split(abstract_model(config, compute_dtype(dtype)))
 
 
@@ -174,9 +176,9 @@ def train_program(target: Target, model: str, image_size: int, dtype: str, batch
     """(jitted, args): the train step of `preset` ('paper', 'tiny'), `batch` images per chip."""
     config = train_config.PRESETS[preset]()
     config = dataclasses.replace(config, model=model, image_size=image_size, compute_dtype=dtype,
-                                 attention=target.attention,
+                                 attention=target.attention(dtype),
                                  global_batch_size=batch * target.num_chips, total_steps=1000)
-    abstract = abstract_model(get_config(model, image_size, target.attention),
+    abstract = abstract_model(get_config(model, image_size, target.attention(dtype)),
                               compute_dtype(dtype))
     graphdef, params, frozen = nnx.split(abstract, trainable_filter(config), ...)
     tx = make_optimizer(config.optim, config.total_steps,
@@ -194,7 +196,7 @@ def train_program(target: Target, model: str, image_size: int, dtype: str, batch
 def block_programs(target: Target, model: str, image_size: int, dtype: str, batch: int):
     """[(description, jitted, args)]: each Hiera block alone on `batch` maps per chip of the size
     it sees in the trunk, data parallel like the encoder."""
-    config = get_config(model, image_size, target.attention)
+    config = get_config(model, image_size, target.attention(dtype))
     trunk, side = config.trunk, image_size // config.trunk.patch_stride
     apply = jax.jit(lambda graphdef, state, x: nnx.merge(graphdef, state)(x), static_argnums=0)
     programs = []
@@ -202,7 +204,7 @@ def block_programs(target: Target, model: str, image_size: int, dtype: str, batc
         block = nnx.eval_shape(lambda: MultiScaleBlock(mlp_ratio=trunk.mlp_ratio,
                                                        dtype=compute_dtype(dtype),
                                                        rngs=nnx.Rngs(0), **layout))
-        block.attn.attention = target.attention
+        block.attn.attention = target.attention(dtype)
         graphdef, state = nnx.split(block)
         x = _on(target, (batch * target.num_chips, side, side, layout["dim"]), compute_dtype(dtype))
         description = {"block": index, "side": side, "dim": layout["dim"],
