@@ -314,6 +314,50 @@ def test_only_the_projects_errors_become_one_line(monkeypatch, capsys, tmp_path)
         cli.main(args)
 
 
+def test_ctrl_c_inside_a_jit_dispatch_is_still_one_line(monkeypatch, capsys, tmp_path):
+    """A real SIGINT delivered while JAX compares a jitted function's static arguments: JAX
+    re-raises the KeyboardInterrupt as a ValueError that keeps only its text, and the command
+    still ends with the one interrupt line and exit 130 (the signal's record, not the
+    exception's type, says it was interrupted); the next bug keeps its traceback."""
+    import os
+    import signal
+
+    import jax
+    import jax.numpy as jnp
+
+    class Static:
+        def __init__(self, interrupt):
+            self.interrupt = interrupt
+
+        def __hash__(self):
+            return 0
+
+        def __eq__(self, other):
+            if self.interrupt or other.interrupt:
+                os.kill(os.getpid(), signal.SIGINT)
+            return True
+
+    add_one = jax.jit(lambda x, static: x + 1, static_argnums=1)
+    add_one(jnp.ones(2), Static(False))
+    seen = []
+
+    def interrupted_in_jax(args):
+        try:
+            add_one(jnp.ones(2), Static(True))
+        except BaseException as err:
+            seen.append(type(err))
+            raise
+
+    args = ["convert", str(tmp_path / "x.pt"), str(tmp_path / "out")]
+    monkeypatch.setitem(cli.COMMANDS, "convert", interrupted_in_jax)
+    assert cli.main(args) == 130
+    assert seen == [ValueError]  # what JAX makes of it; if JAX keeps it, this test has no case
+    assert capsys.readouterr().err == "p2s convert: interrupted (SIGINT); nothing was written\n"
+    monkeypatch.setitem(cli.COMMANDS, "convert", lambda args: int("a bug"))
+    with pytest.raises(ValueError, match="a bug"):
+        cli.main(args)
+
+
 def test_generated_data_without_scikit_image_says_what_to_install(monkeypatch, tmp_path, capsys):
     for name in ("skimage", "skimage.data", "skimage.measure"):
         monkeypatch.setitem(sys.modules, name, None)  # import fails as if not installed

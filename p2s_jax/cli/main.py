@@ -10,7 +10,6 @@ traceback.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import signal
 import sys
@@ -21,7 +20,7 @@ from p2s_jax.model.configs import ConfigError
 from p2s_jax.parallel import describe_devices
 from p2s_jax.utils import allocator
 from p2s_jax.utils.download import cache_dir
-from p2s_jax.utils.errors import Error, Stopped, Terminated
+from p2s_jax.utils.errors import Error, Stopped, interrupt_signal, raise_on_signals
 from p2s_jax.cli.arguments import PROG, build_parser
 from p2s_jax.cli.commands import COMMANDS, COMPUTES
 
@@ -40,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{PROG}: {describe_devices()}")
     # a multi-process `p2s train` leaves SIGTERM to JAX's preemption notifier (the hosts agree
     # on the step to save at, p2s_jax.train.preemption)
-    with sigterm_raises(enabled=not (args.command == "train" and args.distributed)):
+    with raise_on_signals(sigterm=not (args.command == "train" and args.distributed)):
         try:
             return COMMANDS[args.command](args)
         except (Error, ConfigError) as err:
@@ -48,8 +47,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{PROG} {args.command}: {'' if stopped else 'error: '}{one_line(err)}",
                   file=sys.stderr)
             return err.exit_status if stopped else 2
-        except KeyboardInterrupt as interrupt:
-            number = getattr(interrupt, "signal_number", signal.SIGINT)
+        except BaseException as err:
+            number = interrupt_signal(err)
+            if number is None:
+                raise
             print(f"{PROG} {args.command}: interrupted ({signal.Signals(number).name}); "
                   "nothing was written", file=sys.stderr)
             return 128 + number
@@ -67,27 +68,6 @@ def use_compilation_cache(environ=os.environ) -> None:
         jax.config.update("jax_compilation_cache_dir", str(cache_dir(environ) / "xla"))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
-
-
-@contextlib.contextmanager
-def sigterm_raises(enabled: bool = True):
-    """SIGTERM raises `Terminated` (a KeyboardInterrupt) in the main thread while inside, so
-    that a terminated command ends as Ctrl-C does: one line, nothing half-written."""
-    def handler(signum, frame):
-        raise Terminated()
-
-    if not enabled:
-        yield
-        return
-    try:
-        previous = signal.signal(signal.SIGTERM, handler)
-    except ValueError:  # not the main thread (e.g. a test calling main from a thread)
-        yield
-        return
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 def one_line(err: Exception, max_details: int = 3) -> str:

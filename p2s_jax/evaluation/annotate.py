@@ -50,7 +50,7 @@ from p2s_jax.inference.prompting import LABEL_EMPTY, PromptConfig
 from p2s_jax.keypoints import KeypointSchema, labelled_points
 from p2s_jax.model.sam2 import SAM2Image
 from p2s_jax.parallel import make_mesh
-from p2s_jax.utils.errors import InputError, Interrupted
+from p2s_jax.utils.errors import InputError, Interrupted, interrupt_signal
 from p2s_jax.utils.files import read_json, write_atomic, write_json
 from p2s_jax.utils.images import ImageError, load_image
 
@@ -236,11 +236,14 @@ def annotate(model: SAM2Image, source: AnnotationInput, images_dir, out,
                     write_json(shards / "settings.json", settings, indent=2)
                 write_json(path, {"images": chunk, "skipped": output.report.skipped_images,
                                   "persons": records})
-    except KeyboardInterrupt as interrupt:
+    except BaseException as err:
+        number = interrupt_signal(err)
+        if number is None:
+            raise
         done = sum((shards / f"{i:06d}.json").is_file() for i in range(len(chunks)))
-        raise Interrupted.from_interrupt(
-            interrupt, f"interrupted: {done} of {len(chunks)} shards finished and kept in "
-            f"{shards}; run the same command again to resume") from None
+        raise Interrupted(
+            f"interrupted: {done} of {len(chunks)} shards finished and kept in {shards}; run "
+            "the same command again to resume", number) from None
     seconds = time.perf_counter() - start
     records, skipped = {}, []
     for index in range(len(chunks)):

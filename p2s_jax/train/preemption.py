@@ -18,7 +18,7 @@ import threading
 import jax
 from jax.experimental import multihost_utils
 
-from p2s_jax.utils.errors import Stopped
+from p2s_jax.utils.errors import Stopped, raise_interrupt
 
 # EX_TEMPFAIL (sysexits.h): "a temporary failure; the user is invited to retry": resume.
 PREEMPTED_EXIT_STATUS = 75
@@ -62,7 +62,7 @@ class StopWatch:
 
     def _on_interrupt(self, signum, frame) -> None:
         if self._requested.is_set():
-            raise KeyboardInterrupt
+            raise_interrupt(signum)
         self._request("Ctrl-C")
 
     def _request(self, reason: str) -> None:

@@ -7,6 +7,7 @@ status 2; an interruption (Ctrl-C, SIGTERM) as one line saying what was kept, ex
 
 from __future__ import annotations
 
+import contextlib
 import signal
 
 
@@ -50,6 +51,46 @@ class Interrupted(Stopped):
     def exit_status(self) -> int:
         return 128 + self.signal_number
 
-    @classmethod
-    def from_interrupt(cls, interrupt: KeyboardInterrupt, message: str) -> "Interrupted":
-        return cls(message, getattr(interrupt, "signal_number", signal.SIGINT))
+
+
+# The signals `raise_interrupt` turned into exceptions inside `raise_on_signals`, newest last.
+# Signals are the process's, so is this record: it lets `interrupt_signal` recognise an
+# interruption that a library re-raised as another error (JAX turns a KeyboardInterrupt raised
+# while it compares static arguments into a ValueError that keeps only its text).
+_RECEIVED: list[int] = []
+
+
+def raise_interrupt(signum: int, frame=None):
+    """Signal handler: records `signum` and raises KeyboardInterrupt (SIGINT) or `Terminated`."""
+    _RECEIVED.append(int(signum))
+    raise Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
+
+
+@contextlib.contextmanager
+def raise_on_signals(sigterm: bool = True):
+    """Inside, Ctrl-C (and SIGTERM, unless `sigterm` is False: JAX's preemption notifier keeps
+    it on a multi-process run) raise in the main thread through `raise_interrupt`; the previous
+    handlers come back on exit. Outside the main thread nothing is installed."""
+    numbers = [signal.SIGINT] + ([signal.SIGTERM] if sigterm else [])
+    previous = {}
+    try:
+        for number in numbers:
+            previous[number] = signal.signal(number, raise_interrupt)
+    except ValueError:  # not the main thread (e.g. a test calling main from a thread)
+        pass
+    _RECEIVED.clear()
+    try:
+        yield
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
+        _RECEIVED.clear()
+
+
+def interrupt_signal(err: BaseException) -> int | None:
+    """The signal that `err` ends with (SIGINT or SIGTERM), or None when it is no interruption:
+    a KeyboardInterrupt's own, else the last signal `raise_interrupt` turned into an exception
+    (which a library may have re-raised as another error)."""
+    if isinstance(err, KeyboardInterrupt):
+        return int(getattr(err, "signal_number", signal.SIGINT))
+    return _RECEIVED[-1] if _RECEIVED else None
