@@ -405,7 +405,8 @@ EPS32 = float(np.finfo(np.float32).eps)
 
 def test_first_step_gradients_on_one_and_four_devices_and_in_bf16(tmp_path, env):
     """The gradients the optimiser receives (`make_gradient_step`: every trained tensor, the
-    key-projection biases included) on 1 device and on 4, for the tiny model's first batch.
+    key-projection biases included) on 1 device and on 4, for the tiny model's first batch
+    with two points (the first prompt and one correction step: the sampler and the mask input).
 
     Float32 budget: the two layouts compute the same sums in another order (4 images' terms
     summed inside one program, or one per device and then all-reduced) and XLA fuses a

@@ -74,7 +74,8 @@ def main(argv) -> int:
                                         make_gradient_step, trainable_filter)
         from p2s_jax.train.optim import make_optimizer, param_rules
 
-        config = tiny(**{"eval.every": 0})
+        # two points: the first prompt and one corrected step (the sampler, the mask input)
+        config = tiny(**{"eval.every": 0, "correction.num_points": 2})
         model = build_training_model(config)
         graphdef, params, frozen = nnx.split(model, trainable_filter(config), ...)
         tx = make_optimizer(config.optim, config.total_steps,
