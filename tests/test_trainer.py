@@ -57,7 +57,13 @@ def _p2s(*args):
 def uninterrupted(tmp_path_factory, env):
     """`p2s train --config tiny` from start to end: the reference run."""
     workdir = tmp_path_factory.mktemp("run_a")
-    _run(_p2s("train", "--config", "tiny", "--workdir", str(workdir), "--no-progress"), env)
+    proc = _run(_p2s("train", "--config", "tiny", "--workdir", str(workdir), "--no-progress"),
+                env)
+    # --no-progress silences tfds' bars while it prepares the generated records, and tfds'
+    # warning about a config of one's own is not shown
+    assert "prepared synthetic_8_0" in proc.stdout, proc.stdout
+    for noise in ("examples/s", "Using custom data configuration"):
+        assert noise not in proc.stdout + proc.stderr, (noise, proc.stderr[-2000:])
     return workdir
 
 

@@ -15,6 +15,7 @@ import signal
 import sys
 
 import jax
+import tensorflow_datasets as tfds
 
 from p2s_jax.model.configs import ConfigError
 from p2s_jax.parallel import describe_devices
@@ -31,6 +32,8 @@ def main(argv: list[str] | None = None) -> int:
     if allocator.set_mode(allocator.choose_mode(args.malloc, args.command)):
         print(f"{PROG}: host memory: freed blocks are kept for reuse (--malloc default to turn "
               "off)", file=sys.stderr)
+    if getattr(args, "no_progress", False):  # tfds draws its own bars when it prepares records
+        tfds.display_progress_bar(False)
     if args.command in COMPUTES or args.command == "init":
         use_compilation_cache()
     if getattr(args, "distributed", False):  # before anything asks JAX for its devices

@@ -43,8 +43,10 @@ from the annotation is an error naming the file.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import io
+import logging
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -346,11 +348,30 @@ def prepare(manual_dir: str | os.PathLike, data_dir: str | os.PathLike,
     Returns:
       The builder; `builder.as_data_source()["train"]` reads the records.
     """
-    builder = PersonSegmentation(config=config, data_dir=os.fspath(data_dir),
-                                 file_format="array_record")
+    with _quiet_custom_config():
+        builder = PersonSegmentation(config=config, data_dir=os.fspath(data_dir),
+                                     file_format="array_record")
     builder.download_and_prepare(
         download_config=tfds.download.DownloadConfig(manual_dir=os.fspath(manual_dir)))
     return builder
+
+
+class _CustomConfigFilter(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Using custom data configuration")
+
+
+@contextlib.contextmanager
+def _quiet_custom_config():
+    """Without tfds' warning that a config is not predefined: every run of your own files, the
+    generated ones included, uses one, and `prepare` prints what it builds itself."""
+    quiet = _CustomConfigFilter()
+    logger = logging.getLogger("absl")
+    logger.addFilter(quiet)
+    try:
+        yield
+    finally:
+        logger.removeFilter(quiet)
 
 
 def _versions(data_dir, name: str) -> list:
