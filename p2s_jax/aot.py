@@ -54,7 +54,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
 from p2s_jax.evaluation import steps as eval_steps
-from p2s_jax.hardware import CHIPS, Chip
+from p2s_jax.hardware import CHIPS, Chip, xla_cost
 from p2s_jax.inference import predictor
 from p2s_jax.model import flops as model_flops
 from p2s_jax.inference.postprocess import MaskPostprocess
@@ -281,10 +281,6 @@ def instruction_costs(hlo_text: str, top: int) -> list[dict]:
     return [{**row, "share": row["cycles"] / total} for row in rows[:top]]
 
 
-def _first(value):
-    return value[0] if isinstance(value, (list, tuple)) else value
-
-
 def report(program: str, target: Target, batch: int, compiled, top: int = 0) -> dict:
     """One JSON-ready line about a compiled program (per chip); `top` > 0 adds its costliest
     instructions on TPU (`instruction_costs`)."""
@@ -300,7 +296,7 @@ def report(program: str, target: Target, batch: int, compiled, top: int = 0) -> 
             "fits": None if used is None else used <= target.chip.hbm,
             "while_loops": len(re.findall(r"\bwhile\(", text)),
             "cudnn_attention_calls": text.count("__cudnn$fmha")}
-    cost = _first(compiled.cost_analysis()) or {}
+    cost = xla_cost(compiled)
     flops = cost.get("flops")
     line["flops_per_chip"] = None if flops is None else float(flops)
     line["bytes_accessed_per_chip"] = cost.get("bytes accessed")

@@ -37,6 +37,15 @@ def chip_of(device_kind: str) -> str | None:
     return next((chip for needle, chip in _KINDS if needle in kind), None)
 
 
+def xla_cost(compiled) -> dict:
+    """XLA's cost analysis of a compiled program ('flops', 'bytes accessed', on TPU
+    'optimal_seconds'; per device), {} where the backend gives none. Some JAX versions and
+    backends return it as a one-element list."""
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    return dict(cost or {})
+
+
 def peak_flops(device_kind: str) -> float | None:
     """Dense bf16 FLOP/s of one chip of this kind, or None when unknown."""
     chip = chip_of(device_kind)

@@ -53,6 +53,7 @@ def encoder_rows(name, ours, theirs, image, args, torch, device) -> list[tuple]:
     import jax
     import jax.numpy as jnp
 
+    from p2s_jax.hardware import xla_cost
     from p2s_jax.inference.predictor import encode_images
     from p2s_jax.inference.preprocess import preprocess_image
 
@@ -71,7 +72,7 @@ def encoder_rows(name, ours, theirs, image, args, torch, device) -> list[tuple]:
     if device == "cuda":
         pixels = jnp.asarray(preprocess_image(image, 1024)[None])
         compiled = encode_images.lower(ours.graphdef, ours.state, pixels).compile()
-        flops = compiled.cost_analysis().get("flops", float("nan"))
+        flops = xla_cost(compiled).get("flops", float("nan"))
         peak = float(os.environ.get("P2S_PEAK_TFLOPS", "989")) * 1e12  # H100 SXM dense bf16
         print(f"# {name} encoder: {flops / 1e9:.1f} GFLOP, MFU {flops / t_ours / peak:.1%} "
               f"(peak {peak / 1e12:.0f} TFLOP/s)")

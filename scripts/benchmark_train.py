@@ -268,6 +268,7 @@ def run_ours(spec: dict) -> dict:
     from flax import nnx
     from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+    from p2s_jax.hardware import xla_cost
     from p2s_jax.parallel import DATA_AXIS
     from p2s_jax.train import step as trainer
     from p2s_jax.model.configs import compute_dtype, get_config
@@ -317,9 +318,8 @@ def run_ours(spec: dict) -> dict:
     rss_compiled, peak_compile = rss_bytes(), peak_rss_bytes()
     flops = None
     try:
-        cost = compiled.cost_analysis()
-        cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-        flops = float(cost.get("flops")) if cost and cost.get("flops") is not None else None
+        flops = xla_cost(compiled).get("flops")
+        flops = None if flops is None else float(flops)
     except Exception:  # cost analysis is optional, backend-dependent
         pass
 

@@ -143,6 +143,7 @@ def section_parity(ctx: Context) -> dict:
 def section_encoder(ctx: Context) -> list:
     from flax import nnx
 
+    from p2s_jax.hardware import xla_cost
     from p2s_jax.inference.predictor import encode_images, preprocess_images
     from p2s_jax.inference.preprocess import canvas_hw, pad_to_canvas
 
@@ -157,9 +158,7 @@ def section_encoder(ctx: Context) -> list:
         hw = jnp.asarray(np.repeat([ctx.image.shape[:2]], batch, 0), jnp.int32)
         pixels = preprocess_images(images, hw, size)
         compiled = encode_images.lower(graphdef, state, pixels).compile()
-        cost = compiled.cost_analysis()
-        cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-        flops = float((cost or {}).get("flops", float("nan")))
+        flops = float(xla_cost(compiled).get("flops", float("nan")))
         ours = best_of(lambda: jax.block_until_ready(compiled(state, pixels)),
                        ctx.profile["repeats"])
 

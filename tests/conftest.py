@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import os
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -31,8 +32,31 @@ import jax  # noqa: E402
 jax.config.update("jax_compilation_cache_dir", None)  # this process compiles each program once
 
 
+def _shared_data() -> Path:
+    """The workplace's read-only data (`shared/data`: real COCO photos, XLA's GPU description):
+    $P2S_SHARED_DATA; else `shared/data` beside this checkout; else beside the checkout this one
+    was cloned from (a clone of a local checkout made elsewhere, e.g. in a temporary folder)."""
+    if os.environ.get("P2S_SHARED_DATA"):
+        return Path(os.environ["P2S_SHARED_DATA"])
+    repo = Path(__file__).resolve().parents[1]
+    beside = repo.parent / "shared" / "data"
+    if beside.is_dir():
+        return beside
+    try:
+        origin = subprocess.run(["git", "-C", str(repo), "config", "--get", "remote.origin.url"],
+                                capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        origin = ""
+    if origin and Path(origin).is_dir():
+        cloned_from = Path(origin).resolve().parent / "shared" / "data"
+        if cloned_from.is_dir():
+            return cloned_from
+    return beside
+
+
+SHARED_DATA = _shared_data()
 # The real COCO val2017 sample (photos and their published annotations), read-only.
-REAL_COCO = Path(__file__).resolve().parents[2] / "shared" / "data" / "real" / "coco"
+REAL_COCO = SHARED_DATA / "real" / "coco"
 # The marks of a test module that runs the official reference on the real sample.
 NEEDS_REAL_COCO_AND_REFERENCE = [
     pytest.mark.skipif(not reference.reference_available(),

@@ -26,7 +26,7 @@ for _ in range(12):
     y = f(x).block_until_ready()
     faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
     del y
-    time.sleep(0.2)  # jax frees the output on a worker thread
+    time.sleep(0.5)  # jax frees the output on a worker thread (later on a busy machine)
 print(json.dumps({"applied": applied, "faults": faults}))
 """
 
@@ -45,11 +45,8 @@ def test_keep_freed_memory_removes_the_page_faults_of_repeated_calls():
     assert tuned["applied"] is True
     # glibc's default: every call maps its 64 MiB blocks again and faults every page in.
     assert min(default["faults"][1:]) > PAGES_64_MIB // 2, default
-    # kept memory: once the heap has grown to the peak, calls reuse its blocks. A free that
-    # comes late (a busy machine delays jax's freeing thread) grows the peak once more, so
-    # most calls after the first three, not all, fault nothing.
-    reused = [f < PAGES_64_MIB // 50 for f in tuned["faults"][3:]]
-    assert sum(reused) >= len(reused) - 2, tuned
+    # kept memory: once the heap has grown to the peak, calls reuse its blocks.
+    assert max(tuned["faults"][-3:]) < PAGES_64_MIB // 50, tuned
 
 
 def test_cli_choice_of_mode():

@@ -16,8 +16,10 @@ from pathlib import Path
 
 import pytest
 
+from conftest import SHARED_DATA
+
 ROOT = Path(__file__).resolve().parents[1]
-H100 = ROOT.parent / "shared" / "data" / "gpu" / "h100_sxm.txtpb"
+H100 = SHARED_DATA / "gpu" / "h100_sxm.txtpb"
 HAS_LIBTPU = importlib.util.find_spec("libtpu") is not None
 HAS_CUDA = any(importlib.util.find_spec(name) is not None
                for name in ("jax_cuda12_plugin", "jax_cuda13_plugin"))

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import NEEDS_REAL_COCO_AND_REFERENCE, REAL_COCO, model_pair
+from conftest import NEEDS_REAL_COCO_AND_REFERENCE, REAL_COCO, SHARED_DATA, model_pair
 from p2s_jax import cli
 from p2s_jax.evaluation.metrics import evaluate_segm
 from p2s_jax.data.coco import load_coco
@@ -271,7 +271,7 @@ def test_malformed_inputs_are_one_line(real, converted, tmp_path, capsys):
 
 @pytest.mark.skipif(HAS_CUDA, reason="the CUDA wheels are installed here")
 def test_aot_for_a_gpu_without_the_cuda_wheels_says_what_to_install(capsys):
-    gpu = REPO.parent / "shared" / "data" / "gpu" / "h100_sxm.txtpb"
+    gpu = SHARED_DATA / "gpu" / "h100_sxm.txtpb"
     target = str(gpu) if gpu.is_file() else __file__
     assert cli.main(["aot", "--target", "h100", "--gpu-target", target]) == 2
     err = _error(capsys)

@@ -13,9 +13,8 @@ from pathlib import Path
 import jax
 
 from p2s_jax import aot
-from p2s_jax.evaluation.annotate import AnnotateConfig, AnnotationInput, annotate, summary_path
+from p2s_jax.evaluation.annotate import AnnotateConfig, AnnotationInput, annotate
 from p2s_jax.evaluation.evaluate import load_inputs, run_evaluation
-from p2s_jax.evaluation.plan import missing_images_error
 from p2s_jax.evaluation.report import EvalReport, format_report
 from p2s_jax.inference.overlay import draw_overlay
 from p2s_jax.inference.predictor import Predictor
@@ -31,7 +30,7 @@ from p2s_jax.train.correction import CorrectionConfig
 from p2s_jax.train.curve import CurveConfig, correction_curve, write_curve_png
 from p2s_jax.train.config import load_config, parse_overrides
 from p2s_jax.train.loop import train
-from p2s_jax.utils.files import check_outputs, read_json, replace_folder
+from p2s_jax.utils.files import check_outputs, read_json, replace_folder, summary_path
 from p2s_jax.utils.images import load_image
 from p2s_jax.cli.arguments import PROG, UsageError, inference_config
 from weights_conversion import (METADATA_FILE, convert_checkpoint, load_model, random_init_info,
@@ -61,6 +60,11 @@ def _checkpoint(args: argparse.Namespace) -> Path:
 
 def _schema(args: argparse.Namespace):
     return get_schema(args.schema) if getattr(args, "schema", None) else None
+
+
+def _check_images_folder(args: argparse.Namespace) -> None:
+    if not Path(args.images).is_dir():
+        raise UsageError(f"--images {args.images}: image folder not found")
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
@@ -95,14 +99,13 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         images_per_device=args.batch_size, people_per_chunk=args.people_chunk,
         num_workers=args.workers, crop_to_box=args.crop_to_box)
     out = Path(args.out)
-    summary = Path(args.summary) if args.summary else out.with_name(out.stem + ".summary.json")
+    summary = Path(args.summary) if args.summary else summary_path(out)
     check_outputs({"--out": out, "--summary": summary},
                   [args.annotations, args.images, args.keypoints, args.checkpoint],
                   overwrite=args.overwrite)
     inputs = load_inputs(args.annotations, args.images, config, keypoints=args.keypoints,
-                         gt_keypoints=args.gt_keypoints, schema=_schema(args))
-    if inputs.unreadable and not args.skip_missing_images:
-        raise missing_images_error(inputs.unreadable, inputs.images_dir)
+                         gt_keypoints=args.gt_keypoints, schema=_schema(args),
+                         skip_missing_images=args.skip_missing_images)
     _note(f"keypoint scores: {inputs.config.keypoint_score} (visibility channel), "
           f"{inputs.config.confidence_score or inputs.config.keypoint_score} (confidence)")
     result = run_evaluation(
@@ -110,7 +113,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         gt_keypoints=args.gt_keypoints, model_name=args.model, image_size=args.image_size,
         config=config, coco_star=args.coco_star, out=out, summary_path=summary,
         progress=not args.no_progress, dtype=args.dtype, attention=args.attention,
-        skip_missing_images=args.skip_missing_images, inputs=inputs)
+        inputs=inputs)
     print(format_report(EvalReport.from_dict(result["report"])))
     if "left_out_images" in result:
         print(result["left_out_images"])
@@ -226,8 +229,7 @@ def cmd_annotate(args: argparse.Namespace) -> int:
                             min_iou=args.min_iou, shard_images=args.shard_images,
                             overlay_sample=args.sample)
     source = AnnotationInput(args.keypoints, args.image_info, config, _schema(args))
-    if not Path(args.images).is_dir():
-        raise UsageError(f"--images {args.images}: image folder not found")
+    _check_images_folder(args)
     checkpoint = _checkpoint(args)
     model = load_model(checkpoint, args.model, args.image_size, compute_dtype(args.dtype),
                        args.attention)
@@ -250,8 +252,7 @@ def cmd_curve(args: argparse.Namespace) -> int:
     config = CurveConfig(CorrectionConfig(num_points=args.points, sampler=args.sampler),
                          max_people=args.max_people, max_images=args.max_images)
     coco = load_coco(args.annotations, _schema(args))
-    if not Path(args.images).is_dir():
-        raise UsageError(f"--images {args.images}: image folder not found")
+    _check_images_folder(args)
     model = load_model(_checkpoint(args), args.model, args.image_size,
                        compute_dtype(args.dtype), args.attention)
     result = correction_curve(model, coco, args.images, config,

@@ -424,12 +424,9 @@ def _flat_keypoints(where: str, value: Any) -> Any:
         return value
     for index, triplet in enumerate(value):
         if not isinstance(triplet, list) or len(triplet) != 3:
-            length = len(triplet) if isinstance(triplet, list) else "not a list"
+            count = f" ({len(triplet)} numbers)" if isinstance(triplet, list) else ""
             raise CocoFormatError(f"{where}: keypoint {index} must be [x, y, score], got "
-                                  f"{str(triplet)[:40]} ({length} numbers)"
-                                  if isinstance(triplet, list) else
-                                  f"{where}: keypoint {index} must be [x, y, score], got "
-                                  f"{str(triplet)[:40]}")
+                                  f"{str(triplet)[:40]}{count}")
     return [v for triplet in value for v in triplet]
 
 

@@ -187,11 +187,7 @@ class HostStream:
     sample work is `TrainLoader.sample`'s."""
 
     def __init__(self, loader: "TrainLoader", start_step: int, num_steps: int):
-        self.source, self.seed = loader.source, loader.seed
-        self.settings = dict(image_size=loader.image_size,
-                             objects_per_image=loader.objects_per_image,
-                             augment_config=loader.augment_config,
-                             num_keypoints=loader.num_keypoints)
+        self.source, self.seed, self.settings = loader.source, loader.seed, loader.sample_settings
         self.global_batch_size, self.batch_size = loader.global_batch_size, loader.batch_size
         self.host_index, self.host_count = loader.host_index, loader.host_count
         self.num_records = loader.num_records
@@ -292,6 +288,11 @@ class TrainLoader:
         self.prefetch = int(prefetch)
         self.num_keypoints = int(num_keypoints)
         self.workers, self.num_workers = workers, int(num_workers)
+        # what `make_sample` takes besides the record and its generator
+        self.sample_settings = dict(image_size=self.image_size,
+                                    objects_per_image=self.objects_per_image,
+                                    augment_config=augment_config,
+                                    num_keypoints=self.num_keypoints)
         self._pool = (futures.ThreadPoolExecutor(num_workers, thread_name_prefix="p2s-data")
                       if num_workers and workers == "threads" else None)
         self._grain_iterators: list = []
@@ -311,10 +312,7 @@ class TrainLoader:
     def sample(self, step: int, epoch: int, record_index: int) -> dict[str, np.ndarray]:
         """One sample (with its record_index); errors become a DataError naming the record."""
         return make_record_sample(self.source, self.seed, step, epoch, record_index,
-                                  image_size=self.image_size,
-                                  objects_per_image=self.objects_per_image,
-                                  augment_config=self.augment_config,
-                                  num_keypoints=self.num_keypoints)
+                                  **self.sample_settings)
 
     def batch(self, step: int) -> dict[str, np.ndarray]:
         """This host's batch of `step` (see the module docstring), made in the calling thread."""

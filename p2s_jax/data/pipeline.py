@@ -59,8 +59,8 @@ def once_on_process_zero(prepare_fn) -> None:
 
 
 def _prepared(data_dir: str, name: str, manual_dir: str, make_config=None):
-    """The records of `name`, prepared first (once, `_once`; from `make_config()`, or the
-    predefined config of that name) when they are not there yet."""
+    """The records of `name`, prepared first when they are not there yet (on process 0,
+    `once_on_process_zero`; from `make_config()`, or the predefined config of that name)."""
     if not is_prepared(data_dir, name):
         if not manual_dir:
             raise MissingFileError(

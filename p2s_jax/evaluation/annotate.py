@@ -51,7 +51,7 @@ from p2s_jax.keypoints import KeypointSchema, labelled_points
 from p2s_jax.model.sam2 import SAM2Image
 from p2s_jax.parallel import make_mesh
 from p2s_jax.utils.errors import InputError, Interrupted, interrupt_signal
-from p2s_jax.utils.files import read_json, write_atomic, write_json
+from p2s_jax.utils.files import read_json, summary_path, write_atomic, write_json
 from p2s_jax.utils.images import ImageError, load_image
 
 STATUSES = ("ok", "empty_prompt", "no_prompt", "low_iou", "empty_mask", "missing_image")
@@ -265,11 +265,6 @@ def annotate(model: SAM2Image, source: AnnotationInput, images_dir, out,
                                                 config.overlay_sample,
                                                 source.inference.prompt.visibility_threshold)
     return summary
-
-
-def summary_path(out: Path) -> Path:
-    """Where `annotate` writes its summary: `<out stem>.summary.json` beside `out`."""
-    return out.with_name(out.stem + ".summary.json")
 
 
 def _merge(data: dict, records: dict) -> dict:

@@ -29,6 +29,7 @@ from p2s_jax.keypoints import KeypointSchema
 from p2s_jax.model.configs import compute_dtype
 from p2s_jax.model.sam2 import SAM2Image
 from p2s_jax.utils.errors import InputError, MissingFileError
+from p2s_jax.utils import files
 from p2s_jax.utils.files import write_json
 from weights_conversion import load_model
 
@@ -43,17 +44,19 @@ class EvalInputs(NamedTuple):
     unreadable: list  # [{"image_id", "file_name", "reason"}]: photos that cannot be run
     description: str  # where the poses come from: the file, or "ground truth"
     image_ids: list  # the images scored (all of the ground truth, or the first `max_images`)
+    skip_missing_images: bool  # photos that cannot be read are left out of the scoring
 
 
 def load_inputs(annotations, images_dir, config: EvalConfig, *, keypoints=None,
                 gt_keypoints: bool = False, schema: KeypointSchema | None = None,
-                max_images: int = 0) -> EvalInputs:
+                max_images: int = 0, skip_missing_images: bool = False) -> EvalInputs:
     """Reads and checks everything a run needs from files (see the module docstring);
     `max_images` > 0 keeps the first that many images with a person (by id).
 
     Raises:
       InputError: a malformed file, a pose the settings cannot use, a score channel the file
-        does not carry; `MissingFileError` for a missing file or folder.
+        does not carry, photos that cannot be read (unless `skip_missing_images`: then their
+        images are left out of the scoring); `MissingFileError` for a missing file or folder.
     """
     if (keypoints is None) == (not gt_keypoints):
         raise InputError("give exactly one of keypoints (a detection file) and gt_keypoints")
@@ -70,25 +73,27 @@ def load_inputs(annotations, images_dir, config: EvalConfig, *, keypoints=None,
         poses = {i: poses[i] for i in image_ids if i in poses}
     config = resolve_score_channels(config, poses, "ground truth" if gt_keypoints else keypoints)
     items = run_items(coco, images_dir, poses, config)  # raises on a pose it cannot use
-    return EvalInputs(coco, images_dir, poses, config, check_image_files(items),
-                      "ground truth" if gt_keypoints else str(keypoints), image_ids)
+    unreadable = check_image_files(items)
+    if unreadable and not skip_missing_images:
+        raise missing_images_error(unreadable, images_dir)
+    return EvalInputs(coco, images_dir, poses, config, unreadable,
+                      "ground truth" if gt_keypoints else str(keypoints), image_ids,
+                      skip_missing_images)
 
 
 def evaluate_inputs(model: SAM2Image, inputs: EvalInputs, *, coco_star: bool = False,
-                    skip_missing_images: bool = False, mesh: Mesh | None = None,
-                    progress: bool = True, label: str = "evaluate"
+                    mesh: Mesh | None = None, progress: bool = True, label: str = "evaluate"
                     ) -> tuple[dict, EvalOutput, list[int]]:
     """Masks for the persons of `inputs` and their mask AP -> (metrics, run output, the image
-    ids scored). Photos that cannot be read stop the run unless `skip_missing_images`, which
-    leaves their images out of the scoring."""
-    if inputs.unreadable and not skip_missing_images:
-        raise missing_images_error(inputs.unreadable, inputs.images_dir)
+    ids scored). A photo that breaks while decoding stops the run unless
+    `inputs.skip_missing_images`, which leaves its image out of the scoring, as it does the
+    photos `load_inputs` found unreadable."""
     left_out = {p["image_id"] for p in inputs.unreadable}
     poses = {i: p for i, p in inputs.poses.items() if i not in left_out}
     output = run_dataset(model, inputs.coco, inputs.images_dir, poses, inputs.config, mesh=mesh,
                          progress=progress, label=label)
     left_out |= {s["image_id"] for s in output.report.skipped_images}
-    if left_out and not skip_missing_images:  # a photo that broke while decoding
+    if left_out and not inputs.skip_missing_images:  # a photo that broke while decoding
         raise missing_images_error(output.report.skipped_images, inputs.images_dir)
     image_ids = [i for i in inputs.image_ids if i not in left_out]
     if not image_ids:
@@ -123,25 +128,23 @@ def run_evaluation(annotations, images_dir, checkpoint, *, keypoints=None,
         `summary_path`, by default next to it as `<out stem>.summary.json`.
       model: an already loaded model (tests, notebooks).
       skip_missing_images: score only the images whose photo can be read (stated in the
-        summary) instead of refusing.
+        summary) instead of refusing (`load_inputs`).
       schema: read the files' keypoints by position in this schema (names that fit none).
       inputs: the inputs already read by `load_inputs` (the CLI checks them before it loads
-        the model).
+        the model); they carry their own `skip_missing_images`.
 
     Returns:
       The summary dict (settings, metrics incl. "table", report).
     """
     if inputs is None:
         inputs = load_inputs(annotations, images_dir, config, keypoints=keypoints,
-                             gt_keypoints=gt_keypoints, schema=schema)
-    if inputs.unreadable and not skip_missing_images:
-        raise missing_images_error(inputs.unreadable, inputs.images_dir)
+                             gt_keypoints=gt_keypoints, schema=schema,
+                             skip_missing_images=skip_missing_images)
     checkpoint_loaded = model is None
     if checkpoint_loaded:
         model = load_model(checkpoint, model_name, image_size, compute_dtype(dtype), attention)
-    metrics, output, image_ids = evaluate_inputs(
-        model, inputs, coco_star=coco_star, skip_missing_images=skip_missing_images, mesh=mesh,
-        progress=progress)
+    metrics, output, image_ids = evaluate_inputs(model, inputs, coco_star=coco_star, mesh=mesh,
+                                                 progress=progress)
     left_out = sorted({s["image_id"]: s for s in
                        inputs.unreadable + output.report.skipped_images}.values(),
                       key=lambda s: s["image_id"])
@@ -152,7 +155,7 @@ def run_evaluation(annotations, images_dir, checkpoint, *, keypoints=None,
             "checkpoint": None if checkpoint is None else str(checkpoint),
             "model": model.config.name, "image_size": model.config.image_size,
             "attention": model.config.attention, "dtype": dtype if checkpoint_loaded else None,
-            "coco_star": coco_star, "skip_missing_images": skip_missing_images,
+            "coco_star": coco_star, "skip_missing_images": inputs.skip_missing_images,
             **inputs.config.for_backend().to_dict(),
         },
         "metrics": {k: v for k, v in metrics.items() if k != "table"},
@@ -170,8 +173,7 @@ def run_evaluation(annotations, images_dir, checkpoint, *, keypoints=None,
     if out is not None and jax.process_index() == 0:
         out = Path(out)
         write_json(out, output.results)
-        summary_path = (out.with_name(out.stem + ".summary.json") if summary_path is None
-                        else Path(summary_path))
+        summary_path = files.summary_path(out) if summary_path is None else Path(summary_path)
         summary["results_file"] = str(out)
         write_json(summary_path, summary, indent=2)
         summary["summary_file"] = str(summary_path)

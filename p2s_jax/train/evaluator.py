@@ -23,7 +23,6 @@ from etils import epath
 from p2s_jax.data.pipeline import make_synthetic_split, once_on_process_zero
 from p2s_jax.evaluation.config import EvalConfig
 from p2s_jax.evaluation.evaluate import evaluate_inputs, load_inputs
-from p2s_jax.evaluation.plan import missing_images_error
 from p2s_jax.inference.prompting import PromptConfig
 from p2s_jax.keypoints import get_schema
 from p2s_jax.model.sam2 import SAM2Image
@@ -82,10 +81,6 @@ class HeldOutEvaluator:
         self.inputs = load_inputs(annotations, images, held_out_settings(config, keypoints is None),
                                   keypoints=keypoints, gt_keypoints=keypoints is None,
                                   schema=schema, max_images=config.eval.max_images)
-        if self.inputs.unreadable:
-            raise missing_images_error(self.inputs.unreadable, images)
-        self.files = {"annotations": str(annotations), "images": str(images),
-                      "keypoints": str(keypoints) if keypoints else "ground truth"}
         self.curve = (CurveConfig(CorrectionConfig(num_points=config.correction.num_points,
                                                    sampler="center"),
                                   max_images=config.eval.max_images)

@@ -34,7 +34,7 @@ from jax.sharding import NamedSharding
 from tqdm import tqdm
 
 from p2s_jax.data.pipeline import check_data_paths, loader_from_config
-from p2s_jax.hardware import peak_flops
+from p2s_jax.hardware import peak_flops, xla_cost
 from p2s_jax.model.flops import train_flops_per_image
 from p2s_jax.parallel import REPLICATED, host_to_global, make_mesh
 from p2s_jax.train import losses
@@ -131,7 +131,9 @@ def _write_config(workdir: epath.Path, config: TrainConfig) -> None:
 
 class _Report:
     """Reads a finished step's metrics back: stops on a non-finite step, logs the losses, the
-    time split and the utilisation, says when the run is data-bound, shows progress."""
+    time split and the utilisation, says when the run is data-bound, shows progress. A step is
+    read back after the next one is dispatched (`defer`), or at once where the host needs it
+    done (`flush`: before an evaluation or a save)."""
 
     def __init__(self, workdir: epath.Path, config: TrainConfig, manager, timer: StepTimer,
                  start: int, end: int, progress: bool):
@@ -141,6 +143,18 @@ class _Report:
         self.bar = (tqdm(total=config.total_steps, initial=start, unit="step", dynamic_ncols=True)
                     if progress and jax.process_index() == 0 else None)
         self.last: dict = {}
+        self.pending = None  # (step, metrics, record ids) of the step dispatched last
+
+    def defer(self, step: int, metrics, record_index: np.ndarray) -> None:
+        """Reads back the step dispatched before `step`, and keeps `step`'s for later."""
+        self.flush()
+        self.pending = (step, metrics, record_index)
+
+    def flush(self) -> None:
+        """Reads back the step `defer` kept, if any."""
+        if self.pending is not None:
+            pending, self.pending = self.pending, None
+            self(*pending)
 
     def __call__(self, step: int, metrics, record_index: np.ndarray) -> None:
         metrics = jax.device_get(metrics)
@@ -267,7 +281,6 @@ def train(config: TrainConfig, workdir, *, resume: bool = False,
                 "data_state": _loader_state(loader, done), "config": to_dict(config)}
 
     profile = _Profile(config.profile_steps, workdir)
-    pending = None  # (step, metrics, record ids) of the previous step, read after the next
     batches = iter(loader.iterate(start))
     try:
         with StopWatch() as stop:
@@ -286,43 +299,34 @@ def train(config: TrainConfig, workdir, *, resume: bool = False,
                 dispatch = time.perf_counter()
                 state, metrics = compiled(state, frozen, device_batch)
                 timer.dispatched(step, loaded - tick, transferred - loaded, metrics, dispatch)
-                if pending is not None:
-                    report(*pending)
-                pending = (step, metrics, np.asarray(batch["record_index"]))
+                report.defer(step, metrics, np.asarray(batch["record_index"]))
                 done = step + 1
                 profile.after(step, metrics)
                 evaluated = None
                 if evaluator is not None and (done % config.eval.every == 0
                                               or done == config.total_steps):
-                    report(*pending)
-                    pending = None
+                    report.flush()
                     began = time.perf_counter()
                     evaluated = evaluator(nnx.merge(graphdef, state["params"], frozen), done)
                     report.evaluation(done, evaluated, time.perf_counter() - began)
                     timer.restart()
                 stopping = stop.should_stop(done) and done < end
-                if done % config.checkpoint_every == 0 or done == end or stopping or evaluated:
-                    if pending is not None:
-                        report(*pending)
-                        pending = None
-                    if done % config.checkpoint_every == 0 or done == end or stopping:
-                        save_checkpoint(manager, state, meta_of(done), force=stopping)
-                    if evaluated and best is not None:
-                        save_checkpoint(best, state, {**meta_of(done), "eval": evaluated},
-                                        metrics={"AP": evaluated["eval/AP"]})
+                save = done % config.checkpoint_every == 0 or done == end or stopping
+                if save or evaluated:
+                    report.flush()
+                if save:
+                    save_checkpoint(manager, state, meta_of(done), force=stopping)
+                if evaluated and best is not None:
+                    save_checkpoint(best, state, {**meta_of(done), "eval": evaluated},
+                                    metrics={"AP": evaluated["eval/AP"]})
                 if stopping:
-                    manager.wait_until_finished()
-                    if best is not None:
-                        best.wait_until_finished()
+                    _wait_for_saves(manager, best)
                     raise Preempted(
                         f"stopped by {stop.reason} at step {done}: checkpoint "
                         f"{workdir / 'checkpoints' / str(done)} saved; continue with: p2s "
                         f"train --workdir {workdir} --resume", done)
-            if pending is not None:
-                report(*pending)
-            manager.wait_until_finished()
-            if best is not None:
-                best.wait_until_finished()
+            report.flush()
+            _wait_for_saves(manager, best)
     finally:
         profile.close()
         report.close()
@@ -333,14 +337,20 @@ def train(config: TrainConfig, workdir, *, resume: bool = False,
     return TrainResult(state, end - start, report.last, end)
 
 
+def _wait_for_saves(*managers) -> None:
+    """Until every save in flight is committed (None: a manager the run does not have)."""
+    for manager in managers:
+        if manager is not None:
+            manager.wait_until_finished()
+
+
 def _compile(step_fn, state, frozen, batch, timer: StepTimer):
     """The train step compiled for these arguments (the program every step runs); XLA's FLOP
     count of it (all devices) goes to the timer's HFU."""
     compiled = step_fn.lower(state, frozen, batch).compile()
-    cost = compiled.cost_analysis()
-    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-    if cost and cost.get("flops"):
-        timer.hardware_flops_per_step = float(cost["flops"]) * jax.device_count()
+    flops = xla_cost(compiled).get("flops")
+    if flops:
+        timer.hardware_flops_per_step = float(flops) * jax.device_count()
     return compiled
 
 

@@ -58,9 +58,9 @@ class StepTimer:
         self.window: collections.deque = collections.deque(maxlen=window)
         self._times: dict[int, StepTimes] = {}
         self._dispatched: dict[int, float] = {}
-        self._done: dict[int, float] = {}
+        self._done: set[int] = set()  # steps whose end the watcher has seen
         self._last_done: float | None = None
-        self._lock = threading.Lock()
+        self._lock = threading.Condition()  # notified when a step's end is seen
         self._queue: queue.Queue = queue.Queue()
         self._thread = threading.Thread(target=self._watch, name="p2s-step-timer", daemon=True)
         self._thread.start()
@@ -97,21 +97,18 @@ class StepTimer:
                 times.wall = done - previous
                 times.idle = max(0.0, start - previous)
                 self._last_done = done
-                self._done[step] = done
+                self._done.add(step)
+                self._lock.notify_all()
 
     def times(self, step: int, timeout: float = 600.0) -> StepTimes:
         """The measured times of `step` (waits for its end to be seen)."""
-        deadline = time.perf_counter() + timeout
-        while True:
-            with self._lock:
-                if step in self._done:
-                    self._done.pop(step)
-                    times = self._times.pop(step)
-                    self.window.append(times)
-                    return times
-            if time.perf_counter() > deadline:
+        with self._lock:
+            if not self._lock.wait_for(lambda: step in self._done, timeout):
                 raise TimeoutError(f"step {step} did not finish within {timeout} s")
-            time.sleep(0.0005)
+            self._done.remove(step)
+            times = self._times.pop(step)
+        self.window.append(times)
+        return times
 
     def metrics(self, times: StepTimes) -> dict[str, float]:
         """The step's time split, images/s and utilisations, for the metrics log."""

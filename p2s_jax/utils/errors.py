@@ -52,7 +52,6 @@ class Interrupted(Stopped):
         return 128 + self.signal_number
 
 
-
 # The signals `raise_interrupt` turned into exceptions inside `raise_on_signals`, newest last.
 # Signals are the process's, so is this record: it lets `interrupt_signal` recognise an
 # interruption that a library re-raised as another error (JAX turns a KeyboardInterrupt raised

@@ -65,6 +65,13 @@ def write_json(path: str | os.PathLike, data: Any, indent: int | None = None) ->
     return write_atomic(path, json.dumps(data, indent=indent))
 
 
+def summary_path(out: str | os.PathLike) -> Path:
+    """Where a command writes the summary of its output `out`: `<out stem>.summary.json` beside
+    it (`p2s evaluate` without --summary, `p2s annotate`)."""
+    out = Path(out)
+    return out.with_name(out.stem + ".summary.json")
+
+
 def _same_path(a: Path, b: Path) -> bool:
     if a.exists() and b.exists():
         return os.path.samefile(a, b)
