@@ -170,12 +170,33 @@ def test_resume_after_sigkill_on_four_devices_is_byte_identical(setup, uninterru
 
 
 def test_settings_mismatch_and_bad_input_are_named(setup, uninterrupted, tmp_path, capsys):
-    out = uninterrupted[0]
+    """The shards of a run with other settings are named by the option that differs, and
+    replaced with --overwrite."""
+    import shutil
+
+    from p2s_jax.evaluation.annotate import shard_dir
+
+    out = tmp_path / "run" / "annotated.json"
+    shutil.copytree(shard_dir(uninterrupted[0]), shard_dir(out))  # a run of --shard-images 2
     args = ["annotate", "--keypoints", str(setup["keypoints"]), "--images",
             str(setup["images"]), "--out", str(out), "--checkpoint", str(setup["checkpoint"]),
-            "--shard-images", "3", "--no-progress", "--overwrite"]
+            "--shard-images", "3", "--sample", "2", "--no-progress"]
     assert cli.main(args) == 2
-    assert "holds shards of another run (different ['config'])" in capsys.readouterr().err
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1
+    assert "holds the shards of a run with other settings (--shard-images 2 -> 3): pass " \
+           "--overwrite to replace them" in err
+    shutil.copy(uninterrupted[0], out)  # and its finished output
+    assert cli.main(args + ["--overwrite"]) == 0
+    assert json.loads((shard_dir(out) / "settings.json").read_text())["config"][
+        "shard_images"] == 3
+    assert sorted(p.name for p in shard_dir(out).iterdir()) == [
+        "000000.json", "000001.json", "settings.json"]  # 6 images in shards of 3
+    old = json.loads(uninterrupted[0].read_text())["annotations"]
+    new = json.loads(out.read_text())["annotations"]
+    assert [(a["id"], a["p2s"]["status"]) for a in new] == [
+        (a["id"], a["p2s"]["status"]) for a in old]
+    args += ["--overwrite"]
     bad = json.loads(setup["keypoints"].read_text())
     del bad["annotations"][4]["keypoints"]
     path = tmp_path / "bad.json"
@@ -237,7 +258,7 @@ def test_annotated_file_is_training_data(setup, uninterrupted, tmp_path):
     with pytest.raises(Exception, match="keypoints are crowdpose14, the builder config says "
                                         "coco17"):
         prepare("/", tmp_path / "tfds2", PersonSegmentationConfig(
-            name="wrong", annotations=str(out), images=str(setup["images"])))
+            name="wrong", annotations=str(out), images=str(setup["images"]), schema="coco17"))
 
 
 @pytest.mark.slow  # a tiny training step compiles for a minute
@@ -246,9 +267,11 @@ def test_annotated_file_trains_one_tiny_step(setup, uninterrupted, tmp_path, cap
     assert cli.main(["train", "--config", "tiny", "--workdir", str(tmp_path / "run"),
                      "--no-progress", f"data.annotations={out}",
                      f"data.images={setup['images']}", "data.manual_dir=/",
-                     f"data.data_dir={tmp_path / 'tfds'}", "data.synthetic_images=0",
-                     "total_steps=1", "checkpoint_every=1"]) == 0
-    assert "trained 1 step in" in capsys.readouterr().out
+                     f"data.data_dir={tmp_path / 'tfds'}",
+                     "eval.every=0", "total_steps=1", "checkpoint_every=1"]) == 0
+    printed = capsys.readouterr().out  # the annotated file, not the preset's generated images
+    assert f" records, 'custom' from data.annotations {out} (statuses ok)" in printed
+    assert "trained 1 step in" in printed and not (tmp_path / "run" / "synthetic").exists()
 
 
 def test_keypoint_results_input_and_a_missing_image(setup, tmp_path):

@@ -92,6 +92,23 @@ def test_segment_takes_the_photos_own_results(real, converted, tmp_path, capsys)
     assert len(json.loads((tmp_path / "b.json").read_text())["people"]) == persons[196141]
 
 
+def test_evaluate_without_detections_is_ap_zero_said_plainly(real, converted, tmp_path, capsys):
+    """A pose estimator that found nobody writes `[]`: a valid input, every person missed."""
+    empty = tmp_path / "empty.json"
+    empty.write_text("[]")
+    assert cli.main(["evaluate", "--annotations", str(real["annotations"]), "--images",
+                     str(real["images"]), "--keypoints", str(empty), "--checkpoint",
+                     str(converted), "--image-size", str(SIZE), "--out",
+                     str(tmp_path / "r.json"), "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    assert f"{empty} holds no poses of these images: no mask was made, every person is missed " \
+           "(AP 0)" in printed
+    summary = json.loads((tmp_path / "r.summary.json").read_text())
+    assert json.loads((tmp_path / "r.json").read_text()) == []
+    coco = load_coco(real["annotations"])
+    assert summary["metrics"]["AP"] == evaluate_segm(coco, [])["AP"] == 0.0
+
+
 def test_evaluate_refuses_missing_photos_or_scores_only_those_present(real, converted, tmp_path,
                                                                       capsys):
     """A photo missing from --images is named before any work (the model is not even loaded:
@@ -107,7 +124,9 @@ def test_evaluate_refuses_missing_photos_or_scores_only_those_present(real, conv
     assert "000000040083.jpg (image file not found)" in err and "--skip-missing-images" in err
     assert not (tmp_path / "r.json").exists()
 
-    assert cli.main(args + ["--checkpoint", str(converted), "--skip-missing-images"]) == 0
+    # a batch far larger than the photos is cut to them (it used to allocate 91.6 GiB)
+    assert cli.main(args + ["--checkpoint", str(converted), "--skip-missing-images",
+                            "--batch-size", "100000"]) == 0
     printed = capsys.readouterr().out
     assert "left out of the scoring (--skip-missing-images): AP is over 3 of 4 images" in printed
     summary = json.loads((tmp_path / "r.summary.json").read_text())

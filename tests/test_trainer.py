@@ -64,6 +64,12 @@ def uninterrupted(tmp_path_factory, env):
     assert "prepared synthetic_8_0" in proc.stdout, proc.stdout
     for noise in ("examples/s", "Using custom data configuration"):
         assert noise not in proc.stdout + proc.stderr, (noise, proc.stderr[-2000:])
+    # no progress bar: a line per log_every (1) steps, as a pod's log file shows it
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("step ")
+             and "/12: loss " in line]
+    assert [int(line.split("/")[0].split()[1]) for line in lines] == list(range(1, 13)), lines
+    assert all(" images/s, data-bound " in line and line.endswith(" %") for line in lines)
+    assert "training data: 8 records, 8 generated images" in proc.stdout
     return workdir
 
 
@@ -222,6 +228,16 @@ def test_unrestorable_checkpoint_then_resume_step_with_processes_and_a_profile(
                         "profile_steps=[9,10]"), {**env, "P2S_TEST_SLOW_LOADER": "0.5"})
     assert "trained 4 steps" in resumed.stdout
     assert "data-bound: " in resumed.stdout and "waiting on the loader" in resumed.stdout
+    # steps 9-12 of the first run are abandoned: logged once each, the old ones set aside
+    steps = [r["step"] for r in read_jsonl(workdir / "metrics.jsonl") if "core_loss" in r]
+    assert steps == list(range(1, 13))
+    abandoned = read_jsonl(workdir / "metrics.abandoned.jsonl")
+    assert sorted({r["step"] for r in abandoned if "core_loss" in r}) == [9, 10, 11, 12]
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(workdir / "tensorboard"))  # TensorBoard's own reader
+    events.Reload()
+    assert [e.step for e in events.Scalars("core_loss")] == list(range(1, 13))
     assert (workdir / "checkpoints.unused" / "12").is_dir()
     assert json.loads((workdir / "config.json").read_text())["data"]["loader"] == "processes"
     traces = list((workdir / "tensorboard" / "plugins" / "profile").glob("*/*.xplane.pb"))
@@ -236,7 +252,8 @@ def test_unrestorable_checkpoint_then_resume_step_with_processes_and_a_profile(
     _assert_same_params(workdir, uninterrupted, tmp_path, env)
 
 
-def test_evaluation_while_training_equals_p2s_evaluate_and_curve(tmp_path, env, uninterrupted):
+def test_evaluation_while_training_equals_p2s_evaluate_and_curve(tmp_path, env, uninterrupted,
+                                                                 capsys):
     """The tiny run evaluates its held-out split at steps 6 and 12: the metrics and masks it
     logs at step 12 are those `p2s evaluate` gives on the checkpoint of step 12 (same data,
     same preset), and its correction curve is `p2s curve`'s; `p2s export --best` writes the
@@ -269,7 +286,10 @@ def test_evaluation_while_training_equals_p2s_evaluate_and_curve(tmp_path, env, 
     assert any(v > 0 for v in values)
     (best,) = [int(p.name) for p in (uninterrupted / "best").iterdir() if p.name.isdigit()]
     assert evaluations[best]["eval/AP"] == max(r["eval/AP"] for r in evaluations.values())
+    capsys.readouterr()
     from_best = _export(uninterrupted, tmp_path / "best.pt", env, "--image-only", "--best")
+    said = capsys.readouterr().out
+    assert f"(step {best}; held-out AP {100 * evaluations[best]['eval/AP']:.1f}; " in said, said
     from_step = (torch_load(exported) if best == 12 else  # on ties Orbax keeps the later
                  _export(uninterrupted, tmp_path / "at_best.pt", env, "--image-only", "--step",
                          str(best)))
@@ -318,6 +338,14 @@ def test_export_loads_with_the_official_strict_loader(tmp_path, env, uninterrupt
     assert main(["export", "--workdir", str(uninterrupted), "--out",
                  str(tmp_path / "x.pt")]) == 2
     assert "pass --base ORIGINAL.pt" in capsys.readouterr().err
+    random_base = tmp_path / "random_t.pt"  # what p2s init writes: no video-memory tensors
+    torch.save({"model": {k: torch.from_numpy(v) for k, v in full.items()
+                          if not k.startswith(VIDEO_MEMORY_PREFIXES)}}, random_base)
+    assert main(["export", "--workdir", str(uninterrupted), "--out", str(tmp_path / "x.pt"),
+                 "--best", "--base", str(random_base)]) == 2
+    err = capsys.readouterr().err
+    assert f"--base {random_base} holds no video-memory tensors" in err and "pass --base" \
+        not in err and not (tmp_path / "x.pt").exists()
     _export(uninterrupted, tmp_path / "image_only.pt", env, "--image-only")
     with pytest.raises(RuntimeError, match="Missing key"):
         _strict_load(tmp_path / "image_only.pt")
@@ -468,12 +496,22 @@ def test_missing_paths_stop_the_run_before_anything_is_written(tmp_path, capsys)
     for override, named in (("init_checkpoint=/nowhere/sam2.1_t.pt", "init_checkpoint "
                                                                       "/nowhere/sam2.1_t.pt"),
                              ("data.synthetic_images=0", "set data.data_dir"),
-                             ("eval.synthetic_images=0", "eval.annotations")):
-        assert main(["train", "--config", "tiny", "--workdir", str(workdir), override,
+                             ("eval.synthetic_images=0", "eval.annotations"),
+                             ("global_batch_size=100000", "global_batch_size 100000 is larger "
+                              "than the training data (data.synthetic_images=8)"),
+                             ("data.annotations=a.json data.synthetic_images=4",
+                              "data.annotations=a.json and data.synthetic_images=4 both name "
+                              "training data")):
+        assert main(["train", "--config", "tiny", "--workdir", str(workdir), *override.split(),
                      "--no-progress"]) == 2
         err = capsys.readouterr().err
         assert named in err and len(err.strip().splitlines()) == 1, err
         assert not workdir.exists()
+    workdir.write_text("a file")
+    assert main(["train", "--config", "tiny", "--workdir", str(workdir), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert f"--workdir {workdir} is a file: name a folder" in err, err
+    assert len(err.strip().splitlines()) == 1
 
 
 def _two_processes(workdir: Path, env, *args, hooks=None) -> list[subprocess.Popen]:
@@ -513,6 +551,8 @@ def test_sigterm_to_one_of_two_processes_stops_both_at_one_step(tmp_path, env):
         assert proc.returncode == 75, log[-3000:]
         (line,) = [line for line in log.splitlines() if line.startswith("p2s train:")]
         steps.append(int(line.split(" at step ")[1].split(":")[0]))
+        assert line.endswith(f"continue with: p2s train --workdir {workdir} --resume "
+                             "--distributed"), line
     assert steps[0] == steps[1] and 7 <= steps[0] < 12
     assert (workdir / "checkpoints" / str(steps[0]) / "commit_success.txt").is_file()
     for proc in _two_processes(workdir, env, "--resume"):

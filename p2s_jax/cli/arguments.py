@@ -117,6 +117,26 @@ def _add_schema(parser: argparse.ArgumentParser) -> None:
                              "the one schema with as many keypoints)")
 
 
+def _add_import(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--import", dest="imports", action="append", default=[],
+                        metavar="MODULE", help="import MODULE first: one that registers a "
+                                               "sampler or a keypoint schema of your own "
+                                               "(repeatable; importable from the working "
+                                               "folder or PYTHONPATH)")
+
+
+def preparse_imports(argv: list[str]) -> list[str]:
+    """The ``--import MODULE`` values of a command line, read before the parser is built (the
+    modules register the samplers and schemas that its choices list)."""
+    modules = []
+    for index, item in enumerate(argv):
+        if item == "--import" and index + 1 < len(argv):
+            modules.append(argv[index + 1])
+        elif item.startswith("--import="):
+            modules.append(item.split("=", 1)[1])
+    return modules
+
+
 def _batch_size(value: str) -> int:
     number = int(value)
     if number < 0:
@@ -159,6 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_arguments(evaluate, checkpoint_required=True)
     _add_prompt_arguments(evaluate)
     _add_schema(evaluate)
+    _add_import(evaluate)
     evaluate.add_argument("--coco-star", action="store_true",
                           help="COCO*: persons that are small or without keypoints are ignored")
     evaluate.add_argument("--result-score", choices=RESULT_SCORES, default=None,
@@ -172,7 +193,7 @@ def build_parser() -> argparse.ArgumentParser:
                                "missing or unreadable photo stops the run before it starts)")
     evaluate.add_argument("--batch-size", type=_batch_size, default=0,
                           help="images per device per step (0, the default: 2 on CPU, 8 on "
-                               "accelerators)")
+                               "accelerators; at most the images there are)")
     evaluate.add_argument("--people-chunk", type=_batch_size, default=0,
                           help="people decoded together (0, the default: 4 on CPU, all on "
                                "accelerators)")
@@ -195,6 +216,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_arguments(segment, checkpoint_required=False)
     _add_prompt_arguments(segment)
     _add_schema(segment)
+    _add_import(segment)
     segment.add_argument("--out", required=True, help="overlay image to write (PNG)")
     segment.add_argument("--masks-out", default=None,
                          help="also write the masks (COCO RLE) and prompts as JSON")
@@ -215,9 +237,7 @@ def build_parser() -> argparse.ArgumentParser:
                                "good one when the latest cannot be restored); later ones are "
                                "moved aside, not deleted")
     _add_distributed(training)
-    training.add_argument("--import", dest="imports", action="append", default=[],
-                          metavar="MODULE", help="import MODULE first, e.g. one that registers "
-                                                 "a sampler (repeatable)")
+    _add_import(training)
     training.add_argument("--no-progress", action="store_true")
     training.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                           help="config overrides, e.g. optim.base_lr=1e-5 "
@@ -263,20 +283,19 @@ def build_parser() -> argparse.ArgumentParser:
                                  help="images per resumable shard (default 256)")
     annotate_parser.add_argument("--batch-size", type=_batch_size, default=0,
                                  help="images per device per step (0, the default: 2 on CPU, 8 "
-                                      "on accelerators)")
+                                      "on accelerators; at most the images of a shard)")
     annotate_parser.add_argument("--workers", type=int, default=4)
     _add_overwrite(annotate_parser)
     annotate_parser.add_argument("--no-progress", action="store_true")
     _add_distributed(annotate_parser)
-    annotate_parser.add_argument("--import", dest="imports", action="append", default=[],
-                                 metavar="MODULE", help="import MODULE first, e.g. one that "
-                                                        "registers a keypoint schema")
+    _add_import(annotate_parser)
 
     curve = commands.add_parser("curve", help="mean IoU after each correction point (Fig. 2)")
     curve.add_argument("--annotations", required=True, help="COCO-format ground truth")
     curve.add_argument("--images", required=True, help="image folder")
     _add_model_arguments(curve, checkpoint_required=True)
     _add_schema(curve)
+    _add_import(curve)
     curve.add_argument("--points", type=int, default=8, help="1 + correction points (8)")
     curve.add_argument("--sampler", default="center",
                        help="a registered sampler (default center: the official evaluation "
@@ -306,6 +325,7 @@ def build_parser() -> argparse.ArgumentParser:
     train_data.add_argument("--workdir", default=None,
                             help="the run's workdir (generated data of data.synthetic_images "
                                  "goes there)")
+    _add_import(train_data)
     train_data.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                             help="config overrides, e.g. data.data_dir=/data/tfds")
 
@@ -323,6 +343,7 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--image-only", action="store_true",
                         help="write the image-path tensors alone when no base is known (the "
                              "official strict loader refuses such a file)")
+    _add_import(export)
     _add_overwrite(export)
     return parser
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import importlib
 import json
 import sys
 from pathlib import Path
@@ -30,7 +29,9 @@ from p2s_jax.train.correction import CorrectionConfig
 from p2s_jax.train.curve import CurveConfig, correction_curve, write_curve_png
 from p2s_jax.train.config import load_config, parse_overrides
 from p2s_jax.train.loop import train
-from p2s_jax.utils.files import check_outputs, read_json, replace_folder, summary_path
+from p2s_jax.utils.errors import interrupt_signal
+from p2s_jax.utils.files import (check_folder, check_outputs, listing, read_json, replace_folder, summary_path,
+                                 what_was_left)
 from p2s_jax.utils.images import load_image
 from p2s_jax.cli.arguments import PROG, UsageError, inference_config
 from weights_conversion import (METADATA_FILE, convert_checkpoint, load_model, random_init_info,
@@ -63,8 +64,7 @@ def _schema(args: argparse.Namespace):
 
 
 def _check_images_folder(args: argparse.Namespace) -> None:
-    if not Path(args.images).is_dir():
-        raise UsageError(f"--images {args.images}: image folder not found")
+    check_folder(args.images, "--images")
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
@@ -115,8 +115,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         progress=not args.no_progress, dtype=args.dtype, attention=args.attention,
         inputs=inputs)
     print(format_report(EvalReport.from_dict(result["report"])))
-    if "left_out_images" in result:
-        print(result["left_out_images"])
+    for note in ("no_poses", "left_out_images"):
+        if note in result:
+            print(result[note])
     print(result["table"])
     if "results_file" in result:
         print(f"results: {result['results_file']}\nsummary: {result['summary_file']}")
@@ -168,7 +169,6 @@ def cmd_segment(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    _import_modules(args.imports)
     config_name = args.config
     if config_name is None:
         saved = Path(args.workdir) / "config.json"
@@ -178,11 +178,20 @@ def cmd_train(args: argparse.Namespace) -> int:
         config_name = str(saved)
     if args.resume_step is not None and not args.resume:
         raise UsageError("--resume-step goes with --resume")
-    config = load_config(config_name, parse_overrides(args.overrides))
+    config = load_config(config_name, parse_overrides(args.overrides), tuple(args.imports))
     if config.init_checkpoint and random_init_info(config.init_checkpoint) is not None:
         _note(f"note: init_checkpoint {config.init_checkpoint} holds random weights (p2s init)")
-    result = train(config, args.workdir, resume=args.resume, resume_step=args.resume_step,
-                   progress=not args.no_progress)
+    before = listing(args.workdir)
+    try:
+        result = train(config, args.workdir, resume=args.resume, resume_step=args.resume_step,
+                       progress=not args.no_progress)
+    except BaseException as err:  # an interruption says what the run left (cli.main)
+        if interrupt_signal(err) is not None:
+            saved = Path(args.workdir) / "checkpoints"
+            err.p2s_left = what_was_left(args.workdir, before) + (
+                "" if saved.is_dir() and any(p.name.isdigit() for p in saved.iterdir())
+                else "; no checkpoint")
+        raise
     if jax.process_index() == 0:
         if result.steps_run == 0:
             print(f"the run in {args.workdir} is complete: step {result.final_step} of "
@@ -208,16 +217,7 @@ def cmd_aot(args: argparse.Namespace) -> int:
     return 0
 
 
-def _import_modules(modules: list[str]) -> None:
-    for module in modules:
-        try:
-            importlib.import_module(module)
-        except ImportError as err:
-            raise UsageError(f"--import {module}: {err}") from None
-
-
 def cmd_annotate(args: argparse.Namespace) -> int:
-    _import_modules(args.imports)
     out = Path(args.out)
     check_outputs({"--out": out, "summary": summary_path(out), "--overlays": args.overlays},
                   [args.keypoints, args.image_info, args.images, args.checkpoint],
@@ -234,7 +234,8 @@ def cmd_annotate(args: argparse.Namespace) -> int:
     model = load_model(checkpoint, args.model, args.image_size, compute_dtype(args.dtype),
                        args.attention)
     summary = annotate(model, source, args.images, out, config, checkpoint=str(checkpoint),
-                       overlays=args.overlays, progress=not args.no_progress)
+                       overlays=args.overlays, progress=not args.no_progress,
+                       overwrite=args.overwrite)
     speed = summary["images_per_second"]
     print(f"{plural(summary['persons'], 'person', 'persons')} on "
           f"{plural(summary['images'], 'image')} ({summary['schema']}): "
@@ -266,7 +267,7 @@ def cmd_curve(args: argparse.Namespace) -> int:
 
 def cmd_prepare(args: argparse.Namespace) -> int:
     if args.dataset == "train-data":
-        config = load_config(args.config, parse_overrides(args.overrides))
+        config = load_config(args.config, parse_overrides(args.overrides), tuple(args.imports))
         records = prepare_training_data(config, args.workdir)
         print(f"training data ready: {plural(records, 'record')}")
         return 0
@@ -284,11 +285,14 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
 def cmd_export(args: argparse.Namespace) -> int:
     check_outputs({"--out": args.out}, [args.workdir, args.base], overwrite=args.overwrite)
-    path, carried = export_torch(args.workdir, args.out, args.step, args.base, args.image_only,
-                                 best=args.best)
+    exported = export_torch(args.workdir, args.out, args.step, args.base, args.image_only,
+                            best=args.best)
+    carried = exported.video_tensors
     what = (f"official SAM 2.1 state_dict, {plural(carried, 'video-memory tensor')} carried"
             if carried else "image-path tensors only")
-    print(f"wrote {path} ({what} under 'model')")
+    heldout = exported.heldout
+    scored = (f"; held-out AP {100 * heldout['eval/AP']:.1f}" if "eval/AP" in heldout else "")
+    print(f"wrote {exported.path} (step {exported.step}{scored}; {what} under 'model')")
     return 0
 
 

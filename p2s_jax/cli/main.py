@@ -22,12 +22,19 @@ from p2s_jax.parallel import describe_devices
 from p2s_jax.utils import allocator
 from p2s_jax.utils.download import cache_dir
 from p2s_jax.utils.errors import Error, Stopped, interrupt_signal, raise_on_signals
-from p2s_jax.cli.arguments import PROG, build_parser
+from p2s_jax.train.config import import_modules
+from p2s_jax.cli.arguments import PROG, build_parser, preparse_imports
 from p2s_jax.cli.commands import COMMANDS, COMPUTES
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `p2s` console script; returns the exit status."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    try:
+        import_modules(preparse_imports(argv))
+    except Error as err:
+        print(f"{PROG}: error: {one_line(err)}", file=sys.stderr)
+        return 2
     args = build_parser().parse_args(argv)
     if allocator.set_mode(allocator.choose_mode(args.malloc, args.command)):
         print(f"{PROG}: host memory: freed blocks are kept for reuse (--malloc default to turn "
@@ -54,8 +61,9 @@ def main(argv: list[str] | None = None) -> int:
             number = interrupt_signal(err)
             if number is None:
                 raise
-            print(f"{PROG} {args.command}: interrupted ({signal.Signals(number).name}); "
-                  "nothing was written", file=sys.stderr)
+            left = getattr(err, "p2s_left", "nothing was written")
+            print(f"{PROG} {args.command}: interrupted ({signal.Signals(number).name}); {left}",
+                  file=sys.stderr)
             return 128 + number
 
 

@@ -34,6 +34,11 @@ if >= 0.5 (box: the detection's 'bbox', else the extent of its keypoints). visib
 detection's per-keypoint 'visibility' (ProbPose), else the triplets' confidence s. A person left
 without a detection gets visibility 0 everywhere, so the prompt sampler falls back to its mask.
 
+What the records were made from (`source_fingerprint`: the sha256 of the annotation and
+detection files, a digest of the image folder's listing, the statuses and schemas) is kept in
+the dataset's metadata (`prepared_source`), so that records made from other files or settings
+are never mistaken for those of the files named now (`source_differences`).
+
 Annotated files (`p2s annotate`): persons whose `p2s.status` is not among the config's
 `statuses` are left out (by default only `ok` masks are trained on); annotations without a
 `p2s` field are kept. Crowd regions (iscrowd = 1) are not targets and are not stored. A missing image is an error that
@@ -45,7 +50,9 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import io
+import json
 import logging
 import os
 from collections.abc import Iterator
@@ -57,7 +64,7 @@ from etils import epath
 from PIL import Image, UnidentifiedImageError
 from pycocotools.coco import COCO
 
-from p2s_jax.data.coco import (CocoFormatError, PoseInstances, coco_from_dict,
+from p2s_jax.data.coco import (CocoFormatError, PoseInstances, annotation_schema, coco_from_dict,
                                ground_truth_poses, keypoint_schema, load_keypoint_detections,
                                person_category_id, with_schema)
 from p2s_jax.data.matching import load_detection_ids, matched_poses
@@ -77,17 +84,21 @@ class PersonSegmentationConfig(tfds.core.BuilderConfig):
       detections: keypoint detections (COCO keypoint results, ProbPose format) or None for the
         ground-truth keypoints.
       statuses: the `p2s.status` values of an annotated file (`p2s annotate`) kept as targets.
-      schema: the annotation file's keypoint schema (`p2s_jax.keypoints`): the records' J.
+      schema: the annotation file's keypoint schema (`p2s_jax.keypoints`): the records' J; ""
+        = read from the file when the records are prepared.
       read_schema: "" (the file's keypoint names pick the schema) or a schema name the file's
         keypoints are read in by position (names that fit no registered schema).
+      source: what the records are made from (`source_fingerprint`), stored in the dataset's
+        metadata; None until `prepare` fills it in.
     """
 
     annotations: str = ""
     images: str = ""
     detections: str | None = None
     statuses: tuple = ("ok",)
-    schema: str = "coco17"
+    schema: str = ""
     read_schema: str = ""
+    source: dict | None = None
 
 
 def _config(name: str, annotations: str, images: str, detections: str | None,
@@ -111,10 +122,11 @@ class PersonSegmentation(tfds.core.GeneratorBasedBuilder):
     """Persons of COCO-format datasets with masks and keypoint prompts; see the module doc."""
 
     name = BUILDER_NAME
-    VERSION = tfds.core.Version("1.1.0")
+    VERSION = tfds.core.Version("1.2.0")
     RELEASE_NOTES = {"1.0.0": "Initial release.",
                      "1.1.0": "Any keypoint schema (J per dataset, in the metadata); annotated "
-                              "files filtered by status."}
+                              "files filtered by status.",
+                     "1.2.0": "What the records were made from, in the metadata ('source')."}
     BUILDER_CONFIGS = list(BUILDER_CONFIGS)
     MANUAL_DOWNLOAD_INSTRUCTIONS = (
         "Place the files named by the builder config inside manual_dir (see docs/data.md): a "
@@ -141,7 +153,8 @@ class PersonSegmentation(tfds.core.GeneratorBasedBuilder):
         schema = get_schema(self.builder_config.schema)
         return tfds.core.DatasetInfo(
             builder=self, features=record_features(schema.num_keypoints),
-            metadata=tfds.core.MetadataDict(schema=schema.name),
+            metadata=tfds.core.MetadataDict(schema=schema.name,
+                                            source=self.builder_config.source or {}),
             description="Person masks with keypoint prompts, one record per image.")
 
     def _split_generators(self, dl_manager):
@@ -309,7 +322,8 @@ def generate_examples(annotations: Path, images_dir: Path, detections: Path | No
                               f"says {schema}")
     image_ids = person_image_ids(coco)
     if not images_dir.is_dir():
-        raise FileNotFoundError(f"image folder not found: {images_dir}")
+        raise FileNotFoundError(f"image folder {images_dir}: " + (
+            "a file, not a folder" if images_dir.exists() else "folder not found"))
     missing = missing_images(coco, image_ids, images_dir)
     if missing:
         shown = ", ".join(str(p) for p in missing[:5])
@@ -331,6 +345,111 @@ def generate_examples(annotations: Path, images_dir: Path, detections: Path | No
 
 
 # ----------------------------------------------------------------------------------------------
+# What the records are made from
+
+
+def _file_fingerprint(path: epath.Path) -> dict:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            digest.update(block)
+    return {"path": os.fspath(path), "sha256": digest.hexdigest(), "bytes": path.stat().length}
+
+
+def _folder_fingerprint(folder: epath.Path) -> dict:
+    """A digest of the folder's listing: every file's relative path, size and modification
+    time (the bytes are not read: a changed photo changes its size or time). Folders that are
+    not local (gs://) are named only."""
+    local = Path(os.fspath(folder))
+    if not local.is_dir():
+        return {"path": os.fspath(folder), "files": None, "digest": None}
+    entries = []
+    for root, _, names in os.walk(local):
+        for name in names:
+            path = os.path.join(root, name)
+            stat = os.stat(path)
+            entries.append((os.path.relpath(path, local), stat.st_size, stat.st_mtime_ns))
+    entries.sort()
+    digest = hashlib.sha256(json.dumps(entries).encode()).hexdigest()
+    return {"path": os.fspath(folder), "files": len(entries), "digest": digest}
+
+
+def source_fingerprint(manual_dir, config: PersonSegmentationConfig) -> dict:
+    """What `config`'s records are made from: the annotation and detection files (sha256), the
+    image folder (`_folder_fingerprint`), the statuses and schemas, the record version."""
+    root = epath.Path(manual_dir)
+    return {
+        "version": str(PersonSegmentation.VERSION),
+        "annotations": _file_fingerprint(root / config.annotations),
+        "detections": (None if config.detections is None
+                       else _file_fingerprint(root / config.detections)),
+        "images": _folder_fingerprint(root / config.images),
+        "statuses": sorted(config.statuses), "read_schema": config.read_schema,
+    }
+
+
+def prepared_source(data_dir, name: str) -> dict:
+    """The `source_fingerprint` stored with the prepared records of `name` ({} for records
+    prepared before records carried it)."""
+    versions = _versions(data_dir, name)
+    metadata = versions[-1] / "metadata.json" if versions else None
+    if metadata is None or not metadata.is_file():
+        return {}
+    return json.loads(metadata.read_text()).get("source") or {}
+
+
+# What each part of the fingerprint is called in a difference (`source_differences`).
+SOURCE_PARTS = {"annotations": "annotations", "detections": "detections", "images": "images",
+                "statuses": "statuses", "read_schema": "schema"}
+
+
+def source_differences(stored: dict, current: dict, names: dict | None = None) -> list[str]:
+    """How the records' stored source differs from the current one, one phrase each (names:
+    what to call each part, e.g. {'annotations': 'data.annotations'}); [] when they agree."""
+    names = {**SOURCE_PARTS, **(names or {})}
+    if not stored:
+        return ["they were prepared before records kept what they were made from"]
+    out = []
+    if stored.get("version") != current["version"]:
+        out.append(f"record version {stored.get('version')} -> {current['version']}")
+    for part in ("annotations", "detections"):
+        old, new = stored.get(part), current[part]
+        if (old or {}).get("sha256") != (new or {}).get("sha256"):
+            out.append(f"{names[part]} {(new or old or {}).get('path', 'none')}: "
+                       + ("added" if old is None else "removed" if new is None else
+                          f"another file (sha256 {old['sha256'][:12]} -> "
+                          f"{new['sha256'][:12]})"))
+    old, new = stored.get("images") or {}, current["images"]
+    if new["digest"] is not None and old.get("digest") != new["digest"]:
+        out.append(f"{names['images']} {new['path']}: other files ({old.get('files')} -> "
+                   f"{new['files']} files, or changed sizes or times)")
+    for part in ("statuses", "read_schema"):
+        if stored.get(part) != current[part]:
+            out.append(f"{names[part]} {stored.get(part)!r} -> {current[part]!r}")
+    return out
+
+
+def replace_prepared(manual_dir, data_dir, config: PersonSegmentationConfig
+                     ) -> PersonSegmentation:
+    """Prepares `config` anew where records of its name exist already: the old ones are moved
+    aside, and deleted once the new ones are written (put back if preparing fails)."""
+    folder = epath.Path(data_dir) / BUILDER_NAME / config.name
+    aside = folder.parent / f".{config.name}.replaced"
+    if aside.exists():
+        aside.rmtree()
+    folder.rename(aside)
+    try:
+        builder = prepare(manual_dir, data_dir, config)
+    except BaseException:
+        if folder.exists():
+            folder.rmtree()
+        aside.rename(folder)
+        raise
+    aside.rmtree()
+    return builder
+
+
+# ----------------------------------------------------------------------------------------------
 # Entry points
 
 
@@ -348,12 +467,25 @@ def prepare(manual_dir: str | os.PathLike, data_dir: str | os.PathLike,
     Returns:
       The builder; `builder.as_data_source()["train"]` reads the records.
     """
+    if isinstance(config, str):
+        config = next((c for c in BUILDER_CONFIGS if c.name == config), None) or _unknown(config)
+    if config.source is None:
+        config = dataclasses.replace(config, source=source_fingerprint(manual_dir, config))
+    if not config.schema:
+        read = get_schema(config.read_schema) if config.read_schema else None
+        config = dataclasses.replace(config, schema=annotation_schema(
+            epath.Path(manual_dir) / config.annotations, read).name)
     with _quiet_custom_config():
         builder = PersonSegmentation(config=config, data_dir=os.fspath(data_dir),
                                      file_format="array_record")
     builder.download_and_prepare(
         download_config=tfds.download.DownloadConfig(manual_dir=os.fspath(manual_dir)))
     return builder
+
+
+def _unknown(name: str):
+    raise ValueError(f"no predefined dataset {name!r}; predefined: "
+                     f"{[c.name for c in BUILDER_CONFIGS]}")
 
 
 class _CustomConfigFilter(logging.Filter):

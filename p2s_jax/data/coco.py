@@ -384,8 +384,11 @@ def ground_truth_poses(coco: COCO, image_id: int, include_crowd: bool = False) -
         if ann.get("keypoints"):
             values = np.asarray(ann["keypoints"], np.float32)
             if values.shape != (3 * joints,):
-                raise CocoFormatError(f"annotation id {ann['id']}: 'keypoints' must hold "
-                                      f"{3 * joints} numbers, got {values.size}")
+                got = (f"a nested list of shape {values.shape}" if values.ndim > 1
+                       else f"{values.size}")
+                raise CocoFormatError(f"annotation id {ann['id']}: 'keypoints' must be a flat "
+                                      f"list of {3 * joints} numbers [x1, y1, v1, x2, ...] "
+                                      f"(COCO's format), got {got}")
             triplets[i] = values.reshape(joints, 3)
     boxes = np.asarray([a["bbox"] for a in anns], np.float32).reshape(len(anns), 4)
     return PoseInstances(

@@ -10,6 +10,7 @@ train-data` does the same as a step of its own, before the run). Every path goes
 from __future__ import annotations
 
 import bisect
+import dataclasses
 import os
 from pathlib import Path
 
@@ -20,8 +21,8 @@ from jax.experimental import multihost_utils
 from p2s_jax.utils.errors import InputError, MissingFileError
 from p2s_jax.data.augment import NO_AUGMENT, AugmentConfig
 from p2s_jax.data.builder import (BUILDER_CONFIGS, PersonSegmentationConfig, is_prepared,
-                                  load_source, prepare)
-from p2s_jax.data.coco import annotation_schema
+                                  load_source, prepare, prepared_source, replace_prepared,
+                                  source_differences, source_fingerprint)
 from p2s_jax.keypoints import get_schema
 from p2s_jax.data.loader import TrainLoader
 from p2s_jax.data.synthetic import make_coco_dataset, make_keypoint_detections
@@ -58,34 +59,57 @@ def once_on_process_zero(prepare_fn) -> None:
         multihost_utils.sync_global_devices("p2s_jax: training data prepared")
 
 
-def _prepared(data_dir: str, name: str, manual_dir: str, make_config=None):
-    """The records of `name`, prepared first when they are not there yet (on process 0,
-    `once_on_process_zero`; from `make_config()`, or the predefined config of that name)."""
-    if not is_prepared(data_dir, name):
-        if not manual_dir:
-            raise MissingFileError(
-                f"dataset '{name}' is not prepared under {data_dir!r} and no data.manual_dir "
-                f"is given to prepare it from (see docs/data.md)")
-        once_on_process_zero(lambda: is_prepared(data_dir, name) or prepare(
-            manual_dir, data_dir, make_config() if make_config else name))
+def _prepared(data_dir, config: PersonSegmentationConfig, manual_dir, names: dict | None = None,
+              make_raw=None):
+    """The records of `config`, prepared first when they are not there, or prepared again
+    when the files or settings they were made from changed (`source_differences`, each change
+    said); on process 0 only (`once_on_process_zero`). Records whose annotation file is not
+    under `manual_dir` are used as they are (a host that has the records only).
+
+    names: what to call each source part in messages (`source_differences`). make_raw: makes
+    the raw files first when they are missing (generated data)."""
+    data_dir, name = os.fspath(data_dir), config.name
+
+    def prepare_or_check():
+        if make_raw is not None:
+            make_raw()
+        if not is_prepared(data_dir, name):
+            prepare(manual_dir, data_dir, config)
+            return
+        if not config.annotations:  # prepared under a name of one's own: as it is
+            return
+        if not (epath.Path(manual_dir) / config.annotations).exists():
+            print(f"training data: records '{name}' under {data_dir} (their annotation file "
+                  f"{epath.Path(manual_dir) / config.annotations} is not here to compare "
+                  "with)", flush=True)
+            return
+        current = source_fingerprint(manual_dir, config)
+        changed = source_differences(prepared_source(data_dir, name), current, names)
+        if changed:
+            print(f"training data: the records '{name}' under {data_dir} were made from other "
+                  f"data ({'; '.join(changed)}): preparing them again", flush=True)
+            replace_prepared(manual_dir, data_dir, dataclasses.replace(config, source=current))
+
+    if not is_prepared(data_dir, name) and not manual_dir:
+        raise MissingFileError(
+            f"dataset '{name}' is not prepared under {data_dir!r} and no data.manual_dir "
+            f"is given to prepare it from (see docs/data.md)")
+    if manual_dir:
+        once_on_process_zero(prepare_or_check)
     return load_source(data_dir, name)
 
 
 def synthetic_source(root, num_images: int, seed: int):
     """Generated COCO-format persons on scikit-image photos, prepared once under `root`."""
     root = Path(root)
-    data_dir = root / "tfds"
-    name = f"synthetic_{num_images}_{seed}"
     raw = root / "raw"
 
     def generate():
         if not (raw / "annotations.json").is_file():
             make_synthetic_split(raw, num_images, seed)
-        prepare(os.fspath(raw), os.fspath(data_dir), synthetic_config(name))
 
-    if not is_prepared(os.fspath(data_dir), name):
-        once_on_process_zero(generate)
-    return load_source(os.fspath(data_dir), name)
+    return _prepared(root / "tfds", synthetic_config(f"synthetic_{num_images}_{seed}"),
+                     os.fspath(raw), make_raw=generate)
 
 
 def make_synthetic_split(raw, num_images: int, seed: int) -> tuple[Path, Path, Path]:
@@ -102,13 +126,15 @@ def synthetic_config(name: str) -> PersonSegmentationConfig:
                                     detections="detections.json")
 
 
+# What the parts of a user's data are called in messages (`source_differences`).
+CUSTOM_NAMES = {"annotations": "data.annotations", "detections": "data.keypoints",
+                "images": "data.images", "statuses": "data.statuses", "read_schema": "data.schema"}
+
+
 def _custom_config(data) -> PersonSegmentationConfig:
-    manual_dir = data.manual_dir or "/"
-    schema = get_schema(data.schema) if data.schema else None
     return PersonSegmentationConfig(
         name=data.custom_name, annotations=data.annotations, images=data.images,
         detections=data.keypoints or None, statuses=tuple(data.statuses),
-        schema=annotation_schema(Path(manual_dir) / data.annotations, schema).name,
         read_schema=data.schema)
 
 
@@ -116,14 +142,16 @@ def check_data_paths(config) -> None:
     """Every path `config.data` (a `TrainConfig`'s) will read, checked before anything is
     written: a dataset not prepared under data_dir needs its raw files under manual_dir."""
     data = config.data
-    if data.synthetic_images > 0:
+    kind = data.source()
+    if kind == "synthetic":
         return
     if not data.data_dir:
         raise InputError("set data.data_dir (the tfds data folder), or data.synthetic_images")
-    if data.annotations:
-        if is_prepared(data.data_dir, data.custom_name):
-            return
+    if kind == "annotations":
         manual = epath.Path(data.manual_dir or "/")
+        if is_prepared(data.data_dir, data.custom_name) and not (
+                manual / data.annotations).exists():
+            return  # the records alone (`_prepared` says so)
         needed = {"data.annotations": data.annotations, "data.images": data.images,
                   "data.keypoints": data.keypoints}
     else:
@@ -152,14 +180,33 @@ def check_data_paths(config) -> None:
 def source_from_config(config, workdir):
     """The records of ``config.data`` (a ``TrainConfig``)."""
     data = config.data
-    if data.synthetic_images > 0:
-        return synthetic_source(Path(workdir) / "synthetic", data.synthetic_images, config.seed)
-    check_data_paths(config)
-    if data.annotations:
-        return _prepared(data.data_dir, data.custom_name, data.manual_dir or "/",
-                         lambda: _custom_config(data))
-    sources = [_prepared(data.data_dir, name, data.manual_dir) for name in data.datasets]
-    return sources[0] if len(sources) == 1 else ConcatSource(sources)
+    kind = data.source()
+    if kind == "synthetic":
+        source = synthetic_source(Path(workdir) / "synthetic", data.synthetic_images,
+                                  config.seed)
+        what = f"{data.synthetic_images} generated images in {Path(workdir) / 'synthetic'}"
+    elif kind == "annotations":
+        check_data_paths(config)
+        source = _prepared(data.data_dir, _custom_config(data), data.manual_dir or "/",
+                           CUSTOM_NAMES)
+        what = (f"'{data.custom_name}' from data.annotations {data.annotations} (statuses "
+                f"{', '.join(data.statuses)})")
+    else:
+        check_data_paths(config)
+        known = {c.name: c for c in BUILDER_CONFIGS}
+        sources = [_prepared(data.data_dir, known.get(name) or _named(name), data.manual_dir)
+                   for name in data.datasets]
+        source = sources[0] if len(sources) == 1 else ConcatSource(sources)
+        what = f"data.datasets {', '.join(data.datasets)}"
+    if jax.process_index() == 0:
+        print(f"training data: {len(source)} records, {what}", flush=True)
+    return source
+
+
+def _named(name: str) -> PersonSegmentationConfig:
+    """A dataset prepared under a name of one's own (`check_data_paths` has checked that it is
+    there); it cannot be prepared again, so it is used as it is."""
+    return PersonSegmentationConfig(name=name)
 
 
 def prepare_training_data(config, workdir=None) -> int:

@@ -46,7 +46,8 @@ def _import_skimage():
         import skimage.measure
     except ImportError:
         raise InputError("the generated dataset (the 'tiny' preset, tests, benchmarks) draws "
-                         "persons on scikit-image's sample photos: pip install scikit-image") from None
+                         "persons on scikit-image's sample photos: pip install -e '.[synthetic]' "
+                         "(or pip install scikit-image)") from None
     return skimage
 
 

@@ -32,6 +32,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import shutil
 import time
 from collections import Counter
 from pathlib import Path
@@ -52,6 +53,7 @@ from p2s_jax.model.sam2 import SAM2Image
 from p2s_jax.parallel import make_mesh
 from p2s_jax.utils.errors import InputError, Interrupted, interrupt_signal
 from p2s_jax.utils.files import read_json, summary_path, write_atomic, write_json
+from p2s_jax.utils.nested import flatten
 from p2s_jax.utils.images import ImageError, load_image
 
 STATUSES = ("ok", "empty_prompt", "no_prompt", "low_iou", "empty_mask", "missing_image")
@@ -101,9 +103,19 @@ class AnnotationInput:
         self.keypoints_path = keypoints_path
         raw = read_json(keypoints_path, "keypoint file", coco_lib.CocoFormatError)
         if isinstance(raw, list):  # detections (keypoint results): persons of a listed image set
+            first = raw[0] if raw else {}
+            if not (isinstance(first, dict) and {"image_id", "keypoints"} <= set(first)):
+                keys = sorted(first) if isinstance(first, dict) else type(first).__name__
+                raise InputError(
+                    f"{keypoints_path} is a JSON list whose entries are not keypoint results "
+                    f"(entry 0: {keys}); p2s annotate reads a COCO-format keypoint file (an "
+                    "object with 'images', 'annotations' and 'categories') or COCO keypoint "
+                    "results (a list of entries with 'image_id' and 'keypoints') with "
+                    "--image-info")
             if image_info_path is None:
-                raise InputError(f"{keypoints_path} is a list of detections: give --image-info, "
-                                 "a COCO-format file whose 'images' and 'categories' they refer to")
+                raise InputError(f"{keypoints_path} is a list of keypoint results: give "
+                                 "--image-info, a COCO-format file whose 'images' and "
+                                 "'categories' they refer to")
             info = read_json(image_info_path, "image list", coco_lib.CocoFormatError)
             self.data = {**{k: v for k, v in info.items() if k != "annotations"},
                          "annotations": _detections_as_annotations(keypoints_path, raw)}
@@ -152,16 +164,42 @@ def shard_dir(out: Path) -> Path:
     return out.with_name(out.name + ".shards")
 
 
-def _check_settings(shards: Path, settings: dict) -> None:
+# The `p2s annotate` option of each setting (`_settings`' flattened keys; the others are
+# named by their dotted key).
+SETTING_OPTIONS = {
+    "keypoints": "--keypoints", "checkpoint": "--checkpoint", "model": "--model",
+    "image_size": "--image-size", "schema": "--schema", "images": "images with persons",
+    "config.min_iou": "--min-iou", "config.shard_images": "--shard-images",
+    "config.overlay_sample": "--sample",
+    "config.inference.images_per_device": "--batch-size",
+    "config.inference.num_workers": "--workers",
+    "config.inference.prompt.selection": "--selection",
+    "config.inference.prompt.num_points": "--num-points",
+    "config.inference.prompt.visibility_threshold": "--threshold",
+    "config.inference.prompt.no_prompt": "--no-prompt",
+    "config.inference.prompt.outside_keypoints": "--outside-keypoints",
+    "config.inference.prompt.negatives": "--negatives",
+    "config.inference.prompt.box": "--box",
+    "config.inference.keypoint_score": "--score-type",
+    "config.inference.confidence_score": "--confidence-score",
+    "config.inference.exclusive": "--exclusive",
+}
+
+
+def _check_settings(shards: Path, settings: dict, overwrite: bool = False) -> None:
     """The shard folder's recorded settings, when it has any, must be these (a resumed run is
-    the same run)."""
+    the same run); with `overwrite`, the shards of a run with other settings are removed."""
     recorded = shards / "settings.json"
     if recorded.is_file():
-        old = read_json(recorded, "annotation settings")
-        if old != settings:
-            keys = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
-            raise InputError(f"{shards} holds shards of another run (different {keys}); "
-                             "remove it or write to another --out")
+        old, new = flatten(read_json(recorded, "annotation settings")), flatten(settings)
+        changed = [f"{SETTING_OPTIONS.get(k, k)} {old.get(k)!r} -> {new.get(k)!r}"
+                   for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+        if changed and overwrite:
+            shutil.rmtree(shards)
+        elif changed:
+            raise InputError(f"{shards} holds the shards of a run with other settings "
+                             f"({'; '.join(changed)}): pass --overwrite to replace them, or "
+                             "write to another --out")
 
 
 def _prompt_points(prompts, person: int) -> list:
@@ -208,14 +246,15 @@ def _person_records(source: AnnotationInput, output, image_ids, min_iou: float) 
 
 def annotate(model: SAM2Image, source: AnnotationInput, images_dir, out,
              config: AnnotateConfig = AnnotateConfig(), *, checkpoint: str = "", overlays=None,
-             mesh: Mesh | None = None, progress: bool = True) -> dict:
+             mesh: Mesh | None = None, progress: bool = True, overwrite: bool = False) -> dict:
     """Annotates every person of `source` (`AnnotationInput`, read with the same `config`) with
-    a mask (module docstring); -> summary."""
+    a mask (module docstring); -> summary. `overwrite`: the shards that a run with other
+    settings left in `out`'s shard folder are replaced (without it, such shards are refused)."""
     out = Path(out)
     mesh = make_mesh() if mesh is None else mesh
     shards = shard_dir(out)
     settings = _settings(source, checkpoint, model, config)
-    _check_settings(shards, settings)
+    _check_settings(shards, settings, overwrite)
     ids = source.image_ids
     chunks = [ids[i:i + config.shard_images] for i in range(0, len(ids), config.shard_images)]
     start, run_images = time.perf_counter(), 0

@@ -28,7 +28,7 @@ from p2s_jax.evaluation.runner import EvalOutput, run_dataset
 from p2s_jax.keypoints import KeypointSchema
 from p2s_jax.model.configs import compute_dtype
 from p2s_jax.model.sam2 import SAM2Image
-from p2s_jax.utils.errors import InputError, MissingFileError
+from p2s_jax.utils.errors import InputError
 from p2s_jax.utils import files
 from p2s_jax.utils.files import write_json
 from weights_conversion import load_model
@@ -61,9 +61,7 @@ def load_inputs(annotations, images_dir, config: EvalConfig, *, keypoints=None,
     if (keypoints is None) == (not gt_keypoints):
         raise InputError("give exactly one of keypoints (a detection file) and gt_keypoints")
     coco = coco_lib.load_coco(annotations, schema)
-    images_dir = Path(images_dir)
-    if not images_dir.is_dir():
-        raise MissingFileError(f"image folder not found: {images_dir}")
+    images_dir = files.check_folder(images_dir, "image folder")
     poses = (ground_truth_prompt_poses(coco) if gt_keypoints
              else coco_lib.load_keypoint_detections(keypoints, coco))
     image_ids = sorted(coco.getImgIds())
@@ -170,6 +168,9 @@ def run_evaluation(annotations, images_dir, checkpoint, *, keypoints=None,
             f"{len(left_out)} image(s) could not be read and were left out of the scoring "
             f"(--skip-missing-images): AP is over {len(image_ids)} of "
             f"{len(inputs.image_ids)} images")
+    if not any(len(p.det_score) for p in inputs.poses.values()):
+        summary["no_poses"] = (f"{inputs.description} holds no poses of these images: no mask "
+                               "was made, every person is missed (AP 0)")
     if out is not None and jax.process_index() == 0:
         out = Path(out)
         write_json(out, output.results)

@@ -121,10 +121,14 @@ def run_dataset(model: SAM2Image, coco: COCO, images_dir, poses: Mapping[int, An
     if config.box_source == "gt":
         poses = with_ground_truth_boxes(coco, poses)
     items = run_items(coco, images_dir, poses, config)
+    # a chunk larger than the run's images would only pad (and allocate) empty slots
+    config = dataclasses.replace(config, images_per_device=min(config.images_per_device,
+                                                               max(len(items), 1)))
     category_id = coco_lib.person_category_id(coco)
     plan = plan_steps(len(items), config.images_per_device, num_devices)
     positions = local_positions(mesh)
-    local_plan = plan[:, positions[0]:positions[-1] + 1].reshape(len(plan), -1)  # (steps, L)
+    local_plan = plan[:, positions[0]:positions[-1] + 1]
+    local_plan = local_plan.reshape(len(plan), int(np.prod(local_plan.shape[1:])))  # (steps, L)
     graphdef, state = nnx.split(model)
     state = jax.device_put(state, NamedSharding(mesh, REPLICATED))
     canvas = items_canvas(items) if items else (CANVAS_MULTIPLE, CANVAS_MULTIPLE)

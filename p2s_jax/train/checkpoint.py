@@ -20,7 +20,7 @@ import logging
 import sys
 import time
 import warnings
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import jax
 import orbax.checkpoint as ocp
@@ -149,15 +149,24 @@ def set_aside_after(workdir, step: int) -> list[int]:
     return moved
 
 
+class Exported(NamedTuple):
+    """What `export_torch` wrote."""
+
+    path: epath.Path  # the .pt file
+    video_tensors: int  # video-memory tensors carried from the base
+    step: int  # the checkpoint's step
+    heldout: dict  # its held-out metrics ({} where the step was not evaluated)
+
+
 def export_torch(workdir, out_path, step: Optional[int] = None, base=None,
-                 image_only: bool = False, best: bool = False) -> tuple[epath.Path, int]:
+                 image_only: bool = False, best: bool = False) -> Exported:
     """The fine-tuned model of ``workdir`` (latest checkpoint, ``step``, or with ``best`` the
     checkpoint of the best held-out AP) as an official ``{"model": state_dict}`` file that the
     official strict loader (`build_sam2`, BBoxMaskPose's `prepare_model`) takes: the
     video-memory tensors, which fine-tuning on images does not change, come from ``base`` (the
     original `.pt`), else from the run's ``init_checkpoint`` (a `.pt`, or a folder `p2s
     convert` wrote). When none is known this raises, unless ``image_only`` asks for the
-    image-path tensors alone. Returns the path and the number of video-memory tensors carried."""
+    image-path tensors alone. Returns what was written (`Exported`)."""
     workdir = epath.Path(workdir)
     config_path = workdir / "config.json"
     if not config_path.is_file():
@@ -167,6 +176,12 @@ def export_torch(workdir, out_path, step: Optional[int] = None, base=None,
     source = base or config.init_checkpoint
     if source:
         video = video_memory_tensors(source)
+    if not video and not image_only and base:
+        raise WorkdirError(
+            f"--base {base} holds no video-memory tensors (a checkpoint of p2s init, or a "
+            "folder converted without them); the official loader refuses a file without them: "
+            "pass the SAM 2.1 .pt the run was fine-tuned from, or --image-only for the "
+            "image-path tensors alone")
     if not video and not image_only:
         raise WorkdirError(
             f"no video-memory tensors are known for {workdir}'s model (init_checkpoint "
@@ -186,7 +201,8 @@ def export_torch(workdir, out_path, step: Optional[int] = None, base=None,
         manager = checkpoint_manager(workdir, config)
     if manager.latest_step() is None:
         raise WorkdirError(f"{manager.directory} holds no checkpoint")
-    state, _ = restore_checkpoint(manager, init_state(params, tx, config.seed), step)
+    state, meta = restore_checkpoint(manager, init_state(params, tx, config.seed), step)
     trained = nnx.merge(graphdef, state["params"], frozen)
     save_torch_checkpoint(trained, out_path, base_state_dict=video)
-    return epath.Path(out_path), len(video or {})
+    return Exported(epath.Path(out_path), len(video or {}), int(meta["step"]),
+                    dict(meta.get("eval") or {}))

@@ -14,8 +14,13 @@ Overrides use dotted paths into the dataclasses, values parsed as JSON where pos
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import importlib
+import importlib.util
 import json
+import os
+import sys
 from pathlib import Path
 from typing import Any, Optional
 
@@ -42,7 +47,10 @@ class DataConfig:
       custom_name: the builder config name of those files.
       statuses: of an annotated file (`p2s annotate`), the `p2s.status` values trained on.
       synthetic_images: > 0 generates that many COCO-format images on scikit-image photos into
-        ``<workdir>/synthetic`` and trains on them (tests, smoke runs).
+        ``<workdir>/synthetic`` and trains on them (tests, smoke runs). A run trains on one
+        source: ``annotations`` (your files), else generated images, else ``datasets``
+        (`DataConfig.source`); overrides that name ``annotations`` or ``datasets`` turn a
+        preset's generated images off (`load_config`).
       objects_per_image: persons per training image (official: 1; more are drawn at random).
       schema: the keypoint schema the annotation file's keypoints are read in, by position,
         when their names fit no registered one ("" = from the names).
@@ -69,6 +77,21 @@ class DataConfig:
     loader: str = "threads"
     num_workers: int = 4
     prefetch: int = 2
+
+    def source(self) -> str:
+        """What the run trains on: "annotations", "synthetic" or "datasets".
+
+        Raises:
+          InputError: both ``annotations`` and ``synthetic_images`` name training data.
+        """
+        if self.annotations and self.synthetic_images > 0:
+            raise InputError(f"data.annotations={self.annotations} and data.synthetic_images="
+                             f"{self.synthetic_images} both name training data: set "
+                             "data.synthetic_images=0 to train on your file, or drop "
+                             "data.annotations")
+        if self.annotations:
+            return "annotations"
+        return "synthetic" if self.synthetic_images > 0 else "datasets"
 
     def __post_init__(self):
         if self.loader not in LOADERS:
@@ -116,6 +139,15 @@ class HeldOutConfig:
     keep_best: bool = True
     save_results: bool = False
 
+    def source(self) -> str:
+        """What the held-out evaluation reads: "annotations" or "synthetic" (see
+        `DataConfig.source`)."""
+        if self.annotations and self.synthetic_images > 0:
+            raise InputError(f"eval.annotations={self.annotations} and eval.synthetic_images="
+                             f"{self.synthetic_images} both name held-out data: set "
+                             "eval.synthetic_images=0 to evaluate on your file")
+        return "synthetic" if self.synthetic_images > 0 else "annotations"
+
     def __post_init__(self):
         if self.every < 0 or self.max_images < 0 or self.synthetic_images < 0:
             raise InputError(f"eval.every, eval.max_images and eval.synthetic_images must be "
@@ -153,6 +185,9 @@ class TrainConfig:
       correction, loss, optim, data: see `CorrectionConfig`, `LossConfig`, `OptimConfig`,
         `DataConfig`.
       eval: evaluation while training, see `HeldOutConfig`.
+      imports: modules imported before the config is read (a sampler or keypoint schema of
+        your own, `p2s train --import`); kept in the run's config.json, so that `--resume`,
+        `p2s export` and `p2s prepare train-data` import them too.
     """
 
     model: str = "sam2.1_hiera_b+"
@@ -176,6 +211,7 @@ class TrainConfig:
     optim: OptimConfig = OptimConfig()
     data: DataConfig = DataConfig()
     eval: HeldOutConfig = HeldOutConfig()
+    imports: tuple = ()
 
     def __post_init__(self):
         if self.profile_steps and (len(self.profile_steps) != 2 or not
@@ -224,7 +260,11 @@ PRESETS = {"paper": paper, "tiny": tiny}
 # Settings a resumed run may change: how the batches are made (not which), what is logged,
 # profiled, saved and evaluated. Everything else must equal the saved config.
 RESUME_MAY_CHANGE = ("data.loader", "data.num_workers", "data.prefetch", "profile_steps",
-                     "log_every", "checkpoint_every", "keep_checkpoints", "eval.")
+                     "log_every", "checkpoint_every", "keep_checkpoints", "eval.", "imports")
+
+# Overrides that name a run's data, and the generated data they turn off (`load_config`).
+_NAMED_DATA = {"data": (("data.annotations", "data.datasets"), "data.synthetic_images"),
+               "eval": (("eval.annotations",), "eval.synthetic_images")}
 
 
 def _coerce(value: Any, annotation) -> Any:
@@ -297,16 +337,63 @@ def from_dict(data: dict) -> TrainConfig:
     return apply_overrides(TrainConfig(), {k: v for k, v in data.items()})
 
 
-def load_config(name_or_path: str, overrides: Optional[dict] = None) -> TrainConfig:
-    """A preset name ('paper', 'tiny') or a JSON file written by ``to_dict``."""
+def import_modules(modules, what: str = "--import") -> None:
+    """Imports each module (one that registers a sampler or a keypoint schema), from
+    ``sys.path`` or, as ``python -m`` would, the working folder."""
+    for module in modules:
+        try:
+            if importlib.util.find_spec(module.split(".")[0]) is None and "" not in sys.path:
+                with _working_folder_importable():
+                    importlib.import_module(module)
+            else:
+                importlib.import_module(module)
+        except ImportError as err:
+            raise InputError(f"{what} {module}: {err}") from None
+
+
+@contextlib.contextmanager
+def _working_folder_importable():
+    sys.path.append(os.getcwd())
+    try:
+        yield
+    finally:
+        sys.path.remove(os.getcwd())
+
+
+def _named_data_wins(config: TrainConfig, overrides: dict) -> TrainConfig:
+    """Data named by the overrides replaces the base config's generated data: ``tiny`` with
+    ``data.annotations=A.json`` trains on A.json, not on its 8 generated images."""
+    for section, (naming, generated) in _NAMED_DATA.items():
+        if any(overrides.get(k) not in (None, "") for k in naming) and generated not in overrides:
+            config = apply_overrides(config, {generated: 0})
+    return config
+
+
+def load_config(name_or_path: str, overrides: Optional[dict] = None,
+                imports: tuple = ()) -> TrainConfig:
+    """A preset name ('paper', 'tiny') or a JSON file written by ``to_dict``, with overrides.
+
+    ``imports`` (modules of one's own, `p2s train --import`) and those the JSON file names are
+    imported first and kept in ``config.imports``. Data that the overrides name
+    (``data.annotations``, ``data.datasets``, ``eval.annotations``) turns the base config's
+    generated data off; a config that still names two sources is refused (`DataConfig.source`).
+    """
+    overrides = dict(overrides or {})
     if name_or_path in PRESETS:
-        config = PRESETS[name_or_path]()
+        saved, make = (), PRESETS[name_or_path]
     else:
         path = Path(name_or_path)
         if not path.is_file():
             raise InputError(f"--config {name_or_path!r} is neither a preset "
                              f"({', '.join(PRESETS)}) nor a JSON file")
-        config = from_dict(read_json(path, "training config"))
-    return apply_overrides(config, overrides or {})
+        data = read_json(path, "training config")
+        saved = tuple(data.get("imports", ())) if isinstance(data, dict) else ()
+        make = lambda: from_dict(data)  # noqa: E731
+    modules = tuple(dict.fromkeys((*saved, *imports)))
+    import_modules(modules, "--import" if imports else f"{name_or_path}: imports")
+    config = _named_data_wins(apply_overrides(make(), overrides), overrides)
+    config = dataclasses.replace(config, imports=modules)
+    config.data.source(), config.eval.source()
+    return config
 
 

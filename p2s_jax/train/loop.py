@@ -50,6 +50,7 @@ from p2s_jax.train.step import (STEP_INPUTS, build_training_model, init_state, m
 from p2s_jax.train.timing import StepTimer
 from p2s_jax.utils.errors import Error, InputError, MissingFileError
 from p2s_jax.utils.files import write_json
+from p2s_jax.utils.nested import flatten
 
 DATA_BOUND_SHARE = 0.1  # a window whose device waits longer than this on its input is reported
 
@@ -73,22 +74,18 @@ def _scalar_metrics(metrics: dict) -> dict:
     return out
 
 
-def _flat(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
 # ------------------------------------------------------------------------------ before any write
 
 
 def check_paths(config: TrainConfig, workdir) -> None:
     """Every path the config reads, checked before the run writes anything: the initial
-    checkpoint, the training data (prepared, or its raw files), the held-out set."""
+    checkpoint, the training data (prepared, or its raw files), the held-out set; and that
+    generated data holds a global batch."""
+    synthetic = config.data.synthetic_images
+    if synthetic and config.global_batch_size > synthetic:
+        raise InputError(f"global_batch_size {config.global_batch_size} is larger than the "
+                         f"training data (data.synthetic_images={synthetic}): lower it to "
+                         f"{synthetic} or less, or generate more images")
     if config.init_checkpoint and not epath.Path(config.init_checkpoint).exists():
         raise MissingFileError(f"init_checkpoint {config.init_checkpoint} not found (an "
                                "official .pt or a folder from p2s convert; \"\" for random "
@@ -109,9 +106,9 @@ def _check_workdir(workdir: epath.Path, config: TrainConfig, resume: bool) -> No
         raise WorkdirError(f"{workdir} already holds checkpoints: pass --resume to continue "
                            f"that run, or choose a new --workdir")
     if resume and config_path.is_file():
-        old = _flat(to_dict(load_config(str(config_path))))
+        old = flatten(to_dict(load_config(str(config_path))))
         derived = {"total_steps"} if config.total_steps == 0 else set()  # from the data
-        diff = sorted(k for k, v in _flat(to_dict(config)).items()
+        diff = sorted(k for k, v in flatten(to_dict(config)).items()
                       if old.get(k) != v and k not in derived
                       and not k.startswith(RESUME_MAY_CHANGE))
         if diff:
@@ -139,9 +136,12 @@ class _Report:
                  start: int, end: int, progress: bool):
         self.workdir, self.config, self.manager, self.end = workdir, config, manager, end
         self.timer = timer
-        self.writer = MetricsWriter(workdir, enabled=jax.process_index() == 0)
+        self.writer = MetricsWriter(workdir, enabled=jax.process_index() == 0,
+                                    resumed_from=start if start else None)
         self.bar = (tqdm(total=config.total_steps, initial=start, unit="step", dynamic_ncols=True)
                     if progress and jax.process_index() == 0 else None)
+        self.lines = not progress  # a line every log_every steps instead of the bar
+        self.since_line = [0, 0.0, 0.0]  # steps, wall and loader-bound seconds since the last
         self.last: dict = {}
         self.pending = None  # (step, metrics, record ids) of the step dispatched last
 
@@ -160,16 +160,31 @@ class _Report:
         metrics = jax.device_get(metrics)
         if not bool(metrics["finite"]):
             self._stop(step, metrics, record_index)
-        self.last = {**_scalar_metrics(metrics), **self.timer.metrics(self.timer.times(step))}
+        times = self.timer.times(step)
+        self.last = {**_scalar_metrics(metrics), **self.timer.metrics(times)}
         done = step + 1
+        self.since_line = [self.since_line[0] + 1, self.since_line[1] + times.wall,
+                           self.since_line[2] + min(times.idle, times.loader + times.transfer)]
         if done % self.config.log_every == 0 or done == self.end:
             self.writer.write(done, self.last)
+            if self.lines:
+                self._line(done)
         if len(self.timer.window) == self.timer.window.maxlen or done == self.end:
             self._data_bound(done)
         if self.bar is not None:
             self.bar.update(1)
             self.bar.set_postfix(loss=f"{self.last[losses.CORE_LOSS_KEY]:.4f}",
                                  img_s=f"{self.last['images_per_second']:.2f}")
+
+    def _line(self, done: int) -> None:
+        """One line for the log: step, loss, images/s and the share of time waiting on data,
+        over the steps since the last line."""
+        steps, wall, waiting = self.since_line
+        self.since_line = [0, 0.0, 0.0]
+        speed = steps * self.config.global_batch_size / wall if wall > 0 else 0.0
+        self.say(f"step {done}/{self.config.total_steps}: loss "
+                 f"{self.last[losses.CORE_LOSS_KEY]:.4f}, {speed:.2f} images/s, data-bound "
+                 f"{100 * waiting / wall if wall > 0 else 0.0:.0f} %")
 
     def _data_bound(self, done: int) -> None:
         share, steps = self.timer.data_bound_share(), len(self.timer.window)
@@ -226,6 +241,8 @@ def train(config: TrainConfig, workdir, *, resume: bool = False,
       NonFiniteError, WorkdirError, InputError: see their messages.
     """
     workdir = epath.Path(workdir)
+    if workdir.exists() and not workdir.is_dir():
+        raise InputError(f"--workdir {workdir} is a file: name a folder (it is created)")
     mesh = make_mesh()
     if config.global_batch_size % mesh.size:
         raise InputError(f"global_batch_size {config.global_batch_size} is not a multiple of "
@@ -233,6 +250,11 @@ def train(config: TrainConfig, workdir, *, resume: bool = False,
     check_paths(config, workdir)
     _check_workdir(workdir, config, resume)
     loader = loader_from_config(config, Path(workdir)) if loader is None else loader
+    if config.global_batch_size > loader.num_records:
+        getattr(loader, "close", lambda: None)()
+        raise InputError(f"global_batch_size {config.global_batch_size} is larger than the "
+                         f"training data ({loader.num_records} records): lower it to "
+                         f"{loader.num_records} or less")
     if not config.total_steps:
         steps = (config.epochs * config.dataset_multiplier * loader.num_records
                  // config.global_batch_size)
@@ -324,7 +346,8 @@ def train(config: TrainConfig, workdir, *, resume: bool = False,
                     raise Preempted(
                         f"stopped by {stop.reason} at step {done}: checkpoint "
                         f"{workdir / 'checkpoints' / str(done)} saved; continue with: p2s "
-                        f"train --workdir {workdir} --resume", done)
+                        f"train --workdir {workdir} --resume"
+                        + (" --distributed" if jax.process_count() > 1 else ""), done)
             report.flush()
             _wait_for_saves(manager, best)
     finally:

@@ -130,7 +130,8 @@ def get_sampler(name: str, **config) -> Sampler:
         fn = _SAMPLERS[name]
     except KeyError:
         raise InputError(
-            f"unknown sampler {name!r}; available: {', '.join(available_samplers())}") from None
+            f"unknown sampler {name!r}; available: {', '.join(available_samplers())} (a sampler "
+            "of your own: pass --import MODULE, the module that registers it)") from None
     if not config:
         return fn
     params = inspect.signature(fn).parameters

@@ -12,6 +12,12 @@ time only where it outlasts that work. With the device's dense bf16 peak known
 `model.flops.train_flops_per_image`) and hardware-FLOPs
 utilisation (HFU: XLA's count of the compiled step) are reported too.
 
+The watcher needs the interpreter lock to note the time a step ended; while other threads hold
+it (an asynchronous checkpoint save's) it can be held up past the end of the next step too.
+Steps whose ends it sees together (the later ones already done when it notes the first) share
+their device time evenly, so that no step is reported as taking no time after one that took
+both their times.
+
 A run whose device waits on its input says so: over each window of steps, the share of the wall
 time the device sat idle waiting for a batch (`data_bound_share`).
 """
@@ -82,23 +88,44 @@ class StepTimer:
         self._queue.put((step, outputs))
 
     def _watch(self) -> None:
+        waiting = None  # a step taken from the queue that was not done yet
         while True:
-            step, outputs = self._queue.get()
+            step, outputs = waiting if waiting is not None else self._queue.get()
+            waiting = None
             if step is None:
                 return
             jax.block_until_ready(outputs)
             done = time.perf_counter()
-            with self._lock:
-                times, start = self._times[step], self._dispatched.pop(step)
-                previous = self._last_done
-                if previous is None:
-                    previous = start - times.loader - times.transfer
-                times.device = done - max(start, previous)
-                times.wall = done - previous
-                times.idle = max(0.0, start - previous)
-                self._last_done = done
+            steps = [step]
+            while waiting is None:  # the steps that ended before the watcher saw this one end
+                try:
+                    later = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if later[0] is not None and _is_ready(later[1]):
+                    steps.append(later[0])
+                else:
+                    waiting = later
+            self._ended(steps, done)
+
+    def _ended(self, steps: list[int], done: float) -> None:
+        """Records the end of `steps` (consecutive, seen together) at `done`."""
+        with self._lock:
+            first = self._times[steps[0]]
+            start = self._dispatched[steps[0]]
+            previous = self._last_done
+            if previous is None:
+                previous = start - first.loader - first.transfer
+            device = (done - max(start, previous)) / len(steps)
+            for index, step in enumerate(steps):
+                times = self._times[step]
+                self._dispatched.pop(step)
+                times.idle = max(0.0, start - previous) if index == 0 else 0.0
+                times.device = device
+                times.wall = times.idle + device
                 self._done.add(step)
-                self._lock.notify_all()
+            self._last_done = done
+            self._lock.notify_all()
 
     def times(self, step: int, timeout: float = 600.0) -> StepTimes:
         """The measured times of `step` (waits for its end to be seen)."""
@@ -131,3 +158,8 @@ class StepTimer:
     def close(self) -> None:
         self._queue.put((None, None))
         self._thread.join(timeout=5)
+
+
+def _is_ready(outputs) -> bool:
+    """Whether every array of `outputs` is computed (without waiting)."""
+    return all(leaf.is_ready() for leaf in jax.tree.leaves(outputs) if hasattr(leaf, "is_ready"))

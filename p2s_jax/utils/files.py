@@ -129,3 +129,30 @@ def replace_folder(staging: str | os.PathLike, target: str | os.PathLike) -> Pat
     os.replace(staging, target)
     shutil.rmtree(old, ignore_errors=True)
     return target
+
+
+def listing(folder: str | os.PathLike) -> set[str] | None:
+    """The names in `folder` (None: it does not exist), to tell later what a command left."""
+    folder = Path(folder)
+    return set(os.listdir(folder)) if folder.is_dir() else None
+
+
+def what_was_left(folder: str | os.PathLike, before: set[str] | None) -> str:
+    """What a command stopped midway left in `folder` since `listing` gave `before`."""
+    folder = Path(folder)
+    now = listing(folder) or set()
+    new = sorted(f"{n}/" if (folder / n).is_dir() else n for n in now - (before or set()))
+    if not new:
+        return "nothing was written"
+    return f"left in {folder}{' (new)' if before is None else ''}: {', '.join(new)}"
+
+
+def check_folder(path: str | os.PathLike, what: str) -> Path:
+    """`path` as an existing folder; the error says whether it is missing or a file."""
+    path = Path(path)
+    if path.is_dir():
+        return path
+    if path.exists():
+        raise InputError(f"{what} {path} is a file, not a folder: name the folder that holds "
+                         "the images")
+    raise MissingFileError(f"{what} {path}: folder not found")
