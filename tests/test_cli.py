@@ -19,7 +19,6 @@ from pycocotools import mask as mask_utils
 import reference
 from conftest import coco_dataset, model_pair
 from p2s_jax import cli
-from p2s_jax.data.coco import CocoFormatError, load_image_poses
 from p2s_jax.inference.weights import WEIGHTS_URL_ENV
 from p2s_jax.inference.weights import HUB_WEIGHTS
 from weights_conversion import VIDEO_MEMORY_PREFIXES, load_model
@@ -215,32 +214,6 @@ def test_segment_input_errors(converted, tmp_path, capsys):
     args[args.index("--image") + 1] = str(tmp_path / "missing.jpg")
     assert cli.main(args) == 2
     assert "missing.jpg: image file not found" in capsys.readouterr().err
-
-
-def test_load_pose_file_formats(tmp_path):
-    triplets = np.zeros((17, 3))
-    triplets[:, 0], triplets[:, 1], triplets[:, 2] = np.arange(17), 2 * np.arange(17), 0.9
-    triplets[16] = 0  # COCO's "not labelled"
-    plain = tmp_path / "plain.json"
-    plain.write_text(json.dumps([triplets.tolist()]))
-    poses, score = load_image_poses(plain)
-    assert score == "confidence" and poses.boxes is None and len(poses) == 1
-    assert np.isnan(poses.keypoints[0, 16]).all() and poses.keypoints[0, 3].tolist() == [3, 6]
-
-    results = tmp_path / "results.json"
-    entry = {"image_id": 7, "category_id": 1, "keypoints": triplets.ravel().tolist(),
-             "score": 0.8, "visibility": [0.5] * 17, "bbox": [1, 2, 10, 20]}
-    results.write_text(json.dumps([entry, entry]))
-    poses, score = load_image_poses(results)
-    assert score == "visibility" and len(poses) == 2
-    np.testing.assert_allclose(poses.boxes[0], [1, 2, 11, 22])
-    np.testing.assert_allclose(poses.det_score, [0.8, 0.8])
-    with pytest.raises(CocoFormatError, match="needs 'presence' for every person"):
-        load_image_poses(results, "presence")
-    broken = tmp_path / "broken.json"
-    broken.write_text("[{")
-    with pytest.raises(CocoFormatError, match="broken.json: invalid JSON"):
-        load_image_poses(broken)
 
 
 # ------------------------------------------------------------------------------ evaluate

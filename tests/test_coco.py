@@ -12,11 +12,13 @@ import pytest
 from PIL import Image
 from pycocotools import mask as mask_utils
 
-from p2s_jax.data.coco import (CocoFormatError, PoseInstances, encode_results, ground_truth_poses,
-                               load_coco, load_image_poses, load_keypoint_detections)
+from p2s_jax.data.coco import (CocoFormatError, encode_results, ground_truth_poses, load_coco,
+                               load_image_poses, load_keypoint_detections)
+from p2s_jax.data.poses import resolve_channels
 from p2s_jax.data.synthetic import make_coco_dataset, make_keypoint_detections
 from p2s_jax.evaluation.metrics import evaluate_segm
 from p2s_jax.keypoints import NUM_KEYPOINTS
+from p2s_jax.utils.errors import InputError
 from p2s_jax.utils.images import load_image
 
 SIZE = (240, 320)
@@ -482,24 +484,6 @@ def test_detection_file_errors(tmp_path, dataset, coco):
         .shape == (0, 17, 2)
 
 
-def test_pose_instances_validation():
-    with pytest.raises(ValueError, match=r"keypoints must have shape \(P, J, 2\)"):
-        PoseInstances(np.zeros((2, 16, 3)), {})
-    assert PoseInstances(np.zeros((2, 14, 2)), {"visibility": np.ones((2, 14))}).keypoints.shape \
-        == (2, 14, 2)  # any schema
-    with pytest.raises(ValueError, match=r"scores\['visibility'\] must have shape \(2, 17\)"):
-        PoseInstances(np.zeros((2, 17, 2)), {"visibility": np.zeros((2, 16))})
-    with pytest.raises(ValueError, match="unknown keypoint score 'vis'"):
-        PoseInstances(np.zeros((2, 17, 2)), {"vis": np.zeros((2, 17))})
-    with pytest.raises(ValueError, match=r"boxes must have shape \(2, 4\)"):
-        PoseInstances(np.zeros((2, 17, 2)), {}, boxes=np.zeros((2, 5)))
-    poses = PoseInstances(np.arange(3 * 17 * 2).reshape(3, 17, 2), {"presence": np.ones((3, 17))},
-                          det_score=[0.1, 0.9, 0.5])
-    picked = poses.select(poses.det_score > 0.3)
-    assert len(picked) == 2 and picked.keypoints[0, 0, 0] == 34
-    np.testing.assert_array_equal(PoseInstances(np.zeros((1, 17, 2)), {}).det_score, [1.0])
-
-
 def test_keypoint_files_share_one_absent_rule(tmp_path, dataset, coco):
     """Both keypoint-file readers: a triplet [0, 0, 0] is absent (NaN), anything else is kept as
     written, even with a zero score; the two readers give the same arrays for the same entry."""
@@ -514,7 +498,7 @@ def test_keypoint_files_share_one_absent_rule(tmp_path, dataset, coco):
     one_image = tmp_path / "one_image.json"
     one_image.write_text(json.dumps([entry]))
     poses = load_keypoint_detections(detections, coco)[entry["image_id"]]
-    image_poses, _ = load_image_poses(one_image, "confidence")
+    image_poses = load_image_poses(one_image)
     for read in (poses, image_poses):
         assert np.isnan(read.keypoints[0, 3]).all()
         np.testing.assert_array_equal(read.keypoints[0, 5], triplets[5, :2].astype(np.float32))
@@ -543,3 +527,30 @@ def test_more_than_255_results(coco):
     assert len(results) > 255
     ap = evaluate_segm(coco, results)["AP"]
     assert 0.0 < ap <= 1.0
+
+
+def test_load_pose_file_formats(tmp_path):
+    triplets = np.zeros((17, 3))
+    triplets[:, 0], triplets[:, 1], triplets[:, 2] = np.arange(17), 2 * np.arange(17), 0.9
+    triplets[16] = 0  # COCO's "not labelled"
+    plain = tmp_path / "plain.json"
+    plain.write_text(json.dumps([triplets.tolist()]))
+    poses = load_image_poses(plain)
+    assert resolve_channels(poses).visibility == "confidence"
+    assert poses.boxes is None and len(poses) == 1
+    assert np.isnan(poses.keypoints[0, 16]).all() and poses.keypoints[0, 3].tolist() == [3, 6]
+
+    results = tmp_path / "results.json"
+    entry = {"image_id": 7, "category_id": 1, "keypoints": triplets.ravel().tolist(),
+             "score": 0.8, "visibility": [0.5] * 17, "bbox": [1, 2, 10, 20]}
+    results.write_text(json.dumps([entry, entry]))
+    poses = load_image_poses(results)
+    assert resolve_channels(poses).visibility == "visibility" and len(poses) == 2
+    np.testing.assert_allclose(poses.boxes[0], [1, 2, 11, 22])
+    np.testing.assert_allclose(poses.det_score, [0.8, 0.8])
+    with pytest.raises(InputError, match="carry no 'presence' keypoint scores"):
+        resolve_channels(poses, "presence")
+    broken = tmp_path / "broken.json"
+    broken.write_text("[{")
+    with pytest.raises(CocoFormatError, match="broken.json: invalid JSON"):
+        load_image_poses(broken)

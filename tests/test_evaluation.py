@@ -24,12 +24,14 @@ import multihost
 import reference
 from conftest import coco_dataset, model_pair
 from p2s_jax.data import coco as coco_lib
+from p2s_jax.data.poses import PoseInstances
 from p2s_jax.evaluation import evaluate, plan
 from p2s_jax.evaluation import runner as ev
 from p2s_jax.evaluation.config import DEFAULT_RESULT_SCORE, EvalConfig
 from p2s_jax.evaluation.metrics import METRIC_NAMES, evaluate_segm
 from p2s_jax.evaluation.report import format_report
-from p2s_jax.inference.prompting import PromptConfig, exclusive_masks, select_prompts
+from p2s_jax.inference.postprocess import exclusive_masks
+from p2s_jax.inference.prompting import PromptConfig, select_prompts
 from p2s_jax.parallel import make_mesh
 from p2s_jax.utils.images import load_image
 
@@ -357,9 +359,9 @@ def test_missing_and_unreadable_images_are_skipped(dataset, models, single_devic
     poses = dict(dataset["poses"])
     base = poses[4]
     outside = base.select([0])
-    outside = coco_lib.PoseInstances(outside.keypoints - 1000.0, outside.scores, outside.boxes,
+    outside = PoseInstances(outside.keypoints - 1000.0, outside.scores, outside.boxes,
                                      outside.det_score)
-    poses[4] = coco_lib.PoseInstances(
+    poses[4] = PoseInstances(
         np.concatenate([base.keypoints, outside.keypoints]),
         {k: np.concatenate([v, outside.scores[k]]) for k, v in base.scores.items()},
         np.concatenate([base.boxes, outside.boxes]),
@@ -407,12 +409,12 @@ def test_bad_poses_name_the_image(dataset, models, single_device):
     scores = dict(bad.scores)
     scores["visibility"] = scores["visibility"].copy()
     scores["visibility"][1, 5] = np.nan
-    poses[2] = coco_lib.PoseInstances(bad.keypoints, scores, bad.boxes, bad.det_score)
+    poses[2] = PoseInstances(bad.keypoints, scores, bad.boxes, bad.det_score)
     with pytest.raises(ValueError, match="image 2: person index 1 has non-finite"):
         ev.run_dataset(models[1], dataset["coco"], dataset["images"], poses,
                      mesh=single_device, progress=False)
     with pytest.raises(ValueError, match="no 'presence' keypoint scores|presence"):
-        plain = {i: coco_lib.PoseInstances(p.keypoints, {"confidence": p.scores["confidence"]},
+        plain = {i: PoseInstances(p.keypoints, {"confidence": p.scores["confidence"]},
                                            p.boxes, p.det_score)
                  for i, p in dataset["poses"].items()}
         ev.run_dataset(models[1], dataset["coco"], dataset["images"], plain,

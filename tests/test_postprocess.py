@@ -1,12 +1,13 @@
 """Small-region clean-up on the device against scipy's 8-connected labelling (the semantics of
-the official `get_connected_components` kernel and `SAM2Transforms.postprocess_masks`)."""
+the official `get_connected_components` kernel and `SAM2Transforms.postprocess_masks`), and
+exclusive masks against a per-pixel loop."""
 
 import jax
 import numpy as np
 import pytest
 from scipy import ndimage
 
-from p2s_jax.inference.postprocess import MaskPostprocess, remove_small_regions
+from p2s_jax.inference.postprocess import MaskPostprocess, exclusive_masks, remove_small_regions
 from p2s_jax.utils.errors import InputError
 
 EIGHT_CONNECTED = np.ones((3, 3), int)
@@ -126,3 +127,26 @@ def test_full_size_logits_and_options():
 def test_bad_areas_are_named(bad):
     with pytest.raises(InputError, match="max_hole_area"):
         MaskPostprocess(max_hole_area=bad)
+
+
+def reference_exclusive_masks(masks, iou):
+    out = np.zeros_like(masks)
+    for y in range(masks.shape[1]):
+        for x in range(masks.shape[2]):
+            covering = [p for p in range(len(masks)) if masks[p, y, x]]
+            if covering:
+                out[max(covering, key=lambda p: (iou[p], -p)), y, x] = True
+    return out
+
+
+def test_exclusive_masks_match_loop():
+    rng = np.random.default_rng(0)
+    masks = rng.random((5, 12, 16)) < 0.4
+    for iou in (rng.random(5).astype(np.float32),
+                np.array([0.7, 0.9, 0.9, 0.2, 0.7], np.float32),  # ties: lower index
+                np.array([0.0, -0.5, 0.3, 0.0, 0.1], np.float32)):  # non-positive IoUs
+        got = np.asarray(jax.jit(exclusive_masks)(masks, iou))
+        np.testing.assert_array_equal(got, reference_exclusive_masks(masks, iou))
+        assert got.sum(0).max() == 1 and (got <= masks).all()
+        np.testing.assert_array_equal(got.any(0), masks.any(0))
+    assert exclusive_masks(np.zeros((0, 4, 4), bool), np.zeros(0)).shape == (0, 4, 4)

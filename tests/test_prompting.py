@@ -20,9 +20,7 @@ from p2s_jax.inference.prompting import (
     PromptConfig,
     Prompts,
     _percentile_cutoff_ranks,
-    exclusive_masks,
     select_prompts,
-    validate_pose_inputs,
 )
 from p2s_jax.keypoints import NUM_KEYPOINTS, labelled_points
 from authors import authors_select, literal_argsort_desc, stable_argsort_desc
@@ -512,48 +510,6 @@ def test_presets_and_config_validation():
         PromptConfig(selection="kmeans")
     with pytest.raises(ValueError, match="num_points"):
         PromptConfig(num_points=0)
-
-
-def test_validate_pose_inputs():
-    keypoints, scores = blank_pose(3)
-    validate_pose_inputs(keypoints, scores, image_id=7)  # NaN coordinates are fine
-    scores[2, 4] = np.nan
-    with pytest.raises(ValueError, match=r"image 42: person index 2"):
-        validate_pose_inputs(keypoints, scores, image_id=42)
-    validate_pose_inputs(keypoints[:, :14], np.zeros((3, 14)), image_id=5)  # another schema
-    with pytest.raises(ValueError, match=r"image 5:.*\(3, 16, 3\)"):
-        validate_pose_inputs(np.zeros((3, 16, 3)), scores[:, :16], image_id=5)
-    with pytest.raises(ValueError, match=r"image 5:.*\(3, 16\).*\(3, 17, 2\)"):
-        validate_pose_inputs(keypoints, scores[:, :16], image_id=5)
-    with pytest.raises(ValueError, match=r"boxes.*\(3, 4\)"):
-        validate_pose_inputs(keypoints, np.zeros_like(scores), image_id=5, boxes=np.zeros((2, 4)))
-
-
-# --------------------------------------------------------------------------------------------
-# Exclusive masks.
-
-
-def reference_exclusive_masks(masks, iou):
-    out = np.zeros_like(masks)
-    for y in range(masks.shape[1]):
-        for x in range(masks.shape[2]):
-            covering = [p for p in range(len(masks)) if masks[p, y, x]]
-            if covering:
-                out[max(covering, key=lambda p: (iou[p], -p)), y, x] = True
-    return out
-
-
-def test_exclusive_masks_match_loop():
-    rng = np.random.default_rng(0)
-    masks = rng.random((5, 12, 16)) < 0.4
-    for iou in (rng.random(5).astype(np.float32),
-                np.array([0.7, 0.9, 0.9, 0.2, 0.7], np.float32),  # ties: lower index
-                np.array([0.0, -0.5, 0.3, 0.0, 0.1], np.float32)):  # non-positive IoUs
-        got = np.asarray(jax.jit(exclusive_masks)(masks, iou))
-        np.testing.assert_array_equal(got, reference_exclusive_masks(masks, iou))
-        assert got.sum(0).max() == 1 and (got <= masks).all()
-        np.testing.assert_array_equal(got.any(0), masks.any(0))
-    assert exclusive_masks(np.zeros((0, 4, 4), bool), np.zeros(0)).shape == (0, 4, 4)
 
 
 # --------------------------------------------------------------------------------------------

@@ -23,6 +23,7 @@ import reference
 from authors import authors_exclusive, authors_select, scipy_connected_components
 from conftest import NEEDS_REAL_COCO_AND_REFERENCE, REAL_COCO, model_pair
 from p2s_jax.data import coco as coco_lib
+from p2s_jax.data.poses import PoseInstances
 from p2s_jax.data.prepare import coco_persons
 from p2s_jax.evaluation import plan
 from p2s_jax.evaluation import runner as ev
@@ -293,7 +294,7 @@ def test_oks_equals_pycocotools_and_gt_boxes_follow_it(coco):
         np.testing.assert_allclose(ours[order][:, keep], evaluator.ious[(image_id, 1)][:, keep],
                                    rtol=1e-12, atol=1e-15)
         assert (ours[:, ~keep] == 0).all()
-        poses = coco_lib.PoseInstances(
+        poses = PoseInstances(
             det_keypoints.astype(np.float32), {"confidence": np.ones(det_keypoints.shape[:2])},
             np.tile(np.float32([0, 0, 5, 5]), (len(mine), 1)),
             np.asarray([d["score"] for d in mine], np.float32))
@@ -301,7 +302,7 @@ def test_oks_equals_pycocotools_and_gt_boxes_follow_it(coco):
         assert matched.all()
         for d, box in zip(mine, boxes):
             np.testing.assert_allclose(box, gt.boxes[list(gt.ann_ids).index(d["ann"])])
-    far = coco_lib.PoseInstances(np.full((1, 17, 2), 5000.0, np.float32),
+    far = PoseInstances(np.full((1, 17, 2), 5000.0, np.float32),
                                  {"confidence": np.ones((1, 17))},
                                  np.float32([[1, 2, 3, 4]]), np.ones(1, np.float32))
     gt = coco_lib.ground_truth_poses(coco, 785)
@@ -313,7 +314,7 @@ def test_oks_equals_pycocotools_and_gt_boxes_follow_it(coco):
     triplets = np.concatenate([gt.keypoints, gt.scores["visibility"][..., None]], -1)
     bare = int(np.flatnonzero(~(triplets[..., 2] > 0).any(-1))[0])
     near = gt.boxes[bare] + np.float32([1, -1, 1, 1])
-    pose = coco_lib.PoseInstances(np.full((1, 17, 2), np.nan, np.float32),
+    pose = PoseInstances(np.full((1, 17, 2), np.nan, np.float32),
                                   {"confidence": np.zeros((1, 17))}, near[None],
                                   np.ones(1, np.float32))
     boxes, matched = ground_truth_boxes(gt, triplets, np.ones(len(gt)), pose)

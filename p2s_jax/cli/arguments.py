@@ -11,7 +11,7 @@ from p2s_jax.inference.postprocess import MaskPostprocess
 from p2s_jax.inference.presets import PRESETS
 from p2s_jax.inference.weights import HUB_WEIGHTS
 from p2s_jax.inference.prompting import PromptConfig
-from p2s_jax.data.coco import SCORE_NAMES
+from p2s_jax.data.poses import SCORE_NAMES
 from p2s_jax.keypoints import available_schemas
 from p2s_jax.model.configs import COMPUTE_DTYPES
 from p2s_jax.model.layers import ATTENTION_IMPLEMENTATIONS

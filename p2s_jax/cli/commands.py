@@ -15,14 +15,14 @@ from p2s_jax import aot
 from p2s_jax.evaluation.annotate import AnnotateConfig, AnnotationInput, annotate
 from p2s_jax.evaluation.evaluate import load_inputs, run_evaluation
 from p2s_jax.evaluation.report import EvalReport, format_report
-from p2s_jax.inference.overlay import draw_overlay
 from p2s_jax.inference.predictor import Predictor
-from p2s_jax.inference.segment import segment_people, write_segmentation
+from p2s_jax.inference.segment import (draw_segmentation, read_photo_poses, segment_photo,
+                                      write_segmentation)
 from p2s_jax.inference.weights import resolve_checkpoint
 from p2s_jax.data import prepare
 from p2s_jax.data.pipeline import prepare_training_data
-from p2s_jax.data.coco import load_coco, load_image_poses
-from p2s_jax.keypoints import get_schema, schema_for_count
+from p2s_jax.data.coco import load_coco
+from p2s_jax.keypoints import get_schema
 from p2s_jax.model.configs import compute_dtype
 from p2s_jax.train.checkpoint import export_torch
 from p2s_jax.train.correction import CorrectionConfig
@@ -129,40 +129,22 @@ def cmd_segment(args: argparse.Namespace) -> int:
                   [args.image, args.keypoints, args.checkpoint], overwrite=args.overwrite)
     image = load_image(args.image)
     settings = inference_config(args, ground_truth=False)
-    schema = _schema(args)
-    poses, score_type = load_image_poses(
-        args.keypoints, args.score_type, image_id=args.image_id, photo=args.image,
-        num_keypoints=schema.num_keypoints if schema else None)
-    schema = schema or schema_for_count(poses.keypoints.shape[1], args.keypoints)
-    if schema.num_keypoints != poses.keypoints.shape[1]:
-        raise UsageError(f"--schema {schema.name} has {schema.num_keypoints} keypoints, "
-                         f"{args.keypoints} {poses.keypoints.shape[1]}")
-    config = dataclasses.replace(settings.prompt, face=schema.face)
-    if config.box != "none" and poses.boxes is None:
-        raise UsageError(f"--box {config.box} needs a 'bbox' for every person in "
-                         f"{args.keypoints}")
-    scores = poses.scores[score_type]
-    confidence = poses.scores.get(settings.confidence_score or score_type)
-    if confidence is None:
-        raise UsageError(f"{args.keypoints}: the poses carry no {settings.confidence_score!r} "
-                         f"scores (they have {sorted(poses.scores)}); choose another "
-                         "--confidence-score")
+    people = read_photo_poses(args.keypoints, args.image, settings.keypoint_score,
+                              settings.confidence_score, settings.prompt.box,
+                              image_id=args.image_id, schema=_schema(args))
     predictor = Predictor.from_checkpoint(_checkpoint(args), args.model, args.image_size,
                                           compute_dtype(args.dtype), attention=args.attention,
                                           postprocess=settings.postprocess)
-    result = segment_people(predictor, image, poses.keypoints, scores, config,
-                            boxes=poses.boxes, exclusive=settings.exclusive,
-                            confidence=confidence)
-    overlay = draw_overlay(image, result.masks, poses.keypoints, scores, result.coords,
-                           result.labels, config.visibility_threshold, schema.skeleton)
+    result = segment_photo(predictor, image, people, settings.prompt, settings.exclusive)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    overlay.save(out)
-    people, with_mask = len(result.iou), int(result.has_prompt.sum())
-    print(f"{plural(people, 'person', 'people')}, {plural(with_mask, 'mask')} ({score_type} "
-          f"scores, {config.selection}_{config.num_points}); overlay: {out}")
-    if with_mask < people:
-        print(f"{plural(people - with_mask, 'person', 'people')} had no usable keypoint: no mask")
+    draw_segmentation(image, people, result, settings.prompt.visibility_threshold).save(out)
+    total, with_mask = len(result.iou), int(result.has_prompt.sum())
+    print(f"{plural(total, 'person', 'people')}, {plural(with_mask, 'mask')} "
+          f"({people.channels.visibility} scores, {settings.prompt.selection}_"
+          f"{settings.prompt.num_points}); overlay: {out}")
+    if with_mask < total:
+        print(f"{plural(total - with_mask, 'person', 'people')} had no usable keypoint: no mask")
     if args.masks_out:
         print(f"masks: {write_segmentation(args.masks_out, args.image, result)}")
     return 0

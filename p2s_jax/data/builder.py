@@ -64,10 +64,11 @@ from etils import epath
 from PIL import Image, UnidentifiedImageError
 from pycocotools.coco import COCO
 
-from p2s_jax.data.coco import (CocoFormatError, PoseInstances, annotation_schema, coco_from_dict,
+from p2s_jax.data.coco import (CocoFormatError, annotation_schema, coco_from_dict,
                                ground_truth_poses, keypoint_schema, load_keypoint_detections,
                                person_category_id, with_schema)
 from p2s_jax.data.matching import load_detection_ids, matched_poses
+from p2s_jax.data.poses import PoseInstances
 from p2s_jax.keypoints import NUM_KEYPOINTS, get_schema
 from p2s_jax.utils.files import read_json
 

@@ -1,4 +1,4 @@
-"""COCO-format person files: ground truth, keypoint files, poses and mask RLE (pycocotools).
+"""COCO-format person files: ground truth, keypoint files and mask RLE (pycocotools).
 
 pycocotools is the reference throughout: annotations are indexed by `pycocotools.coco.COCO` and
 masks are encoded with `pycocotools.mask`. This module adds input validation (errors that name
@@ -14,13 +14,12 @@ written. Ground-truth annotations use their visibility flag instead (v = 0: abse
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import io
 import math
 import os
 import warnings
 from collections import defaultdict
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -30,11 +29,10 @@ from pycocotools.coco import COCO
 
 from p2s_jax.keypoints import (COCO17, KEYPOINT_NAMES, NUM_KEYPOINTS, SKELETON, KeypointSchema,
                                schema_for_count, schema_for_names)
+from p2s_jax.data.poses import SCORE_NAMES, PoseInstances, xywh_to_xyxy
 from p2s_jax.utils.errors import InputError
 from p2s_jax.utils.files import read_json
 
-# Per-keypoint score arrays a PoseInstances may carry ('confidence' is the s of each [x, y, s]).
-SCORE_NAMES = ("visibility", "presence", "expected_oks", "confidence")
 # Optional per-keypoint arrays of a detection entry, and the keys they may be written under:
 # ours first, then ProbPose's (`keypoints_visible`, `keypoint_probs` -> "probs" in its results
 # file, `keypoint_oks`) and BBoxMaskPose's (`keypoint_vis`, `keypoint_prob`).
@@ -51,11 +49,6 @@ def _score_key(entry: dict, name: str) -> str | None:
     return next((key for key in SCORE_KEY_ALIASES[name] if key in entry), None)
 
 
-def default_score_type(carried) -> str:
-    """The visibility channel a command uses when none is named, the same rule everywhere:
-    'visibility' when the poses carry it (ProbPose, ground truth), else 'confidence' (the s of
-    each [x, y, s], all a plain keypoint-results file has)."""
-    return "visibility" if "visibility" in carried else "confidence"
 
 SMALL_AREA = 32.0**2
 # The person category of files this project writes (COCO-17 names, COCO's 1-based skeleton).
@@ -249,84 +242,6 @@ def check_image_id(coco: COCO, image_id: int) -> int:
         raise KeyError(f"image_id {image_id} is not in the ground truth "
                        f"({len(coco.imgs)} images)")
     return image_id
-
-
-# ----------------------------------------------------------------------------------------------
-# Pose prompts
-
-
-def xywh_to_xyxy(boxes: np.ndarray) -> np.ndarray:
-    """(..., 4) [x, y, w, h] -> (..., 4) [x0, y0, x1, y1], float32."""
-    boxes = np.asarray(boxes, np.float32)
-    return np.concatenate([boxes[..., :2], boxes[..., :2] + boxes[..., 2:]], axis=-1)
-
-
-@dataclasses.dataclass(frozen=True, eq=False)
-class PoseInstances:
-    """The P person poses of one image: the prompts of SAM-pose2seg.
-
-    Attributes:
-      keypoints: (P, J, 2) float32 x, y in image pixels, in the order of the file's keypoint
-        schema (`p2s_jax.keypoints`; J = 17 for COCO).
-      scores: name -> (P, J) float32 per-keypoint scores, names among `SCORE_NAMES`:
-        'visibility' (ProbPose's visibility, or binary v > 0 for ground truth; 0 = unusable),
-        'presence' (probability that the keypoint lies in the image), 'expected_oks' (predicted
-        localisation quality) and 'confidence' (the s of each [x, y, s] triplet).
-      boxes: (P, 4) float32 [x0, y0, x1, y1] person boxes, or None.
-      det_score: (P,) float32 instance scores (1.0 for ground truth; ones when not given).
-      ann_ids: (P,) int64 ground-truth annotation ids, or None for detections.
-    """
-
-    keypoints: np.ndarray
-    scores: Mapping[str, np.ndarray]
-    boxes: np.ndarray | None = None
-    det_score: np.ndarray | None = None
-    ann_ids: np.ndarray | None = None
-
-    def __post_init__(self):
-        keypoints = np.asarray(self.keypoints, np.float32)
-        if keypoints.ndim != 3 or keypoints.shape[2] != 2:
-            raise ValueError(f"keypoints must have shape (P, J, 2), got {keypoints.shape}")
-        num, joints = keypoints.shape[:2]
-        scores = {}
-        for name, value in self.scores.items():
-            if name not in SCORE_NAMES:
-                raise ValueError(f"unknown keypoint score {name!r}; expected one of {SCORE_NAMES}")
-            scores[name] = _shaped(value, (num, joints), f"scores[{name!r}]", np.float32)
-        boxes = None if self.boxes is None else _shaped(self.boxes, (num, 4), "boxes", np.float32)
-        det_score = (np.ones(num, np.float32) if self.det_score is None
-                     else _shaped(self.det_score, (num,), "det_score", np.float32))
-        ann_ids = None if self.ann_ids is None else _shaped(self.ann_ids, (num,), "ann_ids",
-                                                            np.int64)
-        for field, value in (("keypoints", keypoints), ("scores", scores), ("boxes", boxes),
-                             ("det_score", det_score), ("ann_ids", ann_ids)):
-            object.__setattr__(self, field, value)
-
-    def __len__(self) -> int:
-        return self.keypoints.shape[0]
-
-    @classmethod
-    def empty(cls, score_names: Iterable[str] = (), with_boxes: bool = False,
-              num_keypoints: int = NUM_KEYPOINTS) -> PoseInstances:
-        """No person (P = 0), with the given score names (and boxes), so that shapes line up."""
-        return cls(np.zeros((0, num_keypoints, 2), np.float32),
-                   {n: np.zeros((0, num_keypoints), np.float32) for n in score_names},
-                   np.zeros((0, 4), np.float32) if with_boxes else None)
-
-    def select(self, index: np.ndarray | Sequence[int]) -> PoseInstances:
-        """The persons picked by integer indices or a (P,) boolean mask, in that order."""
-        index = np.asarray(index)
-        return PoseInstances(
-            self.keypoints[index], {k: v[index] for k, v in self.scores.items()},
-            None if self.boxes is None else self.boxes[index], self.det_score[index],
-            None if self.ann_ids is None else self.ann_ids[index])
-
-
-def _shaped(value: Any, shape: tuple[int, ...], name: str, dtype) -> np.ndarray:
-    array = np.asarray(value, dtype)
-    if array.shape != shape:
-        raise ValueError(f"{name} must have shape {shape}, got {array.shape}")
-    return array
 
 
 def keypoint_schema(coco: COCO) -> KeypointSchema:
@@ -566,15 +481,15 @@ def load_keypoint_detections(path: str | os.PathLike, coco: COCO,
             for image_id in coco.getImgIds()}
 
 
-def load_image_poses(path: str | os.PathLike, score_type: str | None = None, *,
-                     image_id: int | None = None, photo: str | os.PathLike | None = None,
-                     num_keypoints: int | None = None) -> tuple[PoseInstances, str]:
-    """The people of one photo from a keypoint file -> (`PoseInstances`, score name used).
+def load_image_poses(path: str | os.PathLike, *, image_id: int | None = None,
+                     photo: str | os.PathLike | None = None,
+                     num_keypoints: int | None = None) -> PoseInstances:
+    """The people of one photo from a keypoint file, with the score channels every person
+    carries (`poses.resolve_channels` picks the ones a run uses).
 
     Accepted JSON: a list with one entry per person (or one object), each a COCO keypoint
     result object or a plain list of J [x, y, s] triplets (or 3 J numbers); "score" defaults to
     1.0, "image_id" and "category_id" are not needed. Triplets [0, 0, 0] are absent keypoints.
-    score_type None: `default_score_type` of what every person carries.
 
     Keypoint results of several images (entries with different "image_id"s): the entries of
     `image_id`, else of the image id the photo's file name spells (COCO's 000000000785.jpg is
@@ -593,15 +508,9 @@ def load_image_poses(path: str | os.PathLike, score_type: str | None = None, *,
     people = [_parse_person(f"{path}: person {i}", entry, (), default_score=1.0,
                             num_keypoints=num_keypoints) for i, entry in enumerate(entries)]
     complete = [n for n in SCORE_NAMES if people and all(n in p.scores for p in people)]
-    if score_type is None:
-        score_type = default_score_type(complete)
-    if people and score_type not in complete:
-        raise CocoFormatError(f"{path}: --score-type {score_type} needs '{score_type}' for every "
-                              f"person; available: {complete}")
     with_boxes = bool(people) and all(p.box is not None for p in people)
-    return (_stack_people(people, complete or ["confidence"], with_boxes,
-                          people[0].keypoints.shape[0] if people else NUM_KEYPOINTS, str(path)),
-            score_type)
+    return _stack_people(people, complete or ["confidence"], with_boxes,
+                         people[0].keypoints.shape[0] if people else NUM_KEYPOINTS, str(path))
 
 
 def _sorted_ids(ids) -> list:

@@ -20,7 +20,8 @@ from pathlib import Path
 import numpy as np
 from pycocotools.coco import COCO
 
-from p2s_jax.data.coco import CocoFormatError, PoseInstances
+from p2s_jax.data.coco import CocoFormatError
+from p2s_jax.data.poses import PoseInstances
 from p2s_jax.utils.errors import InputError
 from p2s_jax.utils.files import read_json
 

@@ -44,7 +44,7 @@ from pycocotools import mask as mask_utils
 
 from p2s_jax.data import coco as coco_lib
 from p2s_jax.evaluation.config import EvalConfig
-from p2s_jax.evaluation.plan import ground_truth_prompt_poses, resolve_score_channels, run_items
+from p2s_jax.evaluation.plan import ground_truth_prompt_poses, run_items
 from p2s_jax.evaluation.runner import run_dataset
 from p2s_jax.inference.overlay import draw_overlay
 from p2s_jax.inference.prompting import LABEL_EMPTY, PromptConfig
@@ -136,7 +136,7 @@ class AnnotationInput:
         inference = config.inference
         if self.ground_truth and config.ground_truth_prompt is not None:
             inference = dataclasses.replace(inference, prompt=config.ground_truth_prompt)
-        self.inference = resolve_score_channels(inference, self.poses, keypoints_path)
+        self.inference = inference.resolve_channels(self.poses, keypoints_path)
         run_items(self.coco, ".", self.poses, self.inference)  # raises on an unusable pose
 
 

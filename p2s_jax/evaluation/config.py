@@ -17,7 +17,7 @@ import dataclasses
 
 import jax
 
-from p2s_jax.data import coco as coco_lib
+from p2s_jax.data.poses import SCORE_NAMES, ScoreChannels, resolve_channels
 from p2s_jax.inference.postprocess import MaskPostprocess
 from p2s_jax.inference.presets import get_preset
 from p2s_jax.inference.prompting import PromptConfig
@@ -36,7 +36,7 @@ class EvalConfig:
       keypoint_score: the per-keypoint visibility channel (ranks MaxVis, filters candidates),
         one of `coco.SCORE_NAMES`; None (default): 'visibility' when the poses carry it
         (ProbPose's visibility, or binary for ground-truth poses), else 'confidence' (the s of
-        each [x, y, s]), the rule of every command (`plan.resolve_score_channels`).
+        each [x, y, s]), the rule of every command (`poses.resolve_channels`).
       confidence_score: the per-keypoint confidence channel (the prompt gate and MaxSpread's
         ranking, `prompting.select_prompts`); None: the same as `keypoint_score`.
       result_score: 'product' (default, see the module docstring), 'detection', 'iou' or
@@ -76,8 +76,8 @@ class EvalConfig:
     def __post_init__(self):
         for name in ("keypoint_score", "confidence_score"):
             value = getattr(self, name)
-            if value not in coco_lib.SCORE_NAMES and value is not None:
-                raise InputError(f"{name} must be one of {coco_lib.SCORE_NAMES} or None, got "
+            if value not in SCORE_NAMES and value is not None:
+                raise InputError(f"{name} must be one of {SCORE_NAMES} or None, got "
                                  f"{value!r}")
         if self.box_source not in ("detection", "gt"):
             raise InputError(f"box_source must be 'detection' or 'gt', got {self.box_source!r}")
@@ -96,6 +96,19 @@ class EvalConfig:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+    @property
+    def channels(self) -> ScoreChannels:
+        """The visibility and confidence channels (after `resolve_channels`)."""
+        return ScoreChannels(self.keypoint_score, self.confidence_score or self.keypoint_score)
+
+    def resolve_channels(self, poses, source) -> "EvalConfig":
+        """This config with its visibility channel named, both channels checked against what
+        `poses` (image_id -> `PoseInstances`) carry (`poses.resolve_channels`; errors name
+        `source`)."""
+        channels = resolve_channels(poses.values(), self.keypoint_score, self.confidence_score,
+                                    source)
+        return dataclasses.replace(self, keypoint_score=channels.visibility)
 
     @classmethod
     def from_preset(cls, name: str, ground_truth: bool = False, **overrides) -> "EvalConfig":

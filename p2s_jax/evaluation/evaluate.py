@@ -23,7 +23,7 @@ from p2s_jax.data import coco as coco_lib
 from p2s_jax.evaluation.config import EvalConfig
 from p2s_jax.evaluation.metrics import evaluate_segm
 from p2s_jax.evaluation.plan import (check_image_files, ground_truth_prompt_poses,
-                                     missing_images_error, resolve_score_channels, run_items)
+                                     missing_images_error, run_items)
 from p2s_jax.evaluation.runner import EvalOutput, run_dataset
 from p2s_jax.keypoints import KeypointSchema
 from p2s_jax.model.configs import compute_dtype
@@ -69,7 +69,7 @@ def load_inputs(annotations, images_dir, config: EvalConfig, *, keypoints=None,
         with_people = set(coco.getImgIds(catIds=[coco_lib.person_category_id(coco)]))
         image_ids = [i for i in image_ids if i in with_people][:max_images]
         poses = {i: poses[i] for i in image_ids if i in poses}
-    config = resolve_score_channels(config, poses, "ground truth" if gt_keypoints else keypoints)
+    config = config.resolve_channels(poses, "ground truth" if gt_keypoints else keypoints)
     items = run_items(coco, images_dir, poses, config)  # raises on a pose it cannot use
     unreadable = check_image_files(items)
     if unreadable and not skip_missing_images:

@@ -1,6 +1,6 @@
 """What a dataset run will do, decided on the host before any device work: each image's poses
-as arrays (`pose_arrays`), the items to run (an image, or with `crop_to_box` one person's crop),
-the steps that hand chunks of items to the devices (`plan_steps`), the canvas, and the image
+as arrays (`poses.pose_arrays`), the items to run (an image, or with `crop_to_box` one person's
+crop), the steps that hand chunks of items to the devices (`plan_steps`), the canvas, and the image
 files checked up front (`check_image_files`).
 """
 
@@ -17,23 +17,13 @@ from pycocotools.coco import COCO
 
 from p2s_jax.data import coco as coco_lib
 from p2s_jax.data.matching import ground_truth_boxes
+from p2s_jax.data.poses import PoseArrays, PoseInstances, pose_arrays
 from p2s_jax.evaluation.config import EvalConfig
 from p2s_jax.inference.preprocess import bucket, canvas_hw
-from p2s_jax.inference.prompting import validate_pose_inputs
 from p2s_jax.keypoints import labelled_points
 from p2s_jax.utils.errors import InputError
 
-class PoseArrays(NamedTuple):
-    """One image's people as arrays for the device."""
-
-    keypoints: np.ndarray  # (P, 17, 2) float32, NaN = absent
-    scores: np.ndarray  # (P, 17) float32 visibility channel
-    confidence: np.ndarray  # (P, 17) float32 confidence channel
-    boxes: np.ndarray | None  # (P, 4) float32 xyxy
-    det_score: np.ndarray  # (P,) float32
-
-
-def ground_truth_prompt_poses(coco: COCO) -> dict[int, coco_lib.PoseInstances]:
+def ground_truth_prompt_poses(coco: COCO) -> dict[int, PoseInstances]:
     """Ground-truth poses of every image (`coco.ground_truth_poses`), with the unlabelled
     keypoints (v = 0, stored at (0, 0)) set to NaN so that no prompt rule can ever use them."""
     poses = {}
@@ -42,13 +32,13 @@ def ground_truth_prompt_poses(coco: COCO) -> dict[int, coco_lib.PoseInstances]:
         triplets = np.concatenate([gt.keypoints, gt.scores["visibility"][..., None]], axis=-1)
         keypoints, _ = labelled_points(triplets)
         scores = {"visibility": gt.scores["visibility"], "confidence": gt.scores["visibility"]}
-        poses[image_id] = coco_lib.PoseInstances(keypoints, scores, gt.boxes, gt.det_score,
+        poses[image_id] = PoseInstances(keypoints, scores, gt.boxes, gt.det_score,
                                                  gt.ann_ids)
     return poses
 
 
-def with_ground_truth_boxes(coco: COCO, poses: Mapping[int, coco_lib.PoseInstances]
-                            ) -> dict[int, coco_lib.PoseInstances]:
+def with_ground_truth_boxes(coco: COCO, poses: Mapping[int, PoseInstances]
+                            ) -> dict[int, PoseInstances]:
     """The poses with every box replaced by its OKS-matched ground-truth person's box
     (`matching.ground_truth_boxes`); unmatched poses keep their own box (or keypoint extent)."""
     out = {}
@@ -59,39 +49,6 @@ def with_ground_truth_boxes(coco: COCO, poses: Mapping[int, coco_lib.PoseInstanc
         boxes, _ = ground_truth_boxes(gt, triplets, areas, pose)
         out[image_id] = dataclasses.replace(pose, boxes=boxes)
     return out
-
-
-def resolve_score_channels(config: EvalConfig, poses: Mapping[int, coco_lib.PoseInstances],
-                           source) -> EvalConfig:
-    """`config` with its score channels named, checked against what the poses carry (every
-    image carries the same names): `keypoint_score` None becomes 'visibility' when the poses
-    have it, else 'confidence'; a channel the poses lack is an error naming `source`."""
-    carried = next((sorted(p.scores) for p in poses.values()), ["confidence", "visibility"])
-    keypoint_score = config.keypoint_score or coco_lib.default_score_type(carried)
-    for flag, name in (("--score-type", keypoint_score),
-                       ("--confidence-score", config.confidence_score or keypoint_score)):
-        if name not in carried:
-            raise InputError(f"{source}: the poses carry no {name!r} keypoint scores (they have "
-                             f"{carried}); choose another {flag}")
-    return dataclasses.replace(config, keypoint_score=keypoint_score)
-
-
-def pose_arrays(image_id: int, poses: coco_lib.PoseInstances, config: EvalConfig) -> PoseArrays:
-    confidence_name = config.confidence_score or config.keypoint_score
-    for name in (config.keypoint_score, confidence_name):
-        if name not in poses.scores:
-            raise InputError(f"image {image_id}: the poses carry no {name!r} keypoint scores "
-                             f"(they have {sorted(poses.scores)}); choose another score type "
-                             "(e.g. --score-type confidence for plain COCO keypoint results)")
-    scores = poses.scores[config.keypoint_score]
-    needs_boxes = config.prompt.box != "none"
-    if needs_boxes and poses.boxes is None:
-        raise InputError(f"image {image_id}: box prompts ({config.prompt.box!r}) need person "
-                         "boxes, but the poses have none (a detection file needs 'bbox')")
-    confidence = poses.scores[confidence_name]
-    validate_pose_inputs(poses.keypoints, scores, image_id, poses.boxes)
-    validate_pose_inputs(poses.keypoints, confidence, image_id)
-    return PoseArrays(poses.keypoints, scores, confidence, poses.boxes, poses.det_score)
 
 
 class Item(NamedTuple):
@@ -137,7 +94,7 @@ def crop_items(item: Item, factor: float) -> list[Item]:
     return crops
 
 
-def run_items(coco: COCO, images_dir, poses: Mapping[int, coco_lib.PoseInstances],
+def run_items(coco: COCO, images_dir, poses: Mapping[int, PoseInstances],
            config: EvalConfig) -> list[Item]:
     """The images with at least one person, most people first (then by id)."""
     images_dir = Path(images_dir)
@@ -147,9 +104,9 @@ def run_items(coco: COCO, images_dir, poses: Mapping[int, coco_lib.PoseInstances
         if pose is None or len(pose) == 0:
             continue
         info = coco.imgs[image_id]
+        arrays = pose_arrays(pose, config.channels, config.prompt.box, f"image {image_id}")
         item = Item(image_id, images_dir / info["file_name"],
-                     (int(info["height"]), int(info["width"])),
-                     pose_arrays(image_id, pose, config))
+                    (int(info["height"]), int(info["width"])), arrays)
         items += crop_items(item, config.crop_to_box) if config.crop_to_box else [item]
     items.sort(key=lambda item: (-len(item.poses.det_score), item.image_id))
     return items

@@ -63,13 +63,13 @@ from tqdm.auto import tqdm
 from p2s_jax.data import coco as coco_lib
 from p2s_jax.evaluation.config import EvalConfig
 from p2s_jax.evaluation.plan import (Item, decoder_chunk, items_canvas, plan_steps,
-                                     resolve_score_channels, run_items, step_people,
+                                     run_items, step_people,
                                      with_ground_truth_boxes)
 from p2s_jax.evaluation.report import EvalReport
 from p2s_jax.evaluation.steps import (HostBatch, decode_step, encode_step, host_batch,
                                       load_item_image, prefetch, prompts_step)
 from p2s_jax.inference.preprocess import CANVAS_MULTIPLE
-from p2s_jax.inference.prompting import exclusive_masks
+from p2s_jax.inference.postprocess import exclusive_masks
 from p2s_jax.model.sam2 import SAM2Image
 from p2s_jax.parallel import (REPLICATED, all_gather_json, host_to_global, local_positions,
                               local_rows, make_mesh)
@@ -102,7 +102,7 @@ def run_dataset(model: SAM2Image, coco: COCO, images_dir, poses: Mapping[int, An
       model: a loaded `SAM2Image` (`weights_conversion.load_model`).
       coco: the ground truth (`coco.load_coco`); its images' file names and sizes are used.
       images_dir: folder the images' `file_name`s are relative to.
-      poses: image_id -> `coco.PoseInstances` (`coco.load_keypoint_detections`, or
+      poses: image_id -> `poses.PoseInstances` (`coco.load_keypoint_detections`, or
         `ground_truth_prompt_poses`); images without an entry or without people are not run.
       config: prompts, scores and batching.
       mesh: a 1-D mesh with axis 'data' (`make_mesh()`, all devices, by default).
@@ -113,8 +113,7 @@ def run_dataset(model: SAM2Image, coco: COCO, images_dir, poses: Mapping[int, An
     """
     mesh = make_mesh() if mesh is None else mesh
     num_devices = mesh.devices.size
-    config = resolve_score_channels(config.for_backend(mesh.devices.flat[0].platform), poses,
-                                    "poses")
+    config = config.for_backend(mesh.devices.flat[0].platform).resolve_channels(poses, "poses")
     schema = coco_lib.keypoint_schema(coco)
     config = dataclasses.replace(config, prompt=dataclasses.replace(config.prompt,
                                                                     face=schema.face))

@@ -22,10 +22,10 @@ import numpy as np
 from jax.sharding import Mesh
 
 from p2s_jax.evaluation.plan import Item
-from p2s_jax.inference.postprocess import MaskPostprocess
+from p2s_jax.inference.postprocess import MaskPostprocess, exclusive_masks
 from p2s_jax.inference.predictor import decode_prompts, encode_images
 from p2s_jax.inference.preprocess import pad_to_canvas, preprocess_on_device, upsample_matrix
-from p2s_jax.inference.prompting import PromptConfig, exclusive_masks, select_prompts
+from p2s_jax.inference.prompting import PromptConfig, select_prompts
 from p2s_jax.parallel import DATA, REPLICATED
 from p2s_jax.utils.images import ImageError, load_image
 

@@ -25,6 +25,9 @@ How components are measured without a full labelling
     a label is judged small only if its count is <= A *and* it has no such border. Larger
     components are therefore never mistaken for small ones, whatever their shape (a 1-pixel
     spiral included), and `A` steps of a 3 x 3 minimum are all it costs.
+
+`exclusive_masks` is the authors' post-processing of the full-resolution masks (on in the
+SAM-pose2seg preset): each pixel keeps only the covering mask with the highest predicted IoU.
 """
 
 from __future__ import annotations
@@ -125,3 +128,20 @@ def remove_small_regions(logits: jax.Array, postprocess: MaskPostprocess) -> jax
         return out
 
     return jax.vmap(one)(flat).reshape(shape)
+
+
+def exclusive_masks(masks, iou) -> jax.Array:
+    """masks (P, H, W) bool, iou (P,) finite predicted IoUs -> (P, H, W) bool.
+
+    Each pixel keeps only the covering mask with the highest predicted IoU (ties: the lower
+    index, numpy's first argmax as in the authors' `_apply_exclusive_masks`); uncovered pixels
+    stay empty.  (The authors take the argmax of mask * iou, which hands a pixel to a
+    non-covering mask when every covering IoU is <= 0; the covering mask wins here.)
+    """
+    masks = jnp.asarray(masks, bool)
+    if masks.shape[0] == 0:
+        return masks
+    iou = jnp.asarray(iou, jnp.float32)
+    winner = jnp.argmax(jnp.where(masks, iou[:, None, None], -jnp.inf), axis=0)  # (H, W)
+    owners = jnp.arange(masks.shape[0])[:, None, None] == winner[None]
+    return owners & jnp.any(masks, axis=0)[None]

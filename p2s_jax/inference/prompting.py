@@ -67,9 +67,6 @@ Negative points (Supp. A.1, Tab. 5), `num_negatives` of them, label 0
 Boxes (Sec. 4.3.3, Tab. 4): "given" uses the box as passed (x0, y0, x1, y1); "inflated" scales it
 about its centre by `box_inflation` (2.0: every side pushed out by 50 % of the box size, 400 % of
 the area) and clips it to [0, W] x [0, H].
-
-`exclusive_masks` is the authors' post-processing (on in the SAM-pose2seg config): each pixel
-keeps only the covering mask with the highest predicted IoU.
 """
 
 from __future__ import annotations
@@ -219,33 +216,6 @@ class Prompts(NamedTuple):
     coords: jax.Array  # (P, K, 2) float32, (x, y) in original-image pixels; 0 in padding slots
     labels: jax.Array  # (P, K) int32: 1 positive, 0 negative, 2 / 3 box corners, -1 padding
     has_prompt: jax.Array  # (P,) bool: False when the person gets no mask (see `no_prompt`)
-
-
-# --------------------------------------------------------------------------------------------
-# Host-side input handling.
-
-
-def validate_pose_inputs(keypoints, scores, image_id, boxes=None) -> None:
-    """Raises ValueError on malformed poses of one image, naming the image and the person.
-
-    keypoints (P, J, 2), scores (P, J) finite (NaN coordinates are allowed and mean "absent";
-    a NaN score is an error), boxes None or (P, 4).
-    """
-    keypoints, scores = np.asarray(keypoints), np.asarray(scores)
-    if keypoints.ndim != 3 or keypoints.shape[2] != 2:
-        raise InputError(f"image {image_id}: keypoints must have shape (P, J, 2), "
-                         f"got {keypoints.shape}")
-    if scores.shape != keypoints.shape[:2]:
-        raise InputError(f"image {image_id}: scores shape {scores.shape} does not match keypoints "
-                         f"shape {keypoints.shape} (expected {keypoints.shape[:2]})")
-    if boxes is not None and np.shape(boxes) != (keypoints.shape[0], 4):
-        raise InputError(f"image {image_id}: boxes must have shape ({keypoints.shape[0]}, 4), "
-                         f"got {np.shape(boxes)}")
-    bad_people = np.flatnonzero(~np.isfinite(scores).all(axis=1))
-    if bad_people.size:
-        person = int(bad_people[0])
-        raise InputError(f"image {image_id}: person index {person} has non-finite keypoint scores "
-                         f"{scores[person].tolist()} (people affected: {bad_people.tolist()})")
 
 
 # --------------------------------------------------------------------------------------------
@@ -441,7 +411,7 @@ def select_prompts(keypoints, scores, image_hw, config: PromptConfig, boxes=None
     """Prompts for all people of one image.
 
     keypoints (P, J, 2) float (x, y) original-image pixels (NaN = absent); scores (P, J) float
-    visibilities, finite (see `validate_pose_inputs`); image_hw (2,) = (H, W), Python ints or
+    visibilities, finite (see `poses.check_pose_arrays`); image_hw (2,) = (H, W), Python ints or
     an array; boxes None or (P, 4) xyxy (needed when config.box != "none"; when given, also
     the reference point of "closest_other" negatives); confidence None (= scores) or (P, J)
     (the gate and MaxSpread's ranking).  Jit with `config` static:
@@ -506,20 +476,3 @@ def select_prompts(keypoints, scores, image_hw, config: PromptConfig, boxes=None
         lambda c, l: _compact(c, l, config.num_slots))(jnp.concatenate(coords, axis=1), all_labels)
     return Prompts(coords=prompt_coords.astype(jnp.float32),
                    labels=prompt_labels.astype(jnp.int32), has_prompt=has_prompt)
-
-
-def exclusive_masks(masks, iou) -> jax.Array:
-    """masks (P, H, W) bool, iou (P,) finite predicted IoUs -> (P, H, W) bool.
-
-    Each pixel keeps only the covering mask with the highest predicted IoU (ties: the lower
-    index, numpy's first argmax as in the authors' `_apply_exclusive_masks`); uncovered pixels
-    stay empty.  (The authors take the argmax of mask * iou, which hands a pixel to a
-    non-covering mask when every covering IoU is <= 0; the covering mask wins here.)
-    """
-    masks = jnp.asarray(masks, bool)
-    if masks.shape[0] == 0:
-        return masks
-    iou = jnp.asarray(iou, jnp.float32)
-    winner = jnp.argmax(jnp.where(masks, iou[:, None, None], -jnp.inf), axis=0)  # (H, W)
-    owners = jnp.arange(masks.shape[0])[:, None, None] == winner[None]
-    return owners & jnp.any(masks, axis=0)[None]

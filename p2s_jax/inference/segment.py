@@ -1,16 +1,27 @@
-"""The people of one photo: poses -> prompts -> masks with the interactive `Predictor`."""
+"""The people of one photo: poses -> prompts -> masks with the interactive `Predictor`.
+
+`read_photo_poses` reads the photo's people from a keypoint file (its own entries, its schema,
+the score channels: `poses.resolve_channels`) and checks them before any model work;
+`segment_photo` segments them; `segment_people` is the same on plain arrays (the Python API).
+"""
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import NamedTuple
 
 import jax
 import numpy as np
+from PIL import Image
 
-from p2s_jax.data.coco import masks_to_rle
-from p2s_jax.inference.prompting import (PromptConfig, exclusive_masks, select_prompts,
-                                         validate_pose_inputs)
+from p2s_jax.data.coco import load_image_poses, masks_to_rle
+from p2s_jax.data.poses import (PoseArrays, ScoreChannels, check_pose_arrays, pose_arrays,
+                                resolve_channels)
+from p2s_jax.inference.overlay import draw_overlay
+from p2s_jax.inference.postprocess import exclusive_masks
+from p2s_jax.inference.prompting import PromptConfig, select_prompts
+from p2s_jax.keypoints import KeypointSchema, schema_for_count
 from p2s_jax.utils.files import write_json
 
 
@@ -37,9 +48,9 @@ def segment_people(predictor, image: np.ndarray, keypoints, scores, config: Prom
     """
     image = np.asarray(image)
     height, width = image.shape[:2]
-    validate_pose_inputs(keypoints, scores, "(segment)", boxes)
+    check_pose_arrays(keypoints, scores, "(segment)", boxes)
     if confidence is not None:
-        validate_pose_inputs(keypoints, confidence, "(segment)")
+        check_pose_arrays(keypoints, confidence, "(segment)")
         confidence = np.asarray(confidence, np.float32)
     people = np.shape(keypoints)[0]
     masks = np.zeros((people, height, width), bool)
@@ -63,6 +74,51 @@ def segment_people(predictor, image: np.ndarray, keypoints, scores, config: Prom
     if exclusive:
         masks = np.asarray(exclusive_masks(masks, iou))
     return Segmentation(masks, iou, coords, labels, has_prompt)
+
+
+class PhotoPoses(NamedTuple):
+    """The people of one photo, read and checked (`read_photo_poses`)."""
+
+    arrays: PoseArrays  # the keypoints and the two score channels' arrays
+    channels: ScoreChannels  # which channels those are
+    schema: KeypointSchema  # the keypoints' schema (skeleton, face)
+
+
+def read_photo_poses(keypoints_path, photo, visibility: str | None = None,
+                     confidence: str | None = None, box: str = "none", *,
+                     image_id: int | None = None, schema: KeypointSchema | None = None
+                     ) -> PhotoPoses:
+    """The people of `photo` in a keypoint file (`coco.load_image_poses`: the photo's own
+    entries), in `schema` (default: the one schema with as many keypoints), with the score
+    channels resolved and every person checked for prompts of `box` mode.
+
+    Raises:
+      InputError: naming the file: entries of other photos only, a channel the poses lack,
+        box prompts without boxes, malformed keypoints.
+    """
+    poses = load_image_poses(keypoints_path, image_id=image_id, photo=photo,
+                             num_keypoints=schema.num_keypoints if schema else None)
+    schema = schema or schema_for_count(poses.keypoints.shape[1], keypoints_path)
+    channels = resolve_channels(poses, visibility, confidence, keypoints_path)
+    return PhotoPoses(pose_arrays(poses, channels, box, keypoints_path), channels, schema)
+
+
+def segment_photo(predictor, image: np.ndarray, people: PhotoPoses, config: PromptConfig,
+                  exclusive: bool = False) -> Segmentation:
+    """`segment_people` on the people `read_photo_poses` read (the schema's face keypoints
+    set in `config`)."""
+    arrays = people.arrays
+    return segment_people(predictor, image, arrays.keypoints, arrays.scores,
+                          dataclasses.replace(config, face=people.schema.face),
+                          boxes=arrays.boxes, exclusive=exclusive, confidence=arrays.confidence)
+
+
+def draw_segmentation(image: np.ndarray, people: PhotoPoses, result: Segmentation,
+                      threshold: float) -> Image.Image:
+    """The photo with each person's mask, skeleton and prompt points (`overlay.draw_overlay`);
+    keypoints whose visibility channel is below `threshold` are not drawn."""
+    return draw_overlay(image, result.masks, people.arrays.keypoints, people.arrays.scores,
+                        result.coords, result.labels, threshold, people.schema.skeleton)
 
 
 def write_segmentation(path, image_path, result: Segmentation) -> Path:
