@@ -6,9 +6,9 @@ The package is laid out by role; imports point one way (`docs/architecture.md`):
     keypoints     keypoint names, skeleton, flip pairs, face group
     parallel      the device mesh and host <-> global arrays
     utils/        files, images, download, allocator, error types
+    data/         COCO-format I/O, poses, the tfds training source, augmentation, loaders
     inference/    preprocessing, the batched predictor, pose prompting, one-photo segmentation
-    data/         COCO-format I/O, the tfds training source, augmentation, loaders
-    evaluation/   the dataset runner, COCOeval metrics, reports
+    evaluation/   settings and presets, the dataset runner, COCOeval metrics, reports
     train/        config, samplers, losses, correction loop, optimiser, step, loop, checkpoints
     cli           the `p2s` command
 
@@ -35,9 +35,9 @@ _PUBLIC = {
     "PromptConfig": "p2s_jax.inference.prompting",
     "select_prompts": "p2s_jax.inference.prompting",
     "segment_people": "p2s_jax.inference.segment",
-    "EvalConfig": "p2s_jax.evaluation.runner",
+    "EvalConfig": "p2s_jax.evaluation.config",
     "run_dataset": "p2s_jax.evaluation.runner",
-    "run_evaluation": "p2s_jax.evaluation.runner",
+    "run_evaluation": "p2s_jax.evaluation.evaluate",
     "TrainConfig": "p2s_jax.train.config",
     "train": "p2s_jax.train.loop",
 }

@@ -58,14 +58,15 @@ from p2s_jax.hardware import CHIPS, Chip, xla_cost
 from p2s_jax.inference import predictor
 from p2s_jax.model import flops as model_flops
 from p2s_jax.inference.postprocess import MaskPostprocess
+from p2s_jax.keypoints import get_schema
 from p2s_jax.model.configs import compute_dtype, get_config
 from p2s_jax.model.hiera import MultiScaleBlock, block_layout
 from p2s_jax.model.layers import resolve_attention
 from p2s_jax.model.sam2 import abstract_model
 from p2s_jax.parallel import DATA, DATA_AXIS, REPLICATED
 from p2s_jax.train import config as train_config
-from p2s_jax.train.optim import make_optimizer, param_rules
-from p2s_jax.train.step import STEP_INPUTS, init_state, make_train_step, trainable_filter
+from p2s_jax.train.state import abstract_state, batch_shapes
+from p2s_jax.train.step import make_train_step
 from p2s_jax.utils.errors import InputError, MissingFileError
 
 # Images of the paper's training data: COCO train2017 images with a person (64,115) and the
@@ -173,22 +174,16 @@ def decode_program(target: Target, model: str, image_size: int, dtype: str, batc
 
 def train_program(target: Target, model: str, image_size: int, dtype: str, batch: int,
                   preset: str = "paper"):
-    """(jitted, args): the train step of `preset` ('paper', 'tiny'), `batch` images per chip."""
+    """(jitted, args): the train step of `preset` ('paper', 'tiny'), `batch` images per chip;
+    the keypoints of the preset's `data.schema` (COCO-17 when the data names none)."""
     config = train_config.PRESETS[preset]()
     config = dataclasses.replace(config, model=model, image_size=image_size, compute_dtype=dtype,
                                  attention=target.attention(dtype),
                                  global_batch_size=batch * target.num_chips, total_steps=1000)
-    abstract = abstract_model(get_config(model, image_size, target.attention(dtype)),
-                              compute_dtype(dtype))
-    graphdef, params, frozen = nnx.split(abstract, trainable_filter(config), ...)
-    tx = make_optimizer(config.optim, config.total_steps,
-                        *param_rules(abstract, params, config.optim))
-    state = jax.eval_shape(lambda p: init_state(p, tx, config.seed), params)
-    n, people, s = config.global_batch_size, config.data.objects_per_image, image_size
-    shapes = {"image": ((n, s, s, 3), jnp.uint8), "masks": ((n, people, s, s), jnp.bool_),
-              "keypoints": ((n, people, 17, 2), jnp.float32),
-              "visibility": ((n, people, 17), jnp.float32), "valid": ((n, people), jnp.bool_)}
-    batch_args = {k: _on(target, *shapes[k]) for k in STEP_INPUTS}
+    graphdef, tx, state, frozen = abstract_state(config)
+    batch_args = {k: _on(target, s.shape, s.dtype)
+                  for k, s in batch_shapes(config, get_schema(config.data.schema or "coco17")
+                                           .num_keypoints).items()}
     step = make_train_step(graphdef, tx, config, target.mesh)
     return step, (_replicated(target, state), _replicated(target, frozen), batch_args)
 

@@ -265,7 +265,6 @@ def run_official(spec: dict) -> dict:
 def run_ours(spec: dict) -> dict:
     import flax
     import jax
-    from flax import nnx
     from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
     from p2s_jax.hardware import xla_cost
@@ -273,7 +272,7 @@ def run_ours(spec: dict) -> dict:
     from p2s_jax.train import step as trainer
     from p2s_jax.model.configs import compute_dtype, get_config
     from p2s_jax.train.correction import CorrectionConfig
-    from p2s_jax.train.optim import make_optimizer, param_rules
+    from p2s_jax.train.state import STEP_INPUTS, new_state
     from p2s_jax.model.sam2 import abstract_model
     from p2s_jax.train.config import TrainConfig
     from weights_conversion.convert import from_state_dict
@@ -292,20 +291,18 @@ def run_ours(spec: dict) -> dict:
     model = abstract_model(get_config(config.model, size), compute_dtype(config.compute_dtype))
     with np.load(spec["weights"]) as state_dict:
         from_state_dict(model, state_dict, source=spec["weights"])
-    graphdef, params, frozen = nnx.split(model, trainer.trainable_filter(config), ...)
-    tx = make_optimizer(config.optim, config.total_steps, *param_rules(model, params, config.optim))
+    graphdef, tx, state, frozen = new_state(config, model)
     replicated = NamedSharding(mesh, P())
-    state = jax.device_put(trainer.init_state(params, tx, config.seed), replicated)
-    frozen = jax.device_put(frozen, replicated)
-    trained_leaves = jax.tree.leaves(params)
+    state, frozen = jax.device_put((state, frozen), replicated)
+    trained_leaves = jax.tree.leaves(state["params"])
     trained = (len(trained_leaves), int(sum(x.size for x in trained_leaves)))
-    del model, params, trained_leaves
+    del model, trained_leaves
     data_sharding = NamedSharding(mesh, P(DATA_AXIS))
     batches = make_batches(NUM_DISTINCT_BATCHES, spec["images"], spec["objects"], size)
 
     def put(batch):
         return {k: jax.make_array_from_process_local_data(data_sharding, batch[k])
-                for k in trainer.STEP_INPUTS}
+                for k in STEP_INPUTS}
 
     step_fn = trainer.make_train_step(graphdef, tx, config, mesh)
     jax.block_until_ready((state, frozen))

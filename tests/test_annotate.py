@@ -76,7 +76,7 @@ def setup(tmp_path_factory):
 @pytest.fixture(scope="module")
 def uninterrupted(setup):
     out = setup["root"] / "one" / "annotated.json"
-    config = AnnotateConfig(EvalConfig(), PromptConfig.ground_truth(), shard_images=2,
+    config = AnnotateConfig(EvalConfig(), PromptConfig(selection="maxspread"), shard_images=2,
                             overlay_sample=2)  # what `p2s annotate` runs without a preset
     summary = annotate(setup["ours"], AnnotationInput(setup["keypoints"], config=config),
                        setup["images"], out, config, checkpoint=str(setup["checkpoint"]),

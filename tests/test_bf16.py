@@ -46,7 +46,7 @@ def _people():
         triplets = np.concatenate([gt.keypoints, gt.scores["visibility"][..., None]], -1)
         keypoints, visibility = labelled_points(triplets)
         prompts = select_prompts(jnp.asarray(keypoints), jnp.asarray(visibility),
-                                 image.shape[:2], PromptConfig.ground_truth())
+                                 image.shape[:2], PromptConfig(selection="maxspread"))
         kept = np.flatnonzero(np.asarray(prompts.has_prompt))
         scenes.append((image, np.asarray(prompts.coords)[kept], np.asarray(prompts.labels)[kept]))
     astronaut = photo("astronaut")

@@ -349,11 +349,13 @@ def _settings(*flags, command="evaluate"):
     return cli.inference_config(args, ground_truth=False)
 
 
-def test_preset_and_flags_beside_it():
+def test_preset_and_flags_beside_it(monkeypatch):
+    from p2s_jax.evaluation import presets
     from p2s_jax.evaluation.config import EvalConfig
     from p2s_jax.inference.postprocess import MaskPostprocess
+    from p2s_jax.inference.prompting import PromptConfig
 
-    assert _settings("--preset", "sam-pose2seg") == EvalConfig.from_preset("sam-pose2seg")
+    assert _settings("--preset", "sam-pose2seg") == presets.settings("sam-pose2seg")
     plain = _settings()
     assert plain == EvalConfig()  # no preset: the project's defaults
     tuned = _settings("--preset", "sam-pose2seg", "--no-exclusive", "--max-hole-area", "0",
@@ -368,3 +370,14 @@ def test_preset_and_flags_beside_it():
     assert (inflated.prompt.selection, inflated.prompt.num_points) == ("maxspread", 6)
     with pytest.raises(cli.UsageError, match="--box gt needs the ground truth"):
         _settings("--box", "gt", command="segment")
+    # a flag that is not given leaves the preset's value, whatever the flag's own default
+    odd = EvalConfig(prompt=PromptConfig(spread_percentile=50.0, negatives="closest_other",
+                                         num_negatives=2, box="given", box_inflation=3.0),
+                     box_source="gt")
+    monkeypatch.setitem(presets.PRESETS, "odd", {"detected": odd, "ground_truth": odd})
+    assert presets.settings("odd") == odd
+    args = cli.build_parser().parse_args(["segment", "--image", "i", "--keypoints", "k", "--out",
+                                          "o", "--preset", "odd"])
+    assert cli.inference_config(args, ground_truth=False) == odd
+    assert _settings("--preset", "odd", "--spread-percentile", "none").prompt.spread_percentile \
+        is None

@@ -29,7 +29,7 @@ from p2s_jax.data.builder import PersonSegmentationConfig, load_source, prepare
 from p2s_jax.data.matching import box_iou, match_detections
 from p2s_jax.utils.images import decode_image
 from p2s_jax.data.loader import (DataError, TrainLoader, batch_positions,
-                                 decode_masks, make_sample, position_records)
+                                 decode_masks, make_sample, position_records, sample_layout)
 from p2s_jax.utils.images import load_image
 from p2s_jax.data.synthetic import make_coco_dataset, make_keypoint_detections
 
@@ -628,6 +628,9 @@ def test_batch_layout(synthetic):
         "keypoints": ((4, 3, 17, 2), np.float32), "visibility": ((4, 3, 17), np.float32),
         "valid": ((4, 3), np.bool_), "image_id": ((4,), np.int64),
         "record_index": ((4,), np.int64)}
+    layout = sample_layout(32, 3, 17)  # what train.state.batch_shapes builds on
+    assert list(layout) == list(batch) and shapes == {
+        k: ((4, *shape), dtype) for k, (shape, dtype) in layout.items()}
     for i, index in enumerate(batch["record_index"]):
         assert batch["image_id"][i] == source[int(index)]["image_id"]
 

@@ -106,7 +106,7 @@ def _by_image(results):
 
 def test_prompts_equal_select_prompts_per_image(dataset, run):
     """The batched, people-padded prompt step gives what select_prompts gives image by image."""
-    coco, config = dataset["coco"], PromptConfig.sam_pose2seg()
+    coco, config = dataset["coco"], PromptConfig()
     assert sorted(run.prompts) == sorted(i for i, p in dataset["poses"].items() if len(p))
     for image_id, prompts in run.prompts.items():
         poses = dataset["poses"][image_id]

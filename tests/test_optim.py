@@ -14,7 +14,7 @@ from flax import nnx
 from conftest import model_pair
 from p2s_jax.train.optim import OptimConfig, lr_schedule, make_optimizer, param_rules
 from p2s_jax.train.config import tiny
-from p2s_jax.train.step import trainable_filter
+from p2s_jax.train.state import trainable_filter
 from p2s_jax.model.param_names import torch_key
 
 

@@ -151,19 +151,20 @@ NUM_PEOPLE = 5
 IMAGE_HW = (120, 160)
 
 CONFIGS = {
-    "maxvis3": PromptConfig.sam_pose2seg(),
+    "maxvis3": PromptConfig(),
     "maxvis4_face_rule": PromptConfig(num_points=4, face_rule=True),
-    "maxspread6": PromptConfig.sam21_detected(),
-    "maxspread6_no_percentile": PromptConfig.sam21_detected(spread_percentile=None),
-    "ground_truth": PromptConfig.ground_truth(),
-    "maxspread3_no_face_rule": PromptConfig.ground_truth(face_rule=False),
-    "closest_given_box": PromptConfig.sam21_detected(num_points=4, negatives="closest_other",
-                                                     box="given"),
-    "closest_pose_centre": PromptConfig.sam_pose2seg(negatives="closest_other", num_negatives=2,
-                                                     visibility_threshold=0.3),
-    "least_visible_inflated": PromptConfig.sam21_detected(
-        spread_percentile=None, negatives="least_visible_own", num_negatives=2, box="inflated",
-        max_slots=16),
+    "maxspread6": PromptConfig(selection="maxspread", num_points=6),
+    "maxspread6_no_percentile": PromptConfig(selection="maxspread", num_points=6,
+                                             spread_percentile=None),
+    "ground_truth": PromptConfig(selection="maxspread"),
+    "maxspread3_no_face_rule": PromptConfig(selection="maxspread", face_rule=False),
+    "closest_given_box": PromptConfig(selection="maxspread", num_points=4,
+                                      negatives="closest_other", box="given"),
+    "closest_pose_centre": PromptConfig(negatives="closest_other", num_negatives=2,
+                                        visibility_threshold=0.3),
+    "least_visible_inflated": PromptConfig(
+        selection="maxspread", num_points=6, spread_percentile=None,
+        negatives="least_visible_own", num_negatives=2, box="inflated", max_slots=16),
 }
 NEEDS_BOXES = {"closest_given_box", "least_visible_inflated"}
 
@@ -493,8 +494,9 @@ def test_percentile_cutoff_matches_numpy():
 
 
 def test_presets_and_config_validation():
-    pose2seg, detected, ground_truth = (PromptConfig.sam_pose2seg(), PromptConfig.sam21_detected(),
-                                        PromptConfig.ground_truth())
+    pose2seg, detected, ground_truth = (
+        PromptConfig(), PromptConfig(selection="maxspread", num_points=6),
+        PromptConfig(selection="maxspread"))
     assert (pose2seg.selection, pose2seg.num_points, pose2seg.uses_face_rule) == (
         "maxvis", 3, False)
     assert (detected.selection, detected.num_points, detected.uses_face_rule) == (
@@ -502,10 +504,11 @@ def test_presets_and_config_validation():
     assert (ground_truth.selection, ground_truth.num_points) == ("maxspread", 3)
     assert detected.spread_percentile == 80.0 and detected.visibility_threshold == 0.5
     assert (detected.negatives, detected.box, detected.num_slots) == ("none", "none", 6)
-    assert PromptConfig.sam21_detected(negatives="closest_other", box="given").num_slots == 9
+    assert PromptConfig(selection="maxspread", num_points=6, negatives="closest_other",
+                        box="given").num_slots == 9
     assert hash(PromptConfig()) == hash(PromptConfig())
     with pytest.raises(ValueError, match="max_slots"):
-        PromptConfig.sam21_detected(box="given", max_slots=7)
+        PromptConfig(selection="maxspread", num_points=6, box="given", max_slots=7)
     with pytest.raises(ValueError, match="selection"):
         PromptConfig(selection="kmeans")
     with pytest.raises(ValueError, match="num_points"):

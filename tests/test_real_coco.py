@@ -25,9 +25,8 @@ from conftest import NEEDS_REAL_COCO_AND_REFERENCE, REAL_COCO, model_pair
 from p2s_jax.data import coco as coco_lib
 from p2s_jax.data.poses import PoseInstances
 from p2s_jax.data.prepare import coco_persons
-from p2s_jax.evaluation import plan
+from p2s_jax.evaluation import plan, presets
 from p2s_jax.evaluation import runner as ev
-from p2s_jax.evaluation.config import EvalConfig
 from p2s_jax.evaluation.metrics import coco_star_excluded, evaluate_segm
 from p2s_jax.inference.postprocess import MaskPostprocess
 from p2s_jax.keypoints import labelled_points
@@ -101,7 +100,7 @@ def models():
 @pytest.fixture(scope="module")
 def preset_run(coco, models):
     poses = plan.ground_truth_prompt_poses(coco)
-    config = EvalConfig.from_preset("sam-pose2seg", ground_truth=True, images_per_device=2)
+    config = presets.settings("sam-pose2seg", ground_truth=True, images_per_device=2)
     return ev.run_dataset(models[1], coco, REAL_COCO, poses, config,
                           mesh=make_mesh(jax.devices()[:1]), progress=False)
 
@@ -227,7 +226,7 @@ def test_keypoints_just_outside_the_photo_as_the_authors_run_them(coco, models, 
     poses = {}
     for image_id, pose in plan.ground_truth_prompt_poses(coco).items():
         poses[image_id] = dataclasses.replace(pose, keypoints=shifted(image_id)[0])
-    config = EvalConfig.from_preset("sam-pose2seg", ground_truth=True, images_per_device=2)
+    config = presets.settings("sam-pose2seg", ground_truth=True, images_per_device=2)
     run = ev.run_dataset(models[1], coco, REAL_COCO, poses, config,
                          mesh=make_mesh(jax.devices()[:1]), progress=False)
     authors = authors_pipeline(coco, models, shifted)
@@ -245,7 +244,7 @@ def test_keypoints_just_outside_the_photo_as_the_authors_run_them(coco, models, 
 def test_postprocess_changes_masks_on_these_photos(coco, models, preset_run):
     """The post-processing is not idle on real photos: without it some masks differ."""
     poses = plan.ground_truth_prompt_poses(coco)
-    config = EvalConfig.from_preset("sam-pose2seg", ground_truth=True, images_per_device=2,
+    config = presets.settings("sam-pose2seg", ground_truth=True, images_per_device=2,
                                        postprocess=MaskPostprocess())
     plain = ev.run_dataset(models[1], coco, REAL_COCO, poses, config,
                            mesh=make_mesh(jax.devices()[:1]), progress=False)
@@ -411,7 +410,7 @@ def test_crop_to_box_equals_the_official_predictor_on_each_crop(coco, models):
     from p2s_jax.evaluation.plan import crop_window
 
     poses = plan.ground_truth_prompt_poses(coco)
-    config = EvalConfig.from_preset("sam-pose2seg", ground_truth=True, images_per_device=2,
+    config = presets.settings("sam-pose2seg", ground_truth=True, images_per_device=2,
                                        crop_to_box=1.5, exclusive=False,
                                        postprocess=MaskPostprocess())
     mesh = make_mesh(jax.devices()[:1])

@@ -324,7 +324,7 @@ def test_export_loads_with_the_official_strict_loader(tmp_path, env, uninterrupt
     import torch
 
     from p2s_jax.cli import main
-    from p2s_jax.train.step import build_training_model
+    from p2s_jax.train.state import build_training_model
     from weights_conversion import VIDEO_MEMORY_PREFIXES, convert_checkpoint, to_state_dict
 
     original = tmp_path / "sam2.1_t.pt"  # the "original" checkpoint: official t, random weights

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from orbax.checkpoint._src.path import atomicity
 
-import p2s_jax.train.loop as loop
+import p2s_jax.train.inputs as inputs
 
 
 def _mark() -> None:
@@ -50,8 +50,8 @@ class _Hooked:
         return getattr(self.loader, name)
 
 
-_real_loader = loop.loader_from_config
-loop.loader_from_config = lambda config, workdir: _Hooked(_real_loader(config, workdir))
+_real_loader = inputs.training_loader
+inputs.training_loader = lambda *args, **kwargs: _Hooked(_real_loader(*args, **kwargs))
 
 if "P2S_TEST_HOLD_COMMIT_STEP" in os.environ:
     _hold = os.environ["P2S_TEST_HOLD_COMMIT_STEP"]

@@ -59,31 +59,20 @@ def main(argv) -> int:
         loader = ToyLoader(config.global_batch_size, config.image_size,
                            host_index=jax.process_index(), host_count=jax.process_count())
         result = train(config, workdir, loader=loader, progress=False, max_steps=2)
-        from flax import nnx
+        from p2s_jax.train.state import new_state
 
-        from p2s_jax.train.step import build_training_model, trainable_filter
-
-        _, initial, _ = nnx.split(build_training_model(config), trainable_filter(config), ...)
-        initial = {"initial" + k: v for k, v in flat_params({"params": initial}).items()}
+        initial = {"initial" + k: v for k, v in flat_params(new_state(config).state).items()}
         np.savez(argv[3], **flat_params(result.state), **initial)
     elif mode == "gradients":  # 4 devices: the first step's gradients on 1 and on 4 devices
-        from flax import nnx
-
         from p2s_jax.parallel import host_to_global, make_mesh
-        from p2s_jax.train.step import (STEP_INPUTS, build_training_model, init_state,
-                                        make_gradient_step, trainable_filter)
-        from p2s_jax.train.optim import make_optimizer, param_rules
+        from p2s_jax.train.state import STEP_INPUTS, abstract_state, new_state
+        from p2s_jax.train.step import make_gradient_step
 
         # two points: the first prompt and one corrected step (the sampler, the mask input)
         config = tiny(**{"eval.every": 0, "correction.num_points": 2})
-        model = build_training_model(config)
-        graphdef, params, frozen = nnx.split(model, trainable_filter(config), ...)
-        tx = make_optimizer(config.optim, config.total_steps,
-                            *param_rules(model, params, config.optim))
-        state = init_state(params, tx, config.seed)
+        graphdef, _, state, frozen = new_state(config)
         batch = ToyLoader(config.global_batch_size, config.image_size).batch(0)
-        bf16 = nnx.split(build_training_model(dataclasses.replace(
-            config, compute_dtype="bfloat16")), trainable_filter(config), ...)[0]
+        bf16 = abstract_state(dataclasses.replace(config, compute_dtype="bfloat16")).graphdef
         out = {}
         for name, definition, devices in (("1", graphdef, 1), ("4", graphdef, 4),
                                           ("b", bf16, 1)):  # b: bf16 compute, float32 weights
@@ -95,9 +84,9 @@ def main(argv) -> int:
         np.savez(argv[3], **out)
     elif mode == "prepare":  # one of several processes: the tiny run's data, prepared once
         multihost.initialize()
-        from p2s_jax.data.pipeline import prepare_training_data
+        from p2s_jax.train.inputs import training_records
 
-        records = prepare_training_data(tiny(), workdir)
+        records = len(training_records(tiny(), workdir))
         print(f"process {jax.process_index()}: {records} records", flush=True)
     elif mode in ("overfit", "nan"):
         config = overfit_config(checkpoint_every=2 if mode == "nan" else 1000)

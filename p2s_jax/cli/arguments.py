@@ -3,14 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 
 from p2s_jax import aot
 from p2s_jax.evaluation.config import RESULT_SCORES, EvalConfig
-from p2s_jax.inference.postprocess import MaskPostprocess
-from p2s_jax.inference.presets import PRESETS
+from p2s_jax.evaluation.presets import PRESETS, settings
 from p2s_jax.inference.weights import HUB_WEIGHTS
-from p2s_jax.inference.prompting import PromptConfig
 from p2s_jax.data.poses import SCORE_NAMES
 from p2s_jax.keypoints import available_schemas
 from p2s_jax.model.configs import COMPUTE_DTYPES
@@ -50,18 +47,19 @@ def _add_prompt_arguments(parser: argparse.ArgumentParser) -> None:
                        help="keypoints outside the photo: prompted as given (use: the authors "
                             "and both presets) or never used (drop: the default without a "
                             "preset, as such a point marks no pixel SAM sees)")
-    group.add_argument("--spread-percentile", default=80.0,
-                       type=lambda v: None if v.lower() == "none" else float(v),
+    group.add_argument("--spread-percentile", default=None,
+                       type=lambda v: "none" if v.lower() == "none" else float(v),
                        help="MaxSpread's percentile rule, or 'none' (default 80)")
     group.add_argument("--negatives", choices=("none", "closest_other", "least_visible_own"),
-                       default="none", help="negative points (default none)")
-    group.add_argument("--num-negatives", type=int, default=1)
+                       default=None, help="negative points (default none)")
+    group.add_argument("--num-negatives", type=int, default=None,
+                       help="negative points per person (default 1)")
     group.add_argument("--box", choices=("none", "given", "inflated", "gt", "inflated-gt"),
-                       default="none",
+                       default=None,
                        help="box prompt: the pose's own bbox (given), scaled about its centre "
                             "(inflated), or the box of the ground-truth person matched by OKS "
                             "(gt, inflated-gt; evaluate only) (default none)")
-    group.add_argument("--box-inflation", type=float, default=2.0,
+    group.add_argument("--box-inflation", type=float, default=None,
                        help="side-length factor of --box inflated (default 2.0)")
     group.add_argument("--exclusive", action=argparse.BooleanOptionalAction, default=None,
                        help="each pixel goes to the covering mask with the highest predicted IoU")
@@ -348,35 +346,27 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# `p2s` flag -> the inference setting it gives (`presets.settings`).
+INFERENCE_FLAGS = {"selection": "selection", "num_points": "num_points",
+                   "threshold": "visibility_threshold", "no_prompt": "no_prompt",
+                   "outside_keypoints": "outside_keypoints",
+                   "spread_percentile": "spread_percentile", "negatives": "negatives",
+                   "num_negatives": "num_negatives", "box_inflation": "box_inflation",
+                   "max_hole_area": "max_hole_area", "max_sprinkle_area": "max_sprinkle_area",
+                   "score_type": "keypoint_score", "confidence_score": "confidence_score",
+                   "exclusive": "exclusive", "result_score": "result_score"}
+
+
 def inference_config(args: argparse.Namespace, ground_truth: bool) -> EvalConfig:
-    """The inference settings of the command line: `--preset` (or the project's defaults),
-    then every flag that was given."""
-    if args.preset:
-        base = EvalConfig.from_preset(args.preset, ground_truth)
-    else:
-        base = EvalConfig(prompt=PromptConfig.ground_truth() if ground_truth
-                                 else PromptConfig.sam_pose2seg())
-    given = lambda value, default: default if value is None else value  # noqa: E731
-    box_mode, _, gt_box = args.box.partition("-") if args.box != "gt" else ("given", "", "gt")
-    if gt_box and not hasattr(args, "gt_keypoints"):
-        raise UsageError(f"--box {args.box} needs the ground truth: use it with p2s evaluate")
-    prompt = dataclasses.replace(
-        base.prompt, selection=given(args.selection, base.prompt.selection),
-        num_points=given(args.num_points, base.prompt.num_points),
-        visibility_threshold=given(args.threshold, base.prompt.visibility_threshold),
-        no_prompt=given(args.no_prompt, base.prompt.no_prompt),
-        outside_keypoints=given(args.outside_keypoints, base.prompt.outside_keypoints),
-        spread_percentile=args.spread_percentile, negatives=args.negatives,
-        num_negatives=args.num_negatives, box=box_mode, box_inflation=args.box_inflation)
-    postprocess = MaskPostprocess(
-        given(args.max_hole_area, base.postprocess.max_hole_area),
-        given(args.max_sprinkle_area, base.postprocess.max_sprinkle_area))
-    return dataclasses.replace(
-        base, prompt=prompt, postprocess=postprocess,
-        keypoint_score=given(args.score_type, base.keypoint_score),
-        confidence_score=given(args.confidence_score, base.confidence_score),
-        exclusive=given(args.exclusive, base.exclusive),
-        box_source="gt" if gt_box else "detection",
-        result_score=given(getattr(args, "result_score", None), base.result_score))
-
-
+    """The inference settings of the command line: `--preset` (or the project's defaults) for
+    detected or ground-truth poses, with every flag that was given (`presets.settings`)."""
+    given = {setting: getattr(args, flag) for flag, setting in INFERENCE_FLAGS.items()
+             if getattr(args, flag, None) is not None}
+    if given.get("spread_percentile") == "none":
+        given["spread_percentile"] = None
+    if args.box is not None:
+        mode, _, gt_box = args.box.partition("-") if args.box != "gt" else ("given", "", "gt")
+        if gt_box and not hasattr(args, "gt_keypoints"):
+            raise UsageError(f"--box {args.box} needs the ground truth: use it with p2s evaluate")
+        given.update(box=mode, box_source="gt" if gt_box else "detection")
+    return settings(args.preset, ground_truth, **given)

@@ -20,7 +20,6 @@ from p2s_jax.inference.segment import (draw_segmentation, read_photo_poses, segm
                                       write_segmentation)
 from p2s_jax.inference.weights import resolve_checkpoint
 from p2s_jax.data import prepare
-from p2s_jax.data.pipeline import prepare_training_data
 from p2s_jax.data.coco import load_coco
 from p2s_jax.keypoints import get_schema
 from p2s_jax.model.configs import compute_dtype
@@ -28,10 +27,11 @@ from p2s_jax.train.checkpoint import export_torch
 from p2s_jax.train.correction import CorrectionConfig
 from p2s_jax.train.curve import CurveConfig, correction_curve, write_curve_png
 from p2s_jax.train.config import load_config, parse_overrides
+from p2s_jax.train.inputs import training_records
 from p2s_jax.train.loop import train
 from p2s_jax.utils.errors import interrupt_signal
-from p2s_jax.utils.files import (check_folder, check_outputs, listing, read_json, replace_folder, summary_path,
-                                 what_was_left)
+from p2s_jax.utils.files import (check_folder, check_outputs, listing, read_json, replace_folder,
+                                 summary_path, what_was_left)
 from p2s_jax.utils.images import load_image
 from p2s_jax.cli.arguments import PROG, UsageError, inference_config
 from weights_conversion import (METADATA_FILE, convert_checkpoint, load_model, random_init_info,
@@ -250,8 +250,8 @@ def cmd_curve(args: argparse.Namespace) -> int:
 def cmd_prepare(args: argparse.Namespace) -> int:
     if args.dataset == "train-data":
         config = load_config(args.config, parse_overrides(args.overrides), tuple(args.imports))
-        records = prepare_training_data(config, args.workdir)
-        print(f"training data ready: {plural(records, 'record')}")
+        records = training_records(config, args.workdir)
+        print(f"training data ready: {plural(len(records), 'record')}")
         return 0
     source = args.source if args.dataset == "coco-persons" else args.split_dir
     check_outputs({"out": args.out}, [source], overwrite=args.overwrite)

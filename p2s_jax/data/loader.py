@@ -11,12 +11,13 @@ starting `iterate(start_step)` at the saved step, independent of the number of w
 prefetching, and of the host count (the global batch does not depend on it). `state_dict` /
 `resume_step` store and check that position in a checkpoint.
 
-Batch (B = global_batch_size / host_count, S = image_size, P = objects_per_image):
+Batch (B = global_batch_size / host_count, S = image_size, P = objects_per_image, J = the
+largest schema's keypoints; `sample_layout` is the same table in code):
 
   image         (B, S, S, 3)     uint8 RGB (ImageNet normalisation is done on device)
   masks         (B, P, S, S)     bool
-  keypoints     (B, P, 17, 2)    float32 x, y in model pixels (integer = pixel centre)
-  visibility    (B, P, 17)       float32, 0 = unavailable (also outside the image)
+  keypoints     (B, P, J, 2)     float32 x, y in model pixels (integer = pixel centre)
+  visibility    (B, P, J)        float32, 0 = unavailable (also outside the image)
   valid         (B, P)           bool: a person with a non-empty mask; False for padding
   image_id      (B,)             int64
   record_index  (B,)             int64, index into the source
@@ -55,7 +56,17 @@ from p2s_jax.utils.images import ImageError, decode_image
 
 # Distinct SeedSequence streams for the epoch order and the per-sample randomness.
 _ORDER_STREAM, _SAMPLE_STREAM = 0, 1
-BATCH_KEYS = ("image", "masks", "keypoints", "visibility", "valid", "image_id", "record_index")
+
+
+def sample_layout(image_size: int, objects_per_image: int, num_keypoints: int = NUM_KEYPOINTS
+                  ) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+    """The arrays of one sample (a batch stacks them on a leading axis): key -> (shape,
+    dtype), in the module docstring's order."""
+    s, p, j = image_size, objects_per_image, num_keypoints
+    return {"image": ((s, s, 3), np.dtype(np.uint8)), "masks": ((p, s, s), np.dtype(bool)),
+            "keypoints": ((p, j, 2), np.dtype(np.float32)),
+            "visibility": ((p, j), np.dtype(np.float32)), "valid": ((p,), np.dtype(bool)),
+            "image_id": ((), np.dtype(np.int64)), "record_index": ((), np.dtype(np.int64))}
 
 
 class DataError(Error, RuntimeError):

@@ -1,5 +1,6 @@
-"""The training loader a `TrainConfig` asks for: prepared tfds records (or generated ones), the
-augmentations, this host's slice of every global batch.
+"""The training data a `DataConfig` names: prepared tfds records (or generated ones), the
+augmentations, this host's slice of every global batch. The seed, the global batch and the
+image size come as arguments: this room reads no training config.
 
 Preparation happens once: on a multi-host run process 0 builds the records that are missing
 while the other processes wait at a barrier, then every process reads them (`p2s prepare
@@ -20,6 +21,7 @@ from jax.experimental import multihost_utils
 
 from p2s_jax.utils.errors import InputError, MissingFileError
 from p2s_jax.data.augment import NO_AUGMENT, AugmentConfig
+from p2s_jax.data.config import DataConfig
 from p2s_jax.data.builder import (BUILDER_CONFIGS, PersonSegmentationConfig, is_prepared,
                                   load_source, prepare, prepared_source, replace_prepared,
                                   source_differences, source_fingerprint)
@@ -131,17 +133,16 @@ CUSTOM_NAMES = {"annotations": "data.annotations", "detections": "data.keypoints
                 "images": "data.images", "statuses": "data.statuses", "read_schema": "data.schema"}
 
 
-def _custom_config(data) -> PersonSegmentationConfig:
+def _custom_config(data: DataConfig) -> PersonSegmentationConfig:
     return PersonSegmentationConfig(
         name=data.custom_name, annotations=data.annotations, images=data.images,
         detections=data.keypoints or None, statuses=tuple(data.statuses),
         read_schema=data.schema)
 
 
-def check_data_paths(config) -> None:
-    """Every path `config.data` (a `TrainConfig`'s) will read, checked before anything is
-    written: a dataset not prepared under data_dir needs its raw files under manual_dir."""
-    data = config.data
+def check_data_paths(data: DataConfig) -> None:
+    """Every path `data` will read, checked before anything is written: a dataset not prepared
+    under data_dir needs its raw files under manual_dir."""
     kind = data.source()
     if kind == "synthetic":
         return
@@ -177,22 +178,23 @@ def check_data_paths(config) -> None:
                                    f"{manual})")
 
 
-def source_from_config(config, workdir):
-    """The records of ``config.data`` (a ``TrainConfig``)."""
-    data = config.data
+def training_source(data: DataConfig, seed: int, workdir=None):
+    """The records `data` names, prepared (or generated, under ``<workdir>/synthetic`` with
+    `seed`) once, on process 0 of a multi-host job; says what they are."""
     kind = data.source()
+    check_data_paths(data)
     if kind == "synthetic":
-        source = synthetic_source(Path(workdir) / "synthetic", data.synthetic_images,
-                                  config.seed)
+        if workdir is None:
+            raise InputError("data.synthetic_images generates data into the run's workdir: "
+                             "give --workdir")
+        source = synthetic_source(Path(workdir) / "synthetic", data.synthetic_images, seed)
         what = f"{data.synthetic_images} generated images in {Path(workdir) / 'synthetic'}"
     elif kind == "annotations":
-        check_data_paths(config)
         source = _prepared(data.data_dir, _custom_config(data), data.manual_dir or "/",
                            CUSTOM_NAMES)
         what = (f"'{data.custom_name}' from data.annotations {data.annotations} (statuses "
                 f"{', '.join(data.statuses)})")
     else:
-        check_data_paths(config)
         known = {c.name: c for c in BUILDER_CONFIGS}
         sources = [_prepared(data.data_dir, known.get(name) or _named(name), data.manual_dir)
                    for name in data.datasets]
@@ -209,24 +211,14 @@ def _named(name: str) -> PersonSegmentationConfig:
     return PersonSegmentationConfig(name=name)
 
 
-def prepare_training_data(config, workdir=None) -> int:
-    """`p2s prepare train-data`: the records `config` trains on, prepared once (process 0 of a
-    multi-host job) -> their number."""
-    if config.data.synthetic_images > 0 and workdir is None:
-        raise InputError("data.synthetic_images generates data into the run's workdir: give "
-                         "--workdir")
-    return len(source_from_config(config, workdir))
-
-
-def loader_from_config(config, workdir) -> TrainLoader:
-    """This process's ``TrainLoader`` for ``config`` (a ``TrainConfig``)."""
-    data = config.data
-    source = source_from_config(config, workdir)
+def training_loader(source, data: DataConfig, *, global_batch_size: int, image_size: int,
+                    seed: int) -> TrainLoader:
+    """This process's `TrainLoader` over `source` (`training_source`), made as `data` says."""
     schemas = getattr(source, "schemas", [getattr(source, "schema", "coco17")])
     return TrainLoader(source, num_keypoints=max(get_schema(s).num_keypoints for s in schemas),
-                       global_batch_size=config.global_batch_size,
-                       image_size=config.image_size, objects_per_image=data.objects_per_image,
-                       seed=config.seed, augment_config=AugmentConfig() if data.augment
-                       else NO_AUGMENT, host_index=jax.process_index(),
-                       host_count=jax.process_count(), num_workers=data.num_workers,
-                       prefetch=data.prefetch, workers=data.loader)
+                       global_batch_size=global_batch_size, image_size=image_size,
+                       objects_per_image=data.objects_per_image, seed=seed,
+                       augment_config=AugmentConfig() if data.augment else NO_AUGMENT,
+                       host_index=jax.process_index(), host_count=jax.process_count(),
+                       num_workers=data.num_workers, prefetch=data.prefetch,
+                       workers=data.loader)

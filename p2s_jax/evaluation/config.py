@@ -19,7 +19,6 @@ import jax
 
 from p2s_jax.data.poses import SCORE_NAMES, ScoreChannels, resolve_channels
 from p2s_jax.inference.postprocess import MaskPostprocess
-from p2s_jax.inference.presets import get_preset
 from p2s_jax.inference.prompting import PromptConfig
 from p2s_jax.utils.errors import InputError
 
@@ -32,9 +31,9 @@ class EvalConfig:
     """Everything that decides the evaluation's results and its speed.
 
     Attributes:
-      prompt: how a pose becomes a prompt (`PromptConfig.sam_pose2seg()`: MaxVis_3).
+      prompt: how a pose becomes a prompt (`PromptConfig()`: MaxVis_3).
       keypoint_score: the per-keypoint visibility channel (ranks MaxVis, filters candidates),
-        one of `coco.SCORE_NAMES`; None (default): 'visibility' when the poses carry it
+        one of `poses.SCORE_NAMES`; None (default): 'visibility' when the poses carry it
         (ProbPose's visibility, or binary for ground-truth poses), else 'confidence' (the s of
         each [x, y, s]), the rule of every command (`poses.resolve_channels`).
       confidence_score: the per-keypoint confidence channel (the prompt gate and MaxSpread's
@@ -43,7 +42,7 @@ class EvalConfig:
         'constant'.
       exclusive: each pixel keeps only the covering mask with the highest predicted IoU.
       postprocess: hole filling / sprinkle removal on the low-res logits (off by default;
-        `MaskPostprocess.authors()` in the SAM-pose2seg preset).
+        the authors' 10 / 50 in the SAM-pose2seg preset, `presets.PRESETS`).
       box_source: where box prompts come from: 'detection' (the pose's own box) or 'gt' (the
         box of the ground-truth person the pose matches by OKS, `matching.ground_truth_boxes`;
         Tab. 4's "GT" rows).
@@ -60,7 +59,7 @@ class EvalConfig:
       prefetch_steps: steps of images prepared ahead of the device.
     """
 
-    prompt: PromptConfig = PromptConfig.sam_pose2seg()
+    prompt: PromptConfig = PromptConfig()
     keypoint_score: str | None = None
     confidence_score: str | None = None
     result_score: str = DEFAULT_RESULT_SCORE
@@ -109,18 +108,6 @@ class EvalConfig:
         channels = resolve_channels(poses.values(), self.keypoint_score, self.confidence_score,
                                     source)
         return dataclasses.replace(self, keypoint_score=channels.visibility)
-
-    @classmethod
-    def from_preset(cls, name: str, ground_truth: bool = False, **overrides) -> "EvalConfig":
-        """The settings of `presets.PRESETS[name]` (e.g. 'sam-pose2seg'), for detected or
-        ground-truth poses; `overrides` replace single fields."""
-        preset = get_preset(name)
-        settings = dict(
-            prompt=preset.ground_truth_prompt if ground_truth else preset.prompt,
-            keypoint_score=preset.keypoint_score, confidence_score=preset.confidence_score,
-            result_score="constant" if ground_truth else preset.result_score,
-            exclusive=preset.exclusive, postprocess=preset.postprocess)
-        return cls(**{**settings, **overrides})
 
     def for_backend(self, backend: str | None = None) -> "EvalConfig":
         """This config with the backend's defaults filled in (`backend_defaults`)."""

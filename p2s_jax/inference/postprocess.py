@@ -64,12 +64,6 @@ class MaskPostprocess:
             if not (isinstance(value, int | float) and math.isfinite(value) and value >= 0):
                 raise InputError(f"{name} must be a finite number >= 0, got {value!r}")
 
-    @classmethod
-    def authors(cls) -> MaskPostprocess:
-        """BBoxMaskPose's `prepare_model`: SAM2ImagePredictor(max_hole_area=10,
-        max_sprinkle_area=50)."""
-        return cls(max_hole_area=10.0, max_sprinkle_area=50.0)
-
     @property
     def enabled(self) -> bool:
         return self.max_hole_area > 0 or self.max_sprinkle_area > 0

@@ -124,7 +124,7 @@ class Predictor:
     `default_people_per_chunk()`, None all at once. Results do not depend on it.
     postprocess: hole filling / sprinkle removal on the low-res logits before the masks are
     upsampled (`SAM2ImagePredictor(max_hole_area=..., max_sprinkle_area=...)`; off by default
-    as there, `MaskPostprocess.authors()` for SAM-pose2seg's inference).
+    as there; `MaskPostprocess(10, 50)` for SAM-pose2seg's inference, the authors' values).
     """
 
     def __init__(self, model: SAM2Image, people_per_chunk: Union[int, None, str] = "auto",

@@ -193,22 +193,6 @@ class PromptConfig:
         """K, the length of every prompt."""
         return self.required_slots if self.max_slots is None else self.max_slots
 
-    @classmethod
-    def sam_pose2seg(cls, **overrides) -> PromptConfig:
-        """The paper's prompt for SAM-pose2seg on detected poses: MaxVis_3 (Sec. 4.3.2, Fig. 4)."""
-        return cls(**{"selection": "maxvis", "num_points": 3, **overrides})
-
-    @classmethod
-    def sam21_detected(cls, **overrides) -> PromptConfig:
-        """The paper's prompt for base SAM 2.1 on detected poses: MaxSpread_6 (Fig. 3, Tab. 2)."""
-        return cls(**{"selection": "maxspread", "num_points": 6, **overrides})
-
-    @classmethod
-    def ground_truth(cls, **overrides) -> PromptConfig:
-        """Ground-truth poses: MaxSpread_3 on binary visibility (Tab. 3); pair with
-        `p2s_jax.keypoints.labelled_points`."""
-        return cls(**{"selection": "maxspread", "num_points": 3, **overrides})
-
 
 class Prompts(NamedTuple):
     """SAM prompts of the people of one image (K = `PromptConfig.num_slots`)."""

@@ -28,8 +28,7 @@ from etils import epath
 from flax import nnx
 
 from p2s_jax.train.config import TrainConfig, load_config
-from p2s_jax.train.optim import make_optimizer, param_rules
-from p2s_jax.train.step import build_training_model, init_state, trainable_filter
+from p2s_jax.train.state import abstract_state, build_training_model, trainable_filter
 from p2s_jax.utils.errors import Error
 from weights_conversion.convert import save_torch_checkpoint, video_memory_tensors
 
@@ -188,9 +187,13 @@ def export_torch(workdir, out_path, step: Optional[int] = None, base=None,
             f"{config.init_checkpoint or 'none: random weights'}); the official loader refuses "
             "a file without them: pass --base ORIGINAL.pt (the SAM 2.1 checkpoint the run was "
             "fine-tuned from), or --image-only for the image-path tensors alone")
-    model = build_training_model(dataclasses.replace(config, compute_dtype="float32"))
-    graphdef, params, frozen = nnx.split(model, trainable_filter(config), ...)
-    tx = make_optimizer(config.optim, config.total_steps, *param_rules(model, params, config.optim))
+    config = dataclasses.replace(config, compute_dtype="float32")
+    # the frozen weights are not in a checkpoint: the run's own (init_checkpoint or its seeded
+    # random init); the trained ones are restored onto the state's abstract shapes
+    graphdef, _, frozen = nnx.split(build_training_model(config), trainable_filter(config), ...)
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
+                          abstract_state(config).state)
     if best:
         if not (workdir / "best").is_dir():
             raise WorkdirError(f"{workdir} has no best checkpoint: the run evaluated nothing "
@@ -201,7 +204,7 @@ def export_torch(workdir, out_path, step: Optional[int] = None, base=None,
         manager = checkpoint_manager(workdir, config)
     if manager.latest_step() is None:
         raise WorkdirError(f"{manager.directory} holds no checkpoint")
-    state, meta = restore_checkpoint(manager, init_state(params, tx, config.seed), step)
+    state, meta = restore_checkpoint(manager, target, step)
     trained = nnx.merge(graphdef, state["params"], frozen)
     save_torch_checkpoint(trained, out_path, base_state_dict=video)
     return Exported(epath.Path(out_path), len(video or {}), int(meta["step"]),

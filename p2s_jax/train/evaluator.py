@@ -14,16 +14,15 @@ Logged (`eval/` + name): AP, AP50, AP75, APm, APl and iou_after_point_1 .. T; wi
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 
 import jax
 from etils import epath
 
 from p2s_jax.data.pipeline import make_synthetic_split, once_on_process_zero
+from p2s_jax.evaluation import presets
 from p2s_jax.evaluation.config import EvalConfig
 from p2s_jax.evaluation.evaluate import evaluate_inputs, load_inputs
-from p2s_jax.inference.prompting import PromptConfig
 from p2s_jax.keypoints import get_schema
 from p2s_jax.model.sam2 import SAM2Image
 from p2s_jax.train.config import TrainConfig
@@ -62,13 +61,8 @@ def held_out_files(config: TrainConfig, workdir) -> tuple[Path, Path, Path | Non
 
 def held_out_settings(config: TrainConfig, ground_truth: bool) -> EvalConfig:
     """The inference settings of the held-out evaluation (its preset, or the defaults)."""
-    held = config.eval
-    if held.preset:
-        settings = EvalConfig.from_preset(held.preset, ground_truth)
-    else:
-        settings = EvalConfig(prompt=PromptConfig.ground_truth() if ground_truth
-                              else PromptConfig.sam_pose2seg())
-    return dataclasses.replace(settings, images_per_device=held.images_per_device)
+    return presets.settings(config.eval.preset or None, ground_truth,
+                            images_per_device=config.eval.images_per_device)
 
 
 class HeldOutEvaluator:

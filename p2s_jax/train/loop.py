@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from pathlib import Path
 from typing import Optional
 
 import jax
@@ -33,7 +32,6 @@ from flax import nnx
 from jax.sharding import NamedSharding
 from tqdm import tqdm
 
-from p2s_jax.data.pipeline import check_data_paths, loader_from_config
 from p2s_jax.hardware import peak_flops, xla_cost
 from p2s_jax.model.flops import train_flops_per_image
 from p2s_jax.parallel import REPLICATED, host_to_global, make_mesh
@@ -41,14 +39,13 @@ from p2s_jax.train import losses
 from p2s_jax.train.checkpoint import (WorkdirError, best_manager, checkpoint_manager,
                                       restore_checkpoint, save_checkpoint, set_aside_after)
 from p2s_jax.train.config import RESUME_MAY_CHANGE, TrainConfig, load_config, to_dict
-from p2s_jax.train.evaluator import HeldOutEvaluator, held_out_files
+from p2s_jax.train.inputs import prepare_inputs
 from p2s_jax.train.metrics_writer import MetricsWriter
-from p2s_jax.train.optim import make_optimizer, param_rules
 from p2s_jax.train.preemption import Preempted, StopWatch
-from p2s_jax.train.step import (STEP_INPUTS, build_training_model, init_state, make_train_step,
-                                trainable_filter)
+from p2s_jax.train.state import STEP_INPUTS, build_training_model, new_state
+from p2s_jax.train.step import make_train_step
 from p2s_jax.train.timing import StepTimer
-from p2s_jax.utils.errors import Error, InputError, MissingFileError
+from p2s_jax.utils.errors import Error, InputError
 from p2s_jax.utils.files import write_json
 from p2s_jax.utils.nested import flatten
 
@@ -75,24 +72,6 @@ def _scalar_metrics(metrics: dict) -> dict:
 
 
 # ------------------------------------------------------------------------------ before any write
-
-
-def check_paths(config: TrainConfig, workdir) -> None:
-    """Every path the config reads, checked before the run writes anything: the initial
-    checkpoint, the training data (prepared, or its raw files), the held-out set; and that
-    generated data holds a global batch."""
-    synthetic = config.data.synthetic_images
-    if synthetic and config.global_batch_size > synthetic:
-        raise InputError(f"global_batch_size {config.global_batch_size} is larger than the "
-                         f"training data (data.synthetic_images={synthetic}): lower it to "
-                         f"{synthetic} or less, or generate more images")
-    if config.init_checkpoint and not epath.Path(config.init_checkpoint).exists():
-        raise MissingFileError(f"init_checkpoint {config.init_checkpoint} not found (an "
-                               "official .pt or a folder from p2s convert; \"\" for random "
-                               "weights)")
-    check_data_paths(config)
-    if config.eval.every and not config.eval.synthetic_images:
-        held_out_files(config, workdir)
 
 
 def _check_workdir(workdir: epath.Path, config: TrainConfig, resume: bool) -> None:
@@ -247,14 +226,8 @@ def train(config: TrainConfig, workdir, *, resume: bool = False,
     if config.global_batch_size % mesh.size:
         raise InputError(f"global_batch_size {config.global_batch_size} is not a multiple of "
                          f"the {mesh.size} devices")
-    check_paths(config, workdir)
     _check_workdir(workdir, config, resume)
-    loader = loader_from_config(config, Path(workdir)) if loader is None else loader
-    if config.global_batch_size > loader.num_records:
-        getattr(loader, "close", lambda: None)()
-        raise InputError(f"global_batch_size {config.global_batch_size} is larger than the "
-                         f"training data ({loader.num_records} records): lower it to "
-                         f"{loader.num_records} or less")
+    loader, evaluator = prepare_inputs(config, workdir, loader)
     if not config.total_steps:
         steps = (config.epochs * config.dataset_multiplier * loader.num_records
                  // config.global_batch_size)
@@ -262,13 +235,10 @@ def train(config: TrainConfig, workdir, *, resume: bool = False,
     _write_config(workdir, config)
 
     model = build_training_model(config)
-    graphdef, params, frozen = nnx.split(model, trainable_filter(config), ...)
-    tx = make_optimizer(config.optim, config.total_steps, *param_rules(model, params, config.optim))
-    replicated = NamedSharding(mesh, REPLICATED)
-    state = jax.device_put(init_state(params, tx, config.seed), replicated)
-    frozen = jax.device_put(frozen, replicated)
     model_config = model.config
-    del model, params
+    graphdef, tx, state, frozen = new_state(config, model)
+    del model
+    state, frozen = jax.device_put((state, frozen), NamedSharding(mesh, REPLICATED))
 
     manager = checkpoint_manager(workdir, config)
     start = 0
@@ -288,7 +258,6 @@ def train(config: TrainConfig, workdir, *, resume: bool = False,
         getattr(loader, "close", lambda: None)()
         return TrainResult(state, 0, {}, start)
 
-    evaluator = HeldOutEvaluator(config, Path(workdir)) if config.eval.every else None
     best = best_manager(workdir) if evaluator is not None and config.eval.keep_best else None
     timer = StepTimer(config.global_batch_size,
                       train_flops_per_image(model_config, config.correction.num_points,

@@ -18,8 +18,8 @@ One training step (``make_train_step``), per device, inside ``jax.shard_map`` ov
    non-finite is ever applied or saved) and the host stops the run naming the step, the batch
    and the last good checkpoint.
 
-The host loop is :mod:`p2s_jax.train.loop`; checkpoints and export are
-:mod:`p2s_jax.train.checkpoint`.
+The state it updates is made by :mod:`p2s_jax.train.state`; the host loop is
+:mod:`p2s_jax.train.loop`; checkpoints and export are :mod:`p2s_jax.train.checkpoint`.
 """
 
 from __future__ import annotations
@@ -33,16 +33,12 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from p2s_jax.inference.preprocess import imagenet_normalize
-from p2s_jax.model.configs import compute_dtype, get_config
-from p2s_jax.model.sam2 import SAM2Image, build_model
 from p2s_jax.parallel import DATA, DATA_AXIS, REPLICATED
 from p2s_jax.train import losses
 from p2s_jax.train.config import TrainConfig
 from p2s_jax.train.correction import LoopTargets, correction_loop
 from p2s_jax.train.optim import lr_schedule
-from weights_conversion import load_model
 
-STEP_INPUTS = ("image", "masks", "keypoints", "visibility", "valid")  # the batch keys a step reads
 DROP_PATH_STREAM = 0x64726F70  # folded into an image's key for its stochastic-depth draws
 
 
@@ -52,34 +48,9 @@ def drop_path_keys(keys: jax.Array) -> jax.Array:
                                                  DROP_PATH_STREAM))(keys)
 
 
-# ------------------------------------------------------------------------------ model and state
-
-def trainable_filter(config: TrainConfig):
-    """Which variables the optimiser updates: every Param but the frozen image encoder's."""
-    if config.freeze_image_encoder:
-        return nnx.All(nnx.Param, nnx.Not(nnx.PathContains("image_encoder")))
-    return nnx.Param
-
-
-def build_training_model(config: TrainConfig) -> SAM2Image:
-    """The model to fine-tune: ``init_checkpoint`` loaded strictly, or a seeded random init."""
-    dtype = compute_dtype(config.compute_dtype)
-    if config.init_checkpoint:
-        return load_model(config.init_checkpoint, config.model, config.image_size, dtype,
-                          config.attention)
-    return build_model(get_config(config.model, config.image_size, config.attention),
-                       seed=config.seed, dtype=dtype)
-
-
 def normalize_images(images: jax.Array) -> jax.Array:
     """(..., S, S, 3) uint8 -> ImageNet-normalised float32 (the official ToTensor + Normalize)."""
     return imagenet_normalize(images.astype(jnp.float32) / 255.0)
-
-
-def init_state(params: nnx.State, tx: optax.GradientTransformation, seed: int) -> dict:
-    """The checkpointed training state (a plain dict pytree)."""
-    return {"params": params, "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32),
-            "rng": jax.random.key_data(jax.random.key(seed))}
 
 
 # ------------------------------------------------------------------------------ the step
