@@ -133,6 +133,17 @@ def gpu_target(count: int, target_config: str | Path) -> Target:
     return Target(f"h100x{count}", "cuda", mesh, CHIPS["h100"])
 
 
+def target_by_name(name: str, gpu_description: str | Path | None = None) -> Target:
+    """`p2s aot --target`: a TPU topology ('v5e:2x2', ...), or 'h100' / 'h100xN' described
+    by XLA's GPU description file `gpu_description`."""
+    if not name.startswith("h100"):
+        return tpu_target(name)
+    if not gpu_description:
+        raise InputError(f"--target {name} needs --gpu-target (XLA's H100 description)")
+    return gpu_target(int(name[len("h100x"):]) if name.startswith("h100x") else 1,
+                      gpu_description)
+
+
 def _on(target: Target, shape, dtype, spec=DATA) -> jax.ShapeDtypeStruct:
     return jax.ShapeDtypeStruct(tuple(shape), jnp.dtype(dtype),
                                 sharding=NamedSharding(target.mesh, spec))

@@ -21,6 +21,7 @@ from conftest import coco_dataset, model_pair
 from p2s_jax import cli
 from p2s_jax.inference.weights import WEIGHTS_URL_ENV
 from p2s_jax.inference.weights import HUB_WEIGHTS
+from p2s_jax.utils.errors import InputError
 from weights_conversion import VIDEO_MEMORY_PREFIXES, load_model
 
 pytestmark = pytest.mark.skipif(not reference.reference_available(),
@@ -270,7 +271,6 @@ def test_evaluate_errors(converted, dataset, tmp_path, capsys):
 
 def test_only_the_projects_errors_become_one_line(monkeypatch, capsys, tmp_path):
     """An input error is one line and exit 2; any other exception (a bug) keeps its traceback."""
-    from p2s_jax.utils.errors import InputError
 
     def bad_input(args):
         raise InputError("first line\ndetail 1\ndetail 2")
@@ -368,7 +368,7 @@ def test_preset_and_flags_beside_it(monkeypatch):
     inflated = _settings("--box", "inflated-gt", "--preset", "sam2.1")
     assert (inflated.prompt.box, inflated.box_source) == ("inflated", "gt")
     assert (inflated.prompt.selection, inflated.prompt.num_points) == ("maxspread", 6)
-    with pytest.raises(cli.UsageError, match="--box gt needs the ground truth"):
+    with pytest.raises(InputError, match="--box gt needs the ground truth"):
         _settings("--box", "gt", command="segment")
     # a flag that is not given leaves the preset's value, whatever the flag's own default
     odd = EvalConfig(prompt=PromptConfig(spread_percentile=50.0, negatives="closest_other",

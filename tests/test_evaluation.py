@@ -390,17 +390,16 @@ def test_missing_and_unreadable_images_are_skipped(dataset, models, single_devic
 def test_malformed_files_stop_at_once(dataset, tmp_path):
     truncated = tmp_path / "annotations.json"
     truncated.write_text(Path(dataset["annotations"]).read_text()[:500])
-    missing_checkpoint = tmp_path / "no.pt"  # never reached: the files are read first
     with pytest.raises(coco_lib.CocoFormatError, match=r"annotations\.json: invalid JSON"):
-        evaluate.run_evaluation(truncated, dataset["images"], missing_checkpoint,
-                          keypoints=dataset["detections"], progress=False)
+        evaluate.load_inputs(truncated, dataset["images"], EvalConfig(),
+                             keypoints=dataset["detections"])
     detections = tmp_path / "detections.json"
     entries = json.loads(Path(dataset["detections"]).read_text())
     del entries[1]["visibility"]
     detections.write_text(json.dumps(entries))
     with pytest.raises(coco_lib.CocoFormatError, match=r"entry 1 .*missing key 'visibility'"):
-        evaluate.run_evaluation(dataset["annotations"], dataset["images"], missing_checkpoint,
-                          keypoints=detections, progress=False)
+        evaluate.load_inputs(dataset["annotations"], dataset["images"], EvalConfig(),
+                             keypoints=detections)
 
 
 def test_bad_poses_name_the_image(dataset, models, single_device):

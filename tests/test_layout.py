@@ -21,6 +21,7 @@ ALLOWED = {
     "keypoints": {"utils"},
     "parallel": set(),
     "hardware": set(),
+    "runtime": {"utils"},
     "utils": set(),
     "weights_conversion": {"model", "utils"},
     "data": {"keypoints", "utils"},
@@ -31,8 +32,8 @@ ALLOWED = {
               "data", "inference", "evaluation"},
     "aot": {"model", "keypoints", "parallel", "hardware", "utils", "weights_conversion", "data",
             "inference", "evaluation", "train"},
-    "cli": {"model", "keypoints", "parallel", "hardware", "utils", "weights_conversion", "data",
-            "inference", "evaluation", "train", "aot"},
+    "cli": {"model", "keypoints", "parallel", "hardware", "runtime", "utils",
+            "weights_conversion", "data", "inference", "evaluation", "train", "aot"},
 }
 # Finer rules inside a room's allowance: (importing room, imported module prefix) pairs that
 # are the only way in. Training uses inference's preprocessing and prompting, not the predictor

@@ -14,7 +14,7 @@ import pytest
 
 from conftest import coco_dataset
 from p2s_jax import cli
-from p2s_jax.cli import commands
+from p2s_jax.train import loop
 from p2s_jax.data.builder import load_source
 from p2s_jax.train.config import load_config, to_dict
 
@@ -175,12 +175,12 @@ def test_an_interrupted_run_says_what_it_left(tmp_path, monkeypatch, capsys):
     """Ctrl-C after the run wrote its config and generated data, before any checkpoint."""
     workdir = tmp_path / "run"
 
-    def interrupted(config, path, **kwargs):
+    def interrupted(config, path, *args):  # the records generated, the config written
         (Path(path) / "synthetic").mkdir(parents=True)
         (Path(path) / "config.json").write_text("{}")
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(commands, "train", interrupted)
+    monkeypatch.setattr(loop, "prepare_inputs", interrupted)
     assert cli.main(["train", "--config", "tiny", "--workdir", str(workdir)]) == 130
     assert _one_line(capsys) == (f"p2s train: interrupted (SIGINT); left in {workdir} (new): "
                                  "config.json, synthetic/; no checkpoint")

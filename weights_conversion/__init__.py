@@ -3,6 +3,7 @@
 from weights_conversion.convert import (
     CheckpointError,
     METADATA_FILE,
+    conversion_summary,
     convert_checkpoint,
     VIDEO_MEMORY_PREFIXES,
     detect_model_name,
@@ -16,12 +17,13 @@ from weights_conversion.convert import (
     video_memory_tensors,
     RANDOM_INIT_KEY,
     random_init_info,
+    random_weights_note,
     write_random_checkpoint,
 )
 
 __all__ = [
-    "CheckpointError", "METADATA_FILE", "convert_checkpoint", "VIDEO_MEMORY_PREFIXES", "detect_model_name", "from_state_dict",
+    "CheckpointError", "METADATA_FILE", "conversion_summary", "convert_checkpoint", "VIDEO_MEMORY_PREFIXES", "detect_model_name", "from_state_dict",
     "load_model", "load_torch_state_dict", "save_orbax", "load_orbax", "to_state_dict",
     "save_torch_checkpoint", "video_memory_tensors", "RANDOM_INIT_KEY", "random_init_info",
-    "write_random_checkpoint",
+    "random_weights_note", "write_random_checkpoint",
 ]

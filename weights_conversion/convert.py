@@ -15,7 +15,9 @@
 from __future__ import annotations
 
 import io
+import os
 import pickle
+import shutil
 import re
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
@@ -28,7 +30,8 @@ from flax import nnx
 from p2s_jax.model.configs import CONFIGS, get_config
 from p2s_jax.model.sam2 import SAM2Image, abstract_model, build_model
 from p2s_jax.utils.errors import InputError
-from p2s_jax.utils.files import read_json, write_atomic, write_json
+from p2s_jax.utils.files import read_json, replace_folder, write_atomic, write_json
+from p2s_jax.utils.text import plural
 from weights_conversion.mapping import iter_rules, torch_shape_of
 
 VIDEO_MEMORY_PREFIXES = (
@@ -88,6 +91,15 @@ def _torch_load(path: Path, mmap: bool):
         raise CheckpointError(f"checkpoint {path} is truncated or corrupt: "
                               f"{str(err).strip().splitlines()[0] if str(err).strip() else err}"
                               ) from err
+
+
+def random_weights_note(path) -> Optional[str]:
+    """A line saying that `path` holds `p2s init`'s random weights; None for trained ones."""
+    info = random_init_info(path)
+    if info is None:
+        return None
+    return (f"note: {path} holds random weights (p2s init, {info.get('model')}, seed "
+            f"{info.get('seed')}): the masks show the pipeline at work, not a trained model")
 
 
 def random_init_info(path) -> Optional[dict]:
@@ -262,8 +274,13 @@ def load_model(path, model_name: Optional[str] = None, image_size: Optional[int]
 
 
 def convert_checkpoint(checkpoint, out_dir, model_name: Optional[str] = None,
-                       image_size: int = 1024) -> Tuple[Path, List[str]]:
-    """`p2s convert`: official `.pt` -> Orbax folder. Returns (folder, ignored video keys)."""
+                       image_size: int = 1024, replace: bool = False) -> Tuple[Path, List[str]]:
+    """`p2s convert`: official `.pt` -> Orbax folder. Returns (folder, ignored video keys).
+
+    The folder is written beside `out_dir` and renamed into place once complete, so that
+    `out_dir` is at every moment absent (or empty), the old folder, or the whole new one;
+    `replace`: an existing `out_dir` is replaced (`files.replace_folder`), otherwise the rename
+    fails (OSError) where one is there."""
     state_dict = load_torch_state_dict(checkpoint)
     name = model_name or detect_model_name(state_dict)
     if name is None:
@@ -271,8 +288,27 @@ def convert_checkpoint(checkpoint, out_dir, model_name: Optional[str] = None,
     model = abstract_model(get_config(name, image_size))
     ignored = from_state_dict(model, state_dict, source=str(checkpoint))
     video = {k: state_dict[k] for k in ignored}
-    return save_orbax(model, out_dir, source=checkpoint, video_memory=video,
-                      random_init=random_init_info(checkpoint)), ignored
+    out_dir = Path(out_dir).absolute()
+    staging = out_dir.with_name(f".{out_dir.name}.converting-{os.getpid()}")
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        save_orbax(model, staging, source=checkpoint, video_memory=video,
+                   random_init=random_init_info(checkpoint))
+        if replace:
+            replace_folder(staging, out_dir)
+        else:
+            os.replace(staging, out_dir)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return out_dir, ignored
+
+
+def conversion_summary(checkpoint, folder, ignored: List[str]) -> str:
+    """What `p2s convert` says: the model and image size written, the tensors left out."""
+    meta = read_json(Path(folder) / METADATA_FILE, "converted checkpoint metadata")
+    return (f"converted {checkpoint} ({meta['model']}, image size {meta['image_size']}) to "
+            f"{folder}\nignored {plural(len(ignored), 'video-memory tensor')} (not used on "
+            "images)")
 
 
 def write_random_checkpoint(model_name: str, out, image_size: int = 1024, seed: int = 0) -> Path:

@@ -1,9 +1,8 @@
 """`p2s`, the command line: `arguments` (the argument tables), `commands` (one function per
 command), `main` (parse and dispatch). Run as `p2s ...` or `python -m p2s_jax.cli ...`."""
 
-from p2s_jax.cli.arguments import PROG, UsageError, build_parser, inference_config
+from p2s_jax.cli.arguments import PROG, build_parser, inference_config
 from p2s_jax.cli.commands import COMMANDS
-from p2s_jax.cli.main import main, one_line
+from p2s_jax.cli.main import main
 
-__all__ = ["COMMANDS", "PROG", "UsageError", "build_parser", "inference_config", "main",
-           "one_line"]
+__all__ = ["COMMANDS", "PROG", "build_parser", "inference_config", "main"]

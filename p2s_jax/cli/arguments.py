@@ -6,20 +6,15 @@ import argparse
 
 from p2s_jax import aot
 from p2s_jax.evaluation.config import RESULT_SCORES, EvalConfig
-from p2s_jax.evaluation.presets import PRESETS, settings
+from p2s_jax.evaluation.presets import PRESETS, settings_of_flags
 from p2s_jax.inference.weights import HUB_WEIGHTS
 from p2s_jax.data.poses import SCORE_NAMES
 from p2s_jax.keypoints import available_schemas
 from p2s_jax.model.configs import COMPUTE_DTYPES
 from p2s_jax.model.layers import ATTENTION_IMPLEMENTATIONS
 from p2s_jax.utils import allocator
-from p2s_jax.utils.errors import InputError
 
 PROG = "p2s"
-
-
-class UsageError(InputError):
-    """A bad command-line argument or combination of arguments."""
 
 
 def _add_prompt_arguments(parser: argparse.ArgumentParser) -> None:
@@ -126,13 +121,9 @@ def _add_import(parser: argparse.ArgumentParser) -> None:
 def preparse_imports(argv: list[str]) -> list[str]:
     """The ``--import MODULE`` values of a command line, read before the parser is built (the
     modules register the samplers and schemas that its choices list)."""
-    modules = []
-    for index, item in enumerate(argv):
-        if item == "--import" and index + 1 < len(argv):
-            modules.append(argv[index + 1])
-        elif item.startswith("--import="):
-            modules.append(item.split("=", 1)[1])
-    return modules
+    imports = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    imports.add_argument("--import", dest="imports", action="append", default=[])
+    return imports.parse_known_args(argv)[0].imports
 
 
 def _batch_size(value: str) -> int:
@@ -346,27 +337,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-# `p2s` flag -> the inference setting it gives (`presets.settings`).
-INFERENCE_FLAGS = {"selection": "selection", "num_points": "num_points",
-                   "threshold": "visibility_threshold", "no_prompt": "no_prompt",
-                   "outside_keypoints": "outside_keypoints",
-                   "spread_percentile": "spread_percentile", "negatives": "negatives",
-                   "num_negatives": "num_negatives", "box_inflation": "box_inflation",
-                   "max_hole_area": "max_hole_area", "max_sprinkle_area": "max_sprinkle_area",
-                   "score_type": "keypoint_score", "confidence_score": "confidence_score",
-                   "exclusive": "exclusive", "result_score": "result_score"}
-
-
 def inference_config(args: argparse.Namespace, ground_truth: bool) -> EvalConfig:
-    """The inference settings of the command line: `--preset` (or the project's defaults) for
-    detected or ground-truth poses, with every flag that was given (`presets.settings`)."""
-    given = {setting: getattr(args, flag) for flag, setting in INFERENCE_FLAGS.items()
-             if getattr(args, flag, None) is not None}
-    if given.get("spread_percentile") == "none":
-        given["spread_percentile"] = None
-    if args.box is not None:
-        mode, _, gt_box = args.box.partition("-") if args.box != "gt" else ("given", "", "gt")
-        if gt_box and not hasattr(args, "gt_keypoints"):
-            raise UsageError(f"--box {args.box} needs the ground truth: use it with p2s evaluate")
-        given.update(box=mode, box_source="gt" if gt_box else "detection")
-    return settings(args.preset, ground_truth, **given)
+    """The inference settings of the command line (`presets.settings_of_flags`)."""
+    return settings_of_flags(vars(args), ground_truth, hasattr(args, "gt_keypoints"))

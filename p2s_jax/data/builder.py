@@ -430,8 +430,8 @@ def source_differences(stored: dict, current: dict, names: dict | None = None) -
     return out
 
 
-def replace_prepared(manual_dir, data_dir, config: PersonSegmentationConfig
-                     ) -> PersonSegmentation:
+def replace_prepared(manual_dir, data_dir, config: PersonSegmentationConfig,
+                     progress: bool = True) -> PersonSegmentation:
     """Prepares `config` anew where records of its name exist already: the old ones are moved
     aside, and deleted once the new ones are written (put back if preparing fails)."""
     folder = epath.Path(data_dir) / BUILDER_NAME / config.name
@@ -440,7 +440,7 @@ def replace_prepared(manual_dir, data_dir, config: PersonSegmentationConfig
         aside.rmtree()
     folder.rename(aside)
     try:
-        builder = prepare(manual_dir, data_dir, config)
+        builder = prepare(manual_dir, data_dir, config, progress)
     except BaseException:
         if folder.exists():
             folder.rmtree()
@@ -455,7 +455,8 @@ def replace_prepared(manual_dir, data_dir, config: PersonSegmentationConfig
 
 
 def prepare(manual_dir: str | os.PathLike, data_dir: str | os.PathLike,
-            config: str | PersonSegmentationConfig = "coco_train2017") -> PersonSegmentation:
+            config: str | PersonSegmentationConfig = "coco_train2017",
+            progress: bool = True) -> PersonSegmentation:
     """Builds the dataset once, as array_record files under data_dir (no TensorFlow needed).
 
     Args:
@@ -464,6 +465,7 @@ def prepare(manual_dir: str | os.PathLike, data_dir: str | os.PathLike,
         name>/<version>/. A dataset already prepared there is reused.
       config: the name of a predefined config (`BUILDER_CONFIGS`) or a
         `PersonSegmentationConfig` with your own paths (and a new name).
+      progress: tfds' progress bars while the records are written.
 
     Returns:
       The builder; `builder.as_data_source()["train"]` reads the records.
@@ -479,8 +481,12 @@ def prepare(manual_dir: str | os.PathLike, data_dir: str | os.PathLike,
     with _quiet_custom_config():
         builder = PersonSegmentation(config=config, data_dir=os.fspath(data_dir),
                                      file_format="array_record")
-    builder.download_and_prepare(
-        download_config=tfds.download.DownloadConfig(manual_dir=os.fspath(manual_dir)))
+    tfds.display_progress_bar(progress)
+    try:
+        builder.download_and_prepare(
+            download_config=tfds.download.DownloadConfig(manual_dir=os.fspath(manual_dir)))
+    finally:
+        tfds.display_progress_bar(True)
     return builder
 
 

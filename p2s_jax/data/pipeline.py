@@ -62,21 +62,21 @@ def once_on_process_zero(prepare_fn) -> None:
 
 
 def _prepared(data_dir, config: PersonSegmentationConfig, manual_dir, names: dict | None = None,
-              make_raw=None):
+              make_raw=None, progress: bool = True):
     """The records of `config`, prepared first when they are not there, or prepared again
     when the files or settings they were made from changed (`source_differences`, each change
     said); on process 0 only (`once_on_process_zero`). Records whose annotation file is not
     under `manual_dir` are used as they are (a host that has the records only).
 
     names: what to call each source part in messages (`source_differences`). make_raw: makes
-    the raw files first when they are missing (generated data)."""
+    the raw files first when they are missing (generated data). progress: tfds' bars."""
     data_dir, name = os.fspath(data_dir), config.name
 
     def prepare_or_check():
         if make_raw is not None:
             make_raw()
         if not is_prepared(data_dir, name):
-            prepare(manual_dir, data_dir, config)
+            prepare(manual_dir, data_dir, config, progress)
             return
         if not config.annotations:  # prepared under a name of one's own: as it is
             return
@@ -90,7 +90,8 @@ def _prepared(data_dir, config: PersonSegmentationConfig, manual_dir, names: dic
         if changed:
             print(f"training data: the records '{name}' under {data_dir} were made from other "
                   f"data ({'; '.join(changed)}): preparing them again", flush=True)
-            replace_prepared(manual_dir, data_dir, dataclasses.replace(config, source=current))
+            replace_prepared(manual_dir, data_dir, dataclasses.replace(config, source=current),
+                             progress)
 
     if not is_prepared(data_dir, name) and not manual_dir:
         raise MissingFileError(
@@ -101,7 +102,7 @@ def _prepared(data_dir, config: PersonSegmentationConfig, manual_dir, names: dic
     return load_source(data_dir, name)
 
 
-def synthetic_source(root, num_images: int, seed: int):
+def synthetic_source(root, num_images: int, seed: int, progress: bool = True):
     """Generated COCO-format persons on scikit-image photos, prepared once under `root`."""
     root = Path(root)
     raw = root / "raw"
@@ -111,7 +112,7 @@ def synthetic_source(root, num_images: int, seed: int):
             make_synthetic_split(raw, num_images, seed)
 
     return _prepared(root / "tfds", synthetic_config(f"synthetic_{num_images}_{seed}"),
-                     os.fspath(raw), make_raw=generate)
+                     os.fspath(raw), make_raw=generate, progress=progress)
 
 
 def make_synthetic_split(raw, num_images: int, seed: int) -> tuple[Path, Path, Path]:
@@ -178,26 +179,28 @@ def check_data_paths(data: DataConfig) -> None:
                                    f"{manual})")
 
 
-def training_source(data: DataConfig, seed: int, workdir=None):
+def training_source(data: DataConfig, seed: int, workdir=None, progress: bool = True):
     """The records `data` names, prepared (or generated, under ``<workdir>/synthetic`` with
-    `seed`) once, on process 0 of a multi-host job; says what they are."""
+    `seed`) once, on process 0 of a multi-host job; says what they are. progress: tfds' bars
+    while records are written."""
     kind = data.source()
     check_data_paths(data)
     if kind == "synthetic":
         if workdir is None:
             raise InputError("data.synthetic_images generates data into the run's workdir: "
                              "give --workdir")
-        source = synthetic_source(Path(workdir) / "synthetic", data.synthetic_images, seed)
+        source = synthetic_source(Path(workdir) / "synthetic", data.synthetic_images, seed,
+                                  progress)
         what = f"{data.synthetic_images} generated images in {Path(workdir) / 'synthetic'}"
     elif kind == "annotations":
         source = _prepared(data.data_dir, _custom_config(data), data.manual_dir or "/",
-                           CUSTOM_NAMES)
+                           CUSTOM_NAMES, progress=progress)
         what = (f"'{data.custom_name}' from data.annotations {data.annotations} (statuses "
                 f"{', '.join(data.statuses)})")
     else:
         known = {c.name: c for c in BUILDER_CONFIGS}
-        sources = [_prepared(data.data_dir, known.get(name) or _named(name), data.manual_dir)
-                   for name in data.datasets]
+        sources = [_prepared(data.data_dir, known.get(name) or _named(name), data.manual_dir,
+                             progress=progress) for name in data.datasets]
         source = sources[0] if len(sources) == 1 else ConcatSource(sources)
         what = f"data.datasets {', '.join(data.datasets)}"
     if jax.process_index() == 0:

@@ -33,6 +33,7 @@ from p2s_jax.data.coco import PERSON_CATEGORY, CocoFormatError, masks_to_rle
 from p2s_jax.keypoints import KEYPOINT_NAMES
 from p2s_jax.utils.errors import InputError, MissingFileError
 from p2s_jax.utils.files import read_json, write_json
+from p2s_jax.utils.text import plural
 
 
 
@@ -63,9 +64,16 @@ def coco_persons(ground_truth: dict, min_area: float = 0.0) -> dict:
             "annotations": [a for a in kept if a["image_id"] in with_person]}
 
 
-def write_coco_persons(source, out, min_area: float = 0.0) -> Path:
+def write_coco_persons(source, out, min_area: float = 0.0) -> str:
+    """`p2s prepare coco-persons`: the subset of `source` written to `out` -> what was written."""
     data = read_json(Path(source), "COCO person-keypoints file", CocoFormatError)
-    return write_json(out, coco_persons(data, min_area))
+    return _written(out, coco_persons(data, min_area))
+
+
+def _written(out, data: dict) -> str:
+    path = write_json(out, data)
+    return f"wrote {path}: {plural(len(data['images']), 'image')}, " \
+           f"{plural(len(data['annotations']), 'annotation')}"
 
 
 def _human_ids(path: Path) -> np.ndarray:
@@ -119,5 +127,6 @@ def cihp_annotations(split_dir: str | os.PathLike) -> dict[str, Any]:
             "images": images, "annotations": annotations, "categories": [PERSON_CATEGORY]}
 
 
-def convert_cihp(split_dir, out) -> Path:
-    return write_json(out, cihp_annotations(split_dir))
+def convert_cihp(split_dir, out) -> str:
+    """`p2s prepare cihp`: a split's person masks written to `out` -> what was written."""
+    return _written(out, cihp_annotations(split_dir))

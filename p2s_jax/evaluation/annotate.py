@@ -54,7 +54,8 @@ from p2s_jax.parallel import make_mesh
 from p2s_jax.utils.errors import InputError, Interrupted, interrupt_signal
 from p2s_jax.utils.files import read_json, summary_path, write_atomic, write_json
 from p2s_jax.utils.nested import flatten
-from p2s_jax.utils.images import ImageError, load_image
+from p2s_jax.utils.text import plural
+from p2s_jax.utils.images import ImageError, load_image, save_image
 
 STATUSES = ("ok", "empty_prompt", "no_prompt", "low_iou", "empty_mask", "missing_image")
 
@@ -306,6 +307,18 @@ def annotate(model: SAM2Image, source: AnnotationInput, images_dir, out,
     return summary
 
 
+def annotation_summary_lines(summary: dict) -> list[str]:
+    """What `p2s annotate` prints of a run's summary (`annotate`)."""
+    speed = summary["images_per_second"]
+    lines = [f"{plural(summary['persons'], 'person')} on {plural(summary['images'], 'image')} "
+             f"({summary['schema']}): "
+             + ", ".join(f"{k} {v}" for k, v in summary["status"].items())
+             + (f"; {speed:.2f} images/s" if speed else "; nothing left to run")]
+    lines += [f"unreadable image {image['file_name']}: {image['reason']}"
+              for image in summary["skipped_images"]]
+    return lines + [f"annotated: {summary['output']}"]
+
+
 def _merge(data: dict, records: dict) -> dict:
     """The input with each annotated person's fields; the input's own bbox / area move into
     `p2s` (`input_bbox`, `input_area`) when a mask replaces them."""
@@ -360,6 +373,6 @@ def draw_overlays(source: AnnotationInput, data: dict, images_dir, folder, sampl
         overlay = draw_overlay(image, masks, keypoints, visibility, coords, labels, threshold,
                                source.schema.skeleton)
         path = folder / f"{image_id}.png"
-        overlay.save(path)
+        save_image(path, overlay)
         written.append(str(path))
     return written

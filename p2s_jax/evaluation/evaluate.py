@@ -5,8 +5,9 @@ the poses (a keypoint-results file or the ground-truth keypoints), every pose va
 the run's settings, and every photo's file header. A photo that is missing or unreadable stops
 the run with the list, because COCOeval would count its persons as missed and lower AP without
 a word; `skip_missing_images` scores the images present instead, and the summary says so.
-`evaluate_inputs` runs the model on checked inputs and scores the masks: `run_evaluation` and
-evaluation while training (`p2s_jax.train.evaluator`) call it.
+`evaluate_inputs` runs the model on checked inputs and scores the masks: `run_evaluation` (which
+writes the results and the summary) and evaluation while training (`p2s_jax.train.evaluator`)
+call it.
 """
 
 from __future__ import annotations
@@ -24,19 +25,19 @@ from p2s_jax.evaluation.config import EvalConfig
 from p2s_jax.evaluation.metrics import evaluate_segm
 from p2s_jax.evaluation.plan import (check_image_files, ground_truth_prompt_poses,
                                      missing_images_error, run_items)
+from p2s_jax.evaluation.report import EvalReport, format_report
 from p2s_jax.evaluation.runner import EvalOutput, run_dataset
 from p2s_jax.keypoints import KeypointSchema
-from p2s_jax.model.configs import compute_dtype
 from p2s_jax.model.sam2 import SAM2Image
 from p2s_jax.utils.errors import InputError
 from p2s_jax.utils import files
 from p2s_jax.utils.files import write_json
-from weights_conversion import load_model
 
 
 class EvalInputs(NamedTuple):
     """A dataset ready to run: read, validated under `config`, photos checked."""
 
+    annotations: Path  # the ground truth's file
     coco: COCO
     images_dir: Path
     poses: dict  # image_id -> PoseInstances
@@ -74,7 +75,7 @@ def load_inputs(annotations, images_dir, config: EvalConfig, *, keypoints=None,
     unreadable = check_image_files(items)
     if unreadable and not skip_missing_images:
         raise missing_images_error(unreadable, images_dir)
-    return EvalInputs(coco, images_dir, poses, config, unreadable,
+    return EvalInputs(Path(annotations), coco, images_dir, poses, config, unreadable,
                       "ground truth" if gt_keypoints else str(keypoints), image_ids,
                       skip_missing_images)
 
@@ -101,46 +102,24 @@ def evaluate_inputs(model: SAM2Image, inputs: EvalInputs, *, coco_star: bool = F
     return metrics, output, image_ids
 
 
-def run_evaluation(annotations, images_dir, checkpoint, *, keypoints=None,
-                   gt_keypoints: bool = False, model_name: str | None = None,
-                   image_size: int | None = None, config: EvalConfig = EvalConfig(),
-                   coco_star: bool = False, out=None, summary_path=None,
-                   progress: bool = True, mesh: Mesh | None = None,
-                   model: SAM2Image | None = None, dtype: str = "float32",
-                   attention: str = "auto", skip_missing_images: bool = False,
-                   schema: KeypointSchema | None = None, inputs: EvalInputs | None = None
-                   ) -> dict:
-    """`p2s evaluate`: files in, COCO segm results + AP table + JSON summary out.
+def run_evaluation(inputs: EvalInputs, model: SAM2Image, *, checkpoint=None,
+                   dtype: str | None = None, coco_star: bool = False, out=None,
+                   summary_path=None, progress: bool = True, mesh: Mesh | None = None) -> dict:
+    """`p2s evaluate`: checked inputs (`load_inputs`) and a loaded model in; COCO segm results,
+    the AP table and a JSON summary out.
 
     Args:
-      annotations: COCO-format ground truth with person masks.
-      images_dir: the images' folder.
-      checkpoint: official `.pt` or converted folder (ignored when `model` is given).
-      keypoints: keypoint detections (COCO keypoint results); or `gt_keypoints=True`.
-      model_name, image_size: the model (None: read from the checkpoint).
-      dtype, attention: the compute dtype ('float32' or 'bfloat16') and attention
-        implementation (`SAM2Config.attention`) of the loaded model.
-      config: see `EvalConfig`.
+      inputs: the dataset, read and checked (`load_inputs`).
+      model: the loaded model (`weights_conversion.load_model`).
+      checkpoint, dtype: what the model was loaded from and in, for the summary.
       coco_star: the paper's COCO* protocol (`metrics.evaluate_segm`).
       out: where to write the results JSON (None: not written); the summary goes to
         `summary_path`, by default next to it as `<out stem>.summary.json`.
-      model: an already loaded model (tests, notebooks).
-      skip_missing_images: score only the images whose photo can be read (stated in the
-        summary) instead of refusing (`load_inputs`).
-      schema: read the files' keypoints by position in this schema (names that fit none).
-      inputs: the inputs already read by `load_inputs` (the CLI checks them before it loads
-        the model); they carry their own `skip_missing_images`.
 
     Returns:
-      The summary dict (settings, metrics incl. "table", report).
+      The summary dict (settings, metrics, "table", report; "no_poses" and "left_out_images"
+      when they apply; the files written).
     """
-    if inputs is None:
-        inputs = load_inputs(annotations, images_dir, config, keypoints=keypoints,
-                             gt_keypoints=gt_keypoints, schema=schema,
-                             skip_missing_images=skip_missing_images)
-    checkpoint_loaded = model is None
-    if checkpoint_loaded:
-        model = load_model(checkpoint, model_name, image_size, compute_dtype(dtype), attention)
     metrics, output, image_ids = evaluate_inputs(model, inputs, coco_star=coco_star, mesh=mesh,
                                                  progress=progress)
     left_out = sorted({s["image_id"]: s for s in
@@ -148,11 +127,11 @@ def run_evaluation(annotations, images_dir, checkpoint, *, keypoints=None,
                       key=lambda s: s["image_id"])
     summary = {
         "settings": {
-            "annotations": str(annotations), "images": str(images_dir),
+            "annotations": str(inputs.annotations), "images": str(inputs.images_dir),
             "keypoints": inputs.description,
             "checkpoint": None if checkpoint is None else str(checkpoint),
             "model": model.config.name, "image_size": model.config.image_size,
-            "attention": model.config.attention, "dtype": dtype if checkpoint_loaded else None,
+            "attention": model.config.attention, "dtype": dtype,
             "coco_star": coco_star, "skip_missing_images": inputs.skip_missing_images,
             **inputs.config.for_backend().to_dict(),
         },
@@ -179,3 +158,14 @@ def run_evaluation(annotations, images_dir, checkpoint, *, keypoints=None,
         write_json(summary_path, summary, indent=2)
         summary["summary_file"] = str(summary_path)
     return summary
+
+
+def summary_lines(summary: dict) -> list[str]:
+    """What `p2s evaluate` prints of a summary (`run_evaluation`): the run, its notes, the AP
+    table and the files written."""
+    lines = [format_report(EvalReport.from_dict(summary["report"]))]
+    lines += [summary[note] for note in ("no_poses", "left_out_images") if note in summary]
+    lines.append(summary["table"])
+    if "results_file" in summary:
+        lines.append(f"results: {summary['results_file']}\nsummary: {summary['summary_file']}")
+    return lines

@@ -34,6 +34,9 @@ from __future__ import annotations
 
 import dataclasses
 
+from collections.abc import Mapping
+from typing import Any
+
 from p2s_jax.evaluation.config import EvalConfig
 from p2s_jax.inference.postprocess import MaskPostprocess
 from p2s_jax.inference.prompting import PromptConfig
@@ -88,3 +91,36 @@ def settings(preset: str | None = None, ground_truth: bool = False, **given) -> 
     return dataclasses.replace(
         base, prompt=dataclasses.replace(base.prompt, **pick(_PROMPT_FIELDS)),
         postprocess=dataclasses.replace(base.postprocess, **pick(_POSTPROCESS_FIELDS)))
+
+
+# `p2s` option (argparse dest) -> the setting it gives; `--box` is read on its own (a box mode
+# and, for `gt` / `inflated-gt`, the box source).
+FLAGS = {"selection": "selection", "num_points": "num_points",
+         "threshold": "visibility_threshold", "no_prompt": "no_prompt",
+         "outside_keypoints": "outside_keypoints", "spread_percentile": "spread_percentile",
+         "negatives": "negatives", "num_negatives": "num_negatives",
+         "box_inflation": "box_inflation", "max_hole_area": "max_hole_area",
+         "max_sprinkle_area": "max_sprinkle_area", "score_type": "keypoint_score",
+         "confidence_score": "confidence_score", "exclusive": "exclusive",
+         "result_score": "result_score", "crop_to_box": "crop_to_box",
+         "batch_size": "images_per_device", "people_chunk": "people_per_chunk",
+         "workers": "num_workers"}
+
+
+def settings_of_flags(values: Mapping[str, Any], ground_truth: bool,
+                      with_ground_truth: bool = False) -> EvalConfig:
+    """The settings a `p2s` command line gives: its `--preset` (None: "default") with every
+    inference flag that was given (not None; `--spread-percentile none` turns the rule off)
+    replaced in one step (`settings`). `with_ground_truth`: the command has the ground truth
+    that `--box gt` / `inflated-gt` take their boxes from (`p2s evaluate`)."""
+    given = {setting: values[flag] for flag, setting in FLAGS.items()
+             if values.get(flag) is not None}
+    if given.get("spread_percentile") == "none":
+        given["spread_percentile"] = None
+    box = values.get("box")
+    if box is not None:
+        mode, _, gt_box = box.partition("-") if box != "gt" else ("given", "", "gt")
+        if gt_box and not with_ground_truth:
+            raise InputError(f"--box {box} needs the ground truth: use it with p2s evaluate")
+        given.update(box=mode, box_source="gt" if gt_box else "detection")
+    return settings(values.get("preset"), ground_truth, **given)

@@ -23,6 +23,8 @@ from p2s_jax.inference.postprocess import exclusive_masks
 from p2s_jax.inference.prompting import PromptConfig, select_prompts
 from p2s_jax.keypoints import KeypointSchema, schema_for_count
 from p2s_jax.utils.files import write_json
+from p2s_jax.utils.images import save_image
+from p2s_jax.utils.text import plural
 
 
 class Segmentation(NamedTuple):
@@ -119,6 +121,32 @@ def draw_segmentation(image: np.ndarray, people: PhotoPoses, result: Segmentatio
     keypoints whose visibility channel is below `threshold` are not drawn."""
     return draw_overlay(image, result.masks, people.arrays.keypoints, people.arrays.scores,
                         result.coords, result.labels, threshold, people.schema.skeleton)
+
+
+def segment_to_files(predictor, image: np.ndarray, image_path, people: PhotoPoses,
+                     config: PromptConfig, exclusive: bool, overlay, masks_out=None
+                     ) -> list[str]:
+    """`p2s segment`: `segment_photo`, the overlay (`draw_segmentation`) written to `overlay`
+    and, with `masks_out`, the masks and prompts (`write_segmentation`); both atomically.
+    -> the lines that say what was found and written."""
+    result = segment_photo(predictor, image, people, config, exclusive)
+    save_image(overlay, draw_segmentation(image, people, result, config.visibility_threshold))
+    lines = _segmentation_lines(result, people, config, overlay)
+    if masks_out:
+        lines.append(f"masks: {write_segmentation(masks_out, image_path, result)}")
+    return lines
+
+
+def _segmentation_lines(result: Segmentation, people: PhotoPoses, config: PromptConfig,
+                        overlay) -> list[str]:
+    total, with_mask = len(result.iou), int(result.has_prompt.sum())
+    lines = [f"{plural(total, 'person', 'people')}, {plural(with_mask, 'mask')} "
+             f"({people.channels.visibility} scores, {config.selection}_{config.num_points}); "
+             f"overlay: {overlay}"]
+    if with_mask < total:
+        lines.append(f"{plural(total - with_mask, 'person', 'people')} had no usable keypoint: "
+                     "no mask")
+    return lines
 
 
 def write_segmentation(path, image_path, result: Segmentation) -> Path:

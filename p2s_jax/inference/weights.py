@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 from pathlib import Path
 from typing import NamedTuple
 
@@ -117,16 +116,11 @@ def converted_checkpoint(name: str = RELEASE, progress: bool = True) -> Path:
     url = os.environ.get(WEIGHTS_URL_ENV) if name == RELEASE else None
     checkpoint = (download.fetch_url(url, spec.filename, progress=progress) if url
                   else hub_file(spec, progress))
-    staging = cache / f"{converted.name}.converting-{os.getpid()}"
-    shutil.rmtree(staging, ignore_errors=True)
     try:
-        convert_checkpoint(checkpoint, staging)
-        os.replace(staging, converted)
+        convert_checkpoint(checkpoint, converted)
     except OSError:  # converted concurrently by another process: keep theirs
         if not (converted / METADATA_FILE).is_file():
             raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     return converted
 
 

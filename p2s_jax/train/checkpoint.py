@@ -30,6 +30,7 @@ from flax import nnx
 from p2s_jax.train.config import TrainConfig, load_config
 from p2s_jax.train.state import abstract_state, build_training_model, trainable_filter
 from p2s_jax.utils.errors import Error
+from p2s_jax.utils.text import plural
 from weights_conversion.convert import save_torch_checkpoint, video_memory_tensors
 
 BEST_METRIC = "AP"  # the held-out metric `<workdir>/best` keeps the maximum of
@@ -155,6 +156,14 @@ class Exported(NamedTuple):
     video_tensors: int  # video-memory tensors carried from the base
     step: int  # the checkpoint's step
     heldout: dict  # its held-out metrics ({} where the step was not evaluated)
+
+    def summary(self) -> str:
+        """The line `p2s export` ends with: what was written, from which step."""
+        what = (f"official SAM 2.1 state_dict, {plural(self.video_tensors, 'video-memory tensor')}"
+                " carried" if self.video_tensors else "image-path tensors only")
+        scored = (f"; held-out AP {100 * self.heldout['eval/AP']:.1f}"
+                  if "eval/AP" in self.heldout else "")
+        return f"wrote {self.path} (step {self.step}{scored}; {what} under 'model')"
 
 
 def export_torch(workdir, out_path, step: Optional[int] = None, base=None,

@@ -265,6 +265,19 @@ def from_dict(data: dict) -> TrainConfig:
     return apply_overrides(TrainConfig(), {k: v for k, v in data.items()})
 
 
+def run_config(name_or_path: Optional[str], workdir, resume: bool = False,
+               overrides: Optional[dict] = None, imports: tuple = ()) -> TrainConfig:
+    """The config of `p2s train`: `load_config` of `name_or_path`, or, resuming without one,
+    of the workdir's config.json."""
+    if name_or_path is None:
+        saved = Path(workdir) / "config.json"
+        if not (resume and saved.is_file()):
+            raise InputError("--config is required (except with --resume in a workdir that "
+                             "has a config.json)")
+        name_or_path = str(saved)
+    return load_config(name_or_path, overrides, imports)
+
+
 def import_modules(modules, what: str = "--import") -> None:
     """Imports each module (one that registers a sampler or a keypoint schema), from
     ``sys.path`` or, as ``python -m`` would, the working folder."""

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import io
 from pathlib import Path
 from typing import NamedTuple
 
@@ -32,8 +31,7 @@ from p2s_jax.parallel import all_gather_json
 from p2s_jax.train.correction import CorrectionConfig, LoopTargets, correction_loop
 from p2s_jax.train.step import normalize_images
 from p2s_jax.utils.errors import InputError
-from p2s_jax.utils.files import write_atomic
-from p2s_jax.utils.images import load_image
+from p2s_jax.utils.images import load_image, save_image
 
 
 @dataclasses.dataclass(frozen=True)
@@ -159,6 +157,4 @@ def write_curve_png(path, curve: Curve, title: str = "mean IoU after each point"
     draw.text((left, 12), f"{title} ({curve.num_persons} persons, {curve.num_images} images)",
               fill="black")
     draw.text(((left + right) // 2 - 20, height - 24), "points", fill="black")
-    buffer = io.BytesIO()
-    canvas.save(buffer, format="PNG")
-    return write_atomic(path, buffer.getvalue())
+    return save_image(path, canvas)

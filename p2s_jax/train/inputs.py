@@ -46,17 +46,19 @@ def check_inputs(config: TrainConfig, workdir) -> None:
         held_out_files(config, workdir)
 
 
-def training_records(config: TrainConfig, workdir=None):
+def training_records(config: TrainConfig, workdir=None, progress: bool = True):
     """The records `config` trains on, prepared (or generated into the workdir) once."""
-    return training_source(config.data, config.seed, workdir)
+    return training_source(config.data, config.seed, workdir, progress)
 
 
-def prepare_inputs(config: TrainConfig, workdir, loader=None) -> RunInputs:
+def prepare_inputs(config: TrainConfig, workdir, loader=None, progress: bool = True
+                   ) -> RunInputs:
     """`check_inputs`, then the records, this host's loader (or `loader`, given) and the
-    held-out set. A global batch larger than the records is refused."""
+    held-out set. A global batch larger than the records is refused. progress: progress bars
+    while records are written."""
     check_inputs(config, workdir)
     if loader is None:
-        loader = training_loader(training_records(config, Path(workdir)), config.data,
+        loader = training_loader(training_records(config, Path(workdir), progress), config.data,
                                  global_batch_size=config.global_batch_size,
                                  image_size=config.image_size, seed=config.seed)
     if config.global_batch_size > loader.num_records:

@@ -22,6 +22,8 @@ batch.
 from __future__ import annotations
 
 import dataclasses
+import json
+import signal
 import time
 from typing import Optional
 
@@ -45,9 +47,10 @@ from p2s_jax.train.preemption import Preempted, StopWatch
 from p2s_jax.train.state import STEP_INPUTS, build_training_model, new_state
 from p2s_jax.train.step import make_train_step
 from p2s_jax.train.timing import StepTimer
-from p2s_jax.utils.errors import Error, InputError
-from p2s_jax.utils.files import write_json
+from p2s_jax.utils.errors import Error, InputError, Interrupted, interrupt_signal
+from p2s_jax.utils.files import listing, what_was_left, write_json
 from p2s_jax.utils.nested import flatten
+from p2s_jax.utils.text import plural
 
 DATA_BOUND_SHARE = 0.1  # a window whose device waits longer than this on its input is reported
 
@@ -62,6 +65,15 @@ class TrainResult:
     steps_run: int  # steps run by this call
     last_metrics: dict  # scalar metrics of the last step
     final_step: int = 0  # the step the run is at (its last checkpoint)
+
+    def summary(self, workdir) -> str:
+        """The line `p2s train` ends with."""
+        if self.steps_run == 0:
+            return (f"the run in {workdir} is complete: step {self.final_step} of "
+                    f"{self.final_step}; nothing to train")
+        final = {k: round(v, 6) for k, v in self.last_metrics.items()}
+        return (f"trained {plural(self.steps_run, 'step')} in {workdir} (now at step "
+                f"{self.final_step}); last metrics: {json.dumps(final)}")
 
 
 def _scalar_metrics(metrics: dict) -> dict:
@@ -217,17 +229,37 @@ def train(config: TrainConfig, workdir, *, resume: bool = False,
 
     Raises:
       Preempted: the run was told to stop (SIGTERM, Ctrl-C) and saved the step it reached.
+      Interrupted: it was told to stop before its first step; the message says what the run
+        had written.
       NonFiniteError, WorkdirError, InputError: see their messages.
     """
     workdir = epath.Path(workdir)
     if workdir.exists() and not workdir.is_dir():
         raise InputError(f"--workdir {workdir} is a file: name a folder (it is created)")
+    if resume_step is not None and not resume:
+        raise InputError("--resume-step goes with --resume")
+    before = listing(workdir)
+    try:
+        return _train(config, workdir, resume, resume_step, loader, progress, max_steps)
+    except BaseException as err:
+        number = interrupt_signal(err)
+        if number is None or isinstance(err, Error):
+            raise
+        checkpoints = workdir / "checkpoints"
+        saved = checkpoints.is_dir() and any(p.name.isdigit() for p in checkpoints.iterdir())
+        raise Interrupted(f"interrupted ({signal.Signals(number).name}); "
+                          f"{what_was_left(workdir, before)}"
+                          + ("" if saved else "; no checkpoint"), number) from None
+
+
+def _train(config: TrainConfig, workdir: epath.Path, resume: bool, resume_step: Optional[int],
+           loader, progress: bool, max_steps: Optional[int]) -> TrainResult:
     mesh = make_mesh()
     if config.global_batch_size % mesh.size:
         raise InputError(f"global_batch_size {config.global_batch_size} is not a multiple of "
                          f"the {mesh.size} devices")
     _check_workdir(workdir, config, resume)
-    loader, evaluator = prepare_inputs(config, workdir, loader)
+    loader, evaluator = prepare_inputs(config, workdir, loader, progress)
     if not config.total_steps:
         steps = (config.epochs * config.dataset_multiplier * loader.num_records
                  // config.global_batch_size)

@@ -93,3 +93,14 @@ def interrupt_signal(err: BaseException) -> int | None:
     if isinstance(err, KeyboardInterrupt):
         return int(getattr(err, "signal_number", signal.SIGINT))
     return _RECEIVED[-1] if _RECEIVED else None
+
+
+def one_line(err: Exception, max_details: int = 3) -> str:
+    """The error on one line (a long list of details is cut), except download instructions."""
+    message = str(err).strip() or type(err).__name__
+    lines = [line.strip() for line in message.splitlines() if line.strip()]
+    if getattr(err, "keep_lines", False) or len(lines) <= 1:
+        return message
+    details = "; ".join(lines[1:1 + max_details])
+    more = len(lines) - 1 - max_details
+    return f"{lines[0]} {details}" + (f"; and {more} more" if more > 0 else "")

@@ -20,6 +20,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from p2s_jax.utils.errors import InputError
+from p2s_jax.utils.files import write_atomic
 
 # PIL modes whose pixels NumPy can take as they are (then `to_rgb_uint8` finishes the job).
 _ARRAY_MODES = ("RGB", "RGBA", "L", "LA")
@@ -115,3 +116,13 @@ def _decode(source, name: str) -> np.ndarray:
         raise
     except (OSError, SyntaxError, ValueError) as e:  # PIL reports corrupt data as these
         raise ImageError(f"{name}: cannot decode image ({type(e).__name__}: {e})") from e
+
+
+def save_image(path: str | os.PathLike, image: Image.Image) -> Path:
+    """Writes `image` atomically (`files.write_atomic`) in the format its suffix names (PNG for
+    a path without a known one)."""
+    path = Path(path)
+    fmt = Image.registered_extensions().get(path.suffix.lower(), "PNG")
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt)
+    return write_atomic(path, buffer.getvalue())
