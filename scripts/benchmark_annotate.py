@@ -61,7 +61,7 @@ def run(model_name: str, image_size: int, num_images: int, people: int, batch_si
         with_official: bool = True, dtype: str = "float32") -> dict:
     import jax
 
-    import reference
+    from support import reference
     from p2s_jax.evaluation.annotate import AnnotateConfig, AnnotationInput, annotate
     from p2s_jax.evaluation.config import EvalConfig
     from p2s_jax.model.configs import compute_dtype, get_config

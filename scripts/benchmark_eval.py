@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
-import reference  # noqa: E402  (official model builder, torchvision stubs)
+from support import reference  # noqa: E402  (official model builder, torchvision stubs)
 from p2s_jax.utils import allocator  # noqa: E402
 
 COCO_VAL_PERSON_IMAGES = 2693

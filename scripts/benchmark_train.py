@@ -167,7 +167,7 @@ def _decay_groups(model, torch):
 
 def run_official(spec: dict) -> dict:
     sys.path.insert(0, TESTS)
-    import reference  # official model builder, torchvision stubs (before the torch import)
+    from support import reference  # official model builder, torchvision stubs (before the torch import)
 
     torch = reference.import_torch()
     from sam2.modeling.sam2_utils import get_next_point

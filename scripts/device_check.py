@@ -41,7 +41,7 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "tests"))
 sys.path.insert(0, str(HERE))
-import reference  # noqa: E402  (official model builder, torchvision stubs)
+from support import reference  # noqa: E402  (official model builder, torchvision stubs)
 from benchmark_model import best_of  # noqa: E402
 
 COCO_VAL_PERSON_IMAGES = 2693

@@ -17,8 +17,8 @@ import numpy as np
 import pytest
 from pycocotools import mask as mask_utils
 
-import reference
-from conftest import model_pair
+from support import reference
+from support.shared import model_pair
 from p2s_jax import cli
 from p2s_jax.evaluation.annotate import AnnotateConfig, AnnotationInput, annotate
 from p2s_jax.evaluation.config import EvalConfig

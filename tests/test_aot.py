@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import SHARED_DATA
+from support.shared import SHARED_DATA
 
 ROOT = Path(__file__).resolve().parents[1]
 H100 = SHARED_DATA / "gpu" / "h100_sxm.txtpb"

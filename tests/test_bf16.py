@@ -16,8 +16,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import reference
-from conftest import REAL_COCO, model_pair, photo
+from support import reference
+from support.shared import REAL_COCO, model_pair, photo
 
 REAL = REAL_COCO
 MODEL = "sam2.1_hiera_t"

@@ -16,8 +16,8 @@ import pytest
 from PIL import Image
 from pycocotools import mask as mask_utils
 
-import reference
-from conftest import coco_dataset, model_pair
+from support import reference
+from support.shared import coco_dataset, model_pair
 from p2s_jax import cli
 from p2s_jax.inference.weights import WEIGHTS_URL_ENV
 from p2s_jax.inference.weights import HUB_WEIGHTS

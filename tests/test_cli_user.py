@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import NEEDS_REAL_COCO_AND_REFERENCE, REAL_COCO, SHARED_DATA, model_pair
+from support.shared import NEEDS_REAL_COCO_AND_REFERENCE, REAL_COCO, SHARED_DATA, model_pair
 from p2s_jax import cli
 from p2s_jax.evaluation.metrics import evaluate_segm
 from p2s_jax.data.coco import load_coco

@@ -9,8 +9,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import reference
-from conftest import model_pair, rel_err
+from support import reference
+from support.shared import model_pair, rel_err
 from p2s_jax.model.configs import CONFIGS, get_config
 from p2s_jax.model.sam2 import abstract_model, with_attention
 from weights_conversion import (CheckpointError, VIDEO_MEMORY_PREFIXES, convert_checkpoint,

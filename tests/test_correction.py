@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-import reference
-from conftest import photo, rel_err
+from support import reference
+from support.shared import photo, rel_err
 from p2s_jax.train import losses
 from p2s_jax.model.configs import get_config
 from p2s_jax.train.correction import CorrectionConfig, LoopTargets, correction_loop, decode_step

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-import reference
+from support import reference
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -7,8 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import reference
-from conftest import model_pair
+from support import reference
+from support.shared import model_pair
 from p2s_jax.model.configs import get_config
 from p2s_jax.model.hiera import drop_path, drop_path_rates
 

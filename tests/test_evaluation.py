@@ -20,9 +20,9 @@ import numpy as np
 import pytest
 from pycocotools import mask as mask_utils
 
-import multihost
-import reference
-from conftest import coco_dataset, model_pair
+from support import multihost
+from support import reference
+from support.shared import coco_dataset, model_pair
 from p2s_jax.data import coco as coco_lib
 from p2s_jax.data.poses import PoseInstances
 from p2s_jax.evaluation import evaluate, plan
@@ -268,7 +268,7 @@ def _device_test_config() -> EvalConfig:
 _DEVICE_SCRIPT = """
 import json, sys
 sys.path.insert(0, "tests")
-import multihost
+from support import multihost
 multihost.initialize()  # one of several processes (multi-host on one machine), if so
 import jax
 import numpy as np

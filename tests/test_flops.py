@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-import reference
+from support import reference
 from p2s_jax.model import flops
 from p2s_jax.model.configs import get_config
 

@@ -15,7 +15,7 @@ from p2s_jax.keypoints import (COCO17, CROWDPOSE14, KeypointSchema, available_sc
                                get_schema, normalize_name, register_schema, schema_for_count,
                                schema_for_names)
 from p2s_jax.utils.errors import InputError
-from test_prompting import reference_prompts
+from support.prompts import reference_prompts
 
 SCHEMAS = [get_schema(n) for n in ("coco17", "crowdpose14", "aic14", "mpii16", "halpe26")]
 

@@ -186,7 +186,7 @@ def test_gelu_matches_torch():
     result. So |gelu - exact| <= K eps (|x| / 2 + |exact|) with K = 8 (an erf within 4 ulp, the
     products within 4), and ours and torch's, each within it, differ by at most 2 K. The tanh
     approximation would be off by 5e-4."""
-    import reference
+    from support import reference
     from scipy.special import erf
 
     torch = reference.import_torch()

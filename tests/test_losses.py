@@ -12,7 +12,7 @@ import pytest
 
 from p2s_jax.train.losses import (CORE_LOSS_KEY, LOSS_KEYS, LossConfig, _num_objects, reduce_loss,
                                   step_loss_terms)
-from reference import import_torch, reference_available
+from support.reference import import_torch, reference_available
 
 Array = jax.Array
 

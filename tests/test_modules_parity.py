@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import model_pair, rel_err
+from support.shared import model_pair, rel_err
 
 SIZE = 256  # the parts do not depend on the resolution; the end-to-end test runs 1024
 

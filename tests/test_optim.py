@@ -11,7 +11,7 @@ import pytest
 from flax import nnx
 
 
-from conftest import model_pair
+from support.shared import model_pair
 from p2s_jax.train.optim import OptimConfig, lr_schedule, make_optimizer, param_rules
 from p2s_jax.train.config import tiny
 from p2s_jax.train.state import trainable_filter

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from conftest import model_pair, photo
+from support.shared import model_pair, photo
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +40,7 @@ def test_bad_points(predictor, coords, labels, message):
 def test_points_and_boxes_outside_the_photo_as_the_official_predictor(predictor):
     """Prompts off the photo (a keypoint a pose estimator places past a border, a box beyond
     it) are taken as given and normalised without clipping, as the official predictor does."""
-    import reference
+    from support import reference
 
     official = reference.official_predictor(model_pair("sam2.1_hiera_t", 256)[0])
     official.set_image(np.repeat(photo("camera")[..., 0][:200, :300, None], 3, -1))

@@ -10,8 +10,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-import reference
-from conftest import model_pair, photo, rel_err
+from support import reference
+from support.shared import model_pair, photo, rel_err
 
 CASES = [("sam2.1_hiera_t", "astronaut"), ("sam2.1_hiera_t", "random"),
          ("sam2.1_hiera_b+", "coffee")]

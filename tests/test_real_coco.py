@@ -19,9 +19,9 @@ import numpy as np
 import pytest
 from pycocotools import mask as mask_utils
 
-import reference
-from authors import authors_exclusive, authors_select, scipy_connected_components
-from conftest import NEEDS_REAL_COCO_AND_REFERENCE, REAL_COCO, model_pair
+from support import reference
+from support.authors import authors_exclusive, authors_select, scipy_connected_components
+from support.shared import NEEDS_REAL_COCO_AND_REFERENCE, REAL_COCO, model_pair
 from p2s_jax.data import coco as coco_lib
 from p2s_jax.data.poses import PoseInstances
 from p2s_jax.data.prepare import coco_persons

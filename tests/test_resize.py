@@ -6,8 +6,8 @@ import jax
 import numpy as np
 import pytest
 
-import reference
-from conftest import photo
+from support import reference
+from support.shared import photo
 
 SHAPES = [((480, 640), (1024, 1024)), ((1100, 1501), (1024, 1024)), ((33, 50), (7, 161))]
 

@@ -19,9 +19,9 @@ from p2s_jax.train import samplers
 from p2s_jax.train.samplers import (available_samplers, distance_transform, get_sampler,
                               keypoint_pixels, register_sampler,
                               squared_distance_transform)
-import paper_samplers as paper
-from conftest import REAL_COCO
-from reference import import_torch, reference_available
+from support import paper_samplers as paper
+from support.shared import REAL_COCO
+from support.reference import import_torch, reference_available
 
 H, W = 12, 16  # non-square, to catch x / y swaps
 NAMES = ("mask_refine", "pose_mask_refine", "pose1_mask_refine", "center")
@@ -536,7 +536,7 @@ def test_raw_uint32_keys():
 def test_fixed_keypoint_samplers_walk_the_selection(name, selection):
     """Point t is the t-th keypoint of the inference selection (the NumPy reference of
     tests/test_prompting.py), then MaskRefine draws once the selection is used up."""
-    from test_prompting import reference_positive_indices
+    from support.prompts import reference_positive_indices
 
     from p2s_jax.inference.prompting import PromptConfig
 

@@ -1,6 +1,6 @@
 """The trainer: overfitting, exact resume after SIGKILL, 1 vs 4 devices, NaN stop, export, configs.
 
-Training runs in subprocesses (tests/train_runner.py, the `p2s` CLI) sharing a persistent
+Training runs in subprocesses (tests/support/train_runner.py, the `p2s` CLI) sharing a persistent
 compilation cache, so that each distinct program compiles once per session.
 """
 
@@ -18,14 +18,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import multihost
-import reference
+from support import multihost
+from support import reference
 from p2s_jax.train.metrics_writer import read_jsonl
 from p2s_jax.train.config import (TrainConfig, apply_overrides, from_dict, load_config,
                                   parse_overrides, tiny, to_dict)
 
 HERE = Path(__file__).parent
-RUNNER = HERE / "train_runner.py"
+RUNNER = HERE / "support" / "train_runner.py"
 
 
 @pytest.fixture(scope="module")
@@ -165,7 +165,7 @@ def test_sigterm_then_sigkill_in_a_save_then_resume_is_bit_identical(tmp_path, e
     hooks = {"P2S_TEST_SLOW_LOADER": "0.3", "P2S_TEST_SLOW_FROM": "4",
              "P2S_TEST_MARK_STEP": "7", "P2S_TEST_MARK_FILE": str(marker)}
     proc = subprocess.Popen(_p2s("train", "--config", "tiny", "--workdir", str(workdir),
-                                 "--no-progress", "--import", "train_hooks"),
+                                 "--no-progress", "--import", "support.train_hooks"),
                             env={**env, **hooks}, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     try:
@@ -187,7 +187,7 @@ def test_sigterm_then_sigkill_in_a_save_then_resume_is_bit_identical(tmp_path, e
 
     marker.unlink()
     proc = subprocess.Popen(_p2s("train", "--workdir", str(workdir), "--resume", "--no-progress",
-                                 "--import", "train_hooks"),
+                                 "--import", "support.train_hooks"),
                             env={**env, "P2S_TEST_HOLD_COMMIT_STEP": "12",
                                  "P2S_TEST_MARK_FILE": str(marker)},
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -224,7 +224,7 @@ def test_unrestorable_checkpoint_then_resume_step_with_processes_and_a_profile(
     assert err[0].endswith("the checkpoint before it is step 8: continue from it with --resume "
                            "--resume-step 8")
     resumed = _run(_p2s("train", "--workdir", str(workdir), "--resume", "--resume-step", "8",
-                        "--no-progress", "--import", "train_hooks", "data.loader=processes",
+                        "--no-progress", "--import", "support.train_hooks", "data.loader=processes",
                         "profile_steps=[9,10]"), {**env, "P2S_TEST_SLOW_LOADER": "0.5"})
     assert "trained 4 steps" in resumed.stdout
     assert "data-bound: " in resumed.stdout and "waiting on the loader" in resumed.stdout
@@ -521,7 +521,7 @@ def _two_processes(workdir: Path, env, *args, hooks=None) -> list[subprocess.Pop
     procs = []
     for e in multihost.process_env(2):
         command = _p2s("train", "--workdir", str(workdir), "--no-progress", "--import",
-                       "train_hooks", "--distributed", "--coordinator",
+                       "support.train_hooks", "--distributed", "--coordinator",
                        e["P2S_TEST_COORDINATOR"], "--num-processes", "2", "--process-id",
                        e["P2S_TEST_PROCESS"], *args)
         procs.append(subprocess.Popen(command, env={**environment, **e}, stdout=subprocess.PIPE,
@@ -593,7 +593,7 @@ def test_workdir_guards(uninterrupted, env):
                 env, check=False)
     assert proc.returncode == 2 and "unknown sampler 'nan_on_marker'" in proc.stderr
     proc = _run(_p2s("train", "--config", "tiny", "--workdir", str(uninterrupted), "--import",
-                     "train_runner", *sampler), env, check=False)
+                     "support.train_runner", *sampler), env, check=False)
     assert proc.returncode == 2 and "already holds checkpoints" in proc.stderr, proc.stderr
     proc = _run(_p2s("train", "--config", "tiny", "--workdir", str(uninterrupted), "--import",
                      "no_such_module_p2s", *sampler), env, check=False)

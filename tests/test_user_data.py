@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import coco_dataset
+from support.shared import coco_dataset
 from p2s_jax import cli
 from p2s_jax.train import loop
 from p2s_jax.data.builder import load_source

@@ -17,8 +17,8 @@ The order and ranges are those of the official SAM 2.1 fine-tuning config
 
 ImageNet normalisation is left to the device: the image stays uint8.
 
-Conventions. Images are (H, W, 3) uint8, masks (M, H, W) bool, keypoints (P, 17, 2) float
-(x, y) with visibility (P, 17) float (<= 0: unavailable). A point with integer coordinates
+Conventions. Images are (H, W, 3) uint8, masks (M, H, W) bool, keypoints (P, J, 2) float
+(x, y) with visibility (P, J) float (<= 0: unavailable). A point with integer coordinates
 (x, y) is the CENTRE of pixel mask[y, x] (as in `p2s_jax.train.samplers`), so the pixel under a
 keypoint is (floor(x + 0.5), floor(y + 0.5)) and a keypoint lies in the image when
 -0.5 <= x < W - 0.5 and -0.5 <= y < H - 0.5. Every geometric step moves image, masks and
@@ -182,8 +182,8 @@ def clear_outside(keypoints: np.ndarray, visibility: np.ndarray, height: int, wi
     """Visibility 0 for keypoints outside the (height, width) image or not finite.
 
     Args:
-      keypoints: (P, 17, 2) x, y in pixels (pixel-centre convention).
-      visibility: (P, 17).
+      keypoints: (P, J, 2) x, y in pixels (pixel-centre convention).
+      visibility: (P, J).
 
     Returns:
       (keypoints, visibility): non-finite coordinates replaced by 0 (dtype kept); visibility
@@ -294,7 +294,7 @@ def random_affine(affines: tuple[tuple[float, float], ...], image: np.ndarray, m
 
     Args:
       affines: (rotation, shear) pairs in degrees.
-      image: (H, W, 3) uint8; masks: (M, H, W) bool; keypoints: (P, 17, 2); visibility: (P, 17).
+      image: (H, W, 3) uint8; masks: (M, H, W) bool; keypoints: (P, J, 2); visibility: (P, J).
 
     Returns:
       (image, masks, keypoints, visibility); keypoints that leave the image get visibility 0.
@@ -321,7 +321,7 @@ def resize(image: np.ndarray, masks: np.ndarray, keypoints: np.ndarray, size: in
     so a keypoint inside the image stays inside.
 
     Returns:
-      (image (S, S, 3), masks (M, S, S), keypoints (P, 17, 2) float64).
+      (image (S, S, 3), masks (M, S, S), keypoints (P, J, 2) float64).
     """
     height, width = image.shape[:2]
     scale = np.array([size / width, size / height])
@@ -373,15 +373,15 @@ def apply_params(params: AugmentParams, image: np.ndarray, masks: np.ndarray,
 
     Args:
       params: from `sample_params` (or `IDENTITY`: resize only).
-      image: (H, W, 3) uint8. masks: (M, H, W) bool. keypoints: (P, 17, 2) float in image
-        pixels, visibility: (P, 17) (M and P may differ).
+      image: (H, W, 3) uint8. masks: (M, H, W) bool. keypoints: (P, J, 2) float in image
+        pixels, visibility: (P, J) (M and P may differ).
       image_size: S, the side of the square output.
       fill: image border colour of the affine.
       flip_permutation: the keypoint schema's left / right swap (COCO-17 by default).
 
     Returns:
-      image (S, S, 3) uint8, masks (M, S, S) bool, keypoints (P, 17, 2) float32 in output pixels,
-      visibility (P, 17) float32, 0 for keypoints outside the output (or non-finite).
+      image (S, S, 3) uint8, masks (M, S, S) bool, keypoints (P, J, 2) float32 in output pixels,
+      visibility (P, J) float32, 0 for keypoints outside the output (or non-finite).
     """
     image, masks = np.asarray(image), np.asarray(masks)
     keypoints, visibility = np.asarray(keypoints), np.asarray(visibility)
@@ -412,13 +412,13 @@ def augment(rng: np.random.Generator, image: np.ndarray, masks: np.ndarray,
 
     Args:
       rng: NumPy Generator; the same generator state gives the same output.
-      image: (H, W, 3) uint8. masks: (M, H, W) bool. keypoints: (P, 17, 2), visibility (P, 17).
+      image: (H, W, 3) uint8. masks: (M, H, W) bool. keypoints: (P, J, 2), visibility (P, J).
       config: `AugmentConfig` (`NO_AUGMENT`: resize only).
       image_size: side S of the square output.
 
     Returns:
-      image (S, S, 3) uint8, masks (M, S, S) bool, keypoints (P, 17, 2) float32, visibility
-      (P, 17) float32.
+      image (S, S, 3) uint8, masks (M, S, S) bool, keypoints (P, J, 2) float32, visibility
+      (P, J) float32.
     """
     params = sample_params(rng, config)
     return apply_params(params, image, masks, keypoints, visibility, image_size, config.fill,

@@ -417,8 +417,9 @@ def load_keypoint_detections(path: str | os.PathLike, coco: COCO,
                              entries: Any = None) -> dict[int, PoseInstances]:
     """Reads person keypoint detections in the COCO keypoint results format (ProbPose output).
 
-    Each entry: {"image_id", "category_id", "keypoints": [x, y, s] * 17, "score"}, optionally with
-    per-keypoint "visibility", "presence", "expected_oks" (17 floats each, also read under
+    Each entry: {"image_id", "category_id", "keypoints": [x, y, s] * J, "score"} (J: the
+    ground truth's schema), optionally with per-keypoint "visibility", "presence",
+    "expected_oks" (J floats each, also read under
     ProbPose's and BBoxMaskPose's names, `SCORE_KEY_ALIASES`) and "bbox" ([x, y, w, h]). Which
     optional fields are present is read from the first entry and required of every entry, so
     that all images carry the same score names. 'confidence' is the s of each triplet; boxes are

@@ -31,7 +31,7 @@ from p2s_jax.utils.images import ImageError, load_image
 
 def _prompts_shard(keypoints, scores, confidence, boxes, image_hw, num_people, *,
                    prompt: PromptConfig, image_size: int):
-    """keypoints (B, P, 17, 2), scores / confidence (B, P, 17), boxes (B, P, 4) or None,
+    """keypoints (B, P, J, 2), scores / confidence (B, P, J), boxes (B, P, 4) or None,
     image_hw (B, 2), num_people (B,) real people per image (the rest is padding) -> model coords
     (B, P, K, 2), pixel coords (B, P, K, 2), labels (B, P, K), has_prompt (B, P)."""
     prompts = jax.vmap(lambda k, s, c, hw, b: select_prompts(k, s, hw, prompt, b, c))(
@@ -135,9 +135,9 @@ def prefetch(pool: concurrent.futures.Executor, fn, args: Iterable[tuple],
 
 class HostBatch(NamedTuple):
     images: np.ndarray  # (L, Hc, Wc, 3) uint8 on the canvas
-    keypoints: np.ndarray  # (L, P, 17, 2)
-    scores: np.ndarray  # (L, P, 17)
-    confidence: np.ndarray  # (L, P, 17)
+    keypoints: np.ndarray  # (L, P, J, 2)
+    scores: np.ndarray  # (L, P, J)
+    confidence: np.ndarray  # (L, P, J)
     boxes: np.ndarray | None  # (L, P, 4)
     image_hw: np.ndarray  # (L, 2) int32
     num_people: np.ndarray  # (L,) int32 real people (the rest of P is padding)

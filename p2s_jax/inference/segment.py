@@ -45,8 +45,8 @@ def segment_people(predictor, image: np.ndarray, keypoints, scores, config: Prom
     """Masks of the people of one photo with the interactive `Predictor` (the same jitted
     encoder / decoder as the dataset runner, one image at a time; its `postprocess` applies).
 
-    image (H, W, 3) uint8 RGB; keypoints (P, 17, 2) pixels (NaN = absent); scores (P, 17)
-    visibility; boxes None or (P, 4) xyxy; confidence None (= scores) or (P, 17).
+    image (H, W, 3) uint8 RGB; keypoints (P, J, 2) pixels (NaN = absent); scores (P, J)
+    visibility; boxes None or (P, 4) xyxy; confidence None (= scores) or (P, J).
     """
     image = np.asarray(image)
     height, width = image.shape[:2]

@@ -70,8 +70,8 @@ class LoopTargets(NamedTuple):
     """One image's objects (P of them, padded)."""
 
     masks: Array  # (P, S, S) bool, ground truth at the model input size
-    keypoints: Array  # (P, 17, 2) float32 model-input pixels (integer = pixel centre)
-    visibility: Array  # (P, 17) float32, <= 0 unavailable
+    keypoints: Array  # (P, J, 2) float32 model-input pixels (integer = pixel centre)
+    visibility: Array  # (P, J) float32, <= 0 unavailable
     valid: Array  # (P,) bool, False for padding slots
 
 

@@ -14,8 +14,8 @@ of :class:`Sampler`::
     gt_mask     (H, W) bool, ground truth.
     pred_mask   (H, W) bool, thresholded prediction (logits > 0), or ``None`` (static) for the
                 first point.
-    keypoints   (17, 2) float32, (x, y) in the point convention below.
-    visibility  (17,) float32, ``<= 0`` (or a non-finite coordinate) means unavailable.
+    keypoints   (J, 2) float32, the schema's J keypoints, (x, y) in the point convention below.
+    visibility  (J,) float32, ``<= 0`` (or a non-finite coordinate) means unavailable.
     step        int32 scalar, index of the point being drawn (0 = first point).  The built-in
                 samplers decide first-versus-correction by ``pred_mask is None``; ``step`` is there
                 for samplers that change with the round (see docs/samplers.md).

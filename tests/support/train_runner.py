@@ -1,12 +1,12 @@
 """Runs training in a separate process for the trainer tests (device count, NaN, gradients).
 
-    python tests/train_runner.py devices WORKDIR OUT.npz  # 2 toy steps of `tiny`, params -> npz
+    python tests/support/train_runner.py devices WORKDIR OUT.npz  # 2 toy steps of `tiny`, params -> npz
                                                           # (multihost.process_env: one of several)
-    python tests/train_runner.py prepare WORKDIR          # the tiny run's data (one of several)
-    python tests/train_runner.py gradients WORKDIR OUT.npz  # first-step gradients: 1 vs 4
+    python tests/support/train_runner.py prepare WORKDIR          # the tiny run's data (one of several)
+    python tests/support/train_runner.py gradients WORKDIR OUT.npz  # first-step gradients: 1 vs 4
                                                             # devices, bf16 compute
-    python tests/train_runner.py overfit WORKDIR          # one fixed toy batch, 40 steps
-    python tests/train_runner.py nan WORKDIR              # the same with a NaN at step 3
+    python tests/support/train_runner.py overfit WORKDIR          # one fixed toy batch, 40 steps
+    python tests/support/train_runner.py nan WORKDIR              # the same with a NaN at step 3
 
 Every mode of one kind compiles the same program, so a persistent compilation cache
 (JAX_COMPILATION_CACHE_DIR) shares it between the processes of a test session.
@@ -18,7 +18,7 @@ import dataclasses
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).parent))
+sys.path.insert(0, str(Path(__file__).parents[1]))  # the tests folder: `support`
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -27,8 +27,8 @@ import numpy as np  # noqa: E402
 from p2s_jax.train.samplers import pose_mask_refine, register_sampler  # noqa: E402
 from p2s_jax.train.config import tiny  # noqa: E402
 from p2s_jax.train.loop import NonFiniteError, train  # noqa: E402
-import multihost  # noqa: E402
-from toy_data import ToyLoader  # noqa: E402
+from support import multihost  # noqa: E402
+from support.toy_data import ToyLoader  # noqa: E402
 
 NAN_MARKER = -7.0
 
