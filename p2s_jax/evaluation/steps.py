@@ -24,7 +24,8 @@ from jax.sharding import Mesh
 from p2s_jax.evaluation.plan import Item
 from p2s_jax.inference.postprocess import MaskPostprocess, exclusive_masks
 from p2s_jax.inference.predictor import decode_prompts, encode_images
-from p2s_jax.inference.preprocess import pad_to_canvas, preprocess_on_device, upsample_matrix
+from p2s_jax.inference.preprocess import (pad_to_canvas, preprocess_on_device, to_model_coords,
+                                          upsample_matrix)
 from p2s_jax.inference.prompting import PromptConfig, select_prompts
 from p2s_jax.parallel import DATA, REPLICATED
 from p2s_jax.utils.images import ImageError, load_image
@@ -39,9 +40,7 @@ def _prompts_shard(keypoints, scores, confidence, boxes, image_hw, num_people, *
     real = jnp.arange(keypoints.shape[1])[None, :] < num_people[:, None]
     prompts = prompts._replace(has_prompt=prompts.has_prompt & real,
                                labels=jnp.where(real[..., None], prompts.labels, -1))
-    width_height = image_hw[:, ::-1].astype(jnp.float32)[:, None, None, :]
-    # as `predictor.to_model_coords`: x / W, y / H, then * S, in float32.
-    model_coords = prompts.coords / width_height * jnp.float32(image_size)
+    model_coords = to_model_coords(prompts.coords, image_hw[:, None, None, :], image_size)
     return model_coords, prompts.coords, prompts.labels, prompts.has_prompt
 
 

@@ -14,13 +14,13 @@ Everything here reproduces the official `SAM2Transforms` and `SAM2ImagePredictor
 from __future__ import annotations
 
 import functools
-from typing import Optional, Tuple
+from typing import Tuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from p2s_jax.model.resample import bilinear_matrix, resize_taps
+from p2s_jax.model.resample import resize_taps, upsample_logits, upsample_matrix
 
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
 IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
@@ -60,13 +60,13 @@ def imagenet_normalize(pixels):
     return (pixels - IMAGENET_MEAN) / IMAGENET_STD
 
 
-def to_model_coords(coords: np.ndarray, orig_hw: Tuple[int, int], image_size: int) -> np.ndarray:
-    """(..., 2) pixels (x, y) of the original image -> model-input pixels, as `transform_coords`."""
-    h, w = orig_hw
-    coords = np.array(coords, np.float32, copy=True)
-    coords[..., 0] = coords[..., 0] / np.float32(w)
-    coords[..., 1] = coords[..., 1] / np.float32(h)
-    return coords * np.float32(image_size)
+def to_model_coords(coords, orig_hw, image_size: int):
+    """(..., 2) pixels (x, y) of the original image -> model-input pixels, as `transform_coords`:
+    x / W, y / H, then * S, in float32. NumPy or JAX arrays (inside jit too); `orig_hw` is
+    (H, W), or (..., 2) broadcasting against `coords` (one size per image)."""
+    xp = jnp if isinstance(coords, jax.Array) or isinstance(orig_hw, jax.Array) else np
+    width_height = xp.asarray(orig_hw, xp.float32)[..., ::-1]
+    return xp.asarray(coords, xp.float32) / width_height * xp.float32(image_size)
 
 
 def bucket(n: int, minimum: int = 1) -> int:
@@ -75,32 +75,12 @@ def bucket(n: int, minimum: int = 1) -> int:
     return 1 << (n - 1).bit_length()
 
 
-def upsample_matrix(size: int, low_res: int, padded_size: Optional[int] = None) -> np.ndarray:
-    """(padded_size, low_res) float32: torch bilinear (align_corners=False) from `low_res` to
-    `size` pixels, `F.interpolate(..., "bilinear")` as a matrix; rows past `size` are zero, so
-    masks of several image sizes share one canvas (and one compilation)."""
-    padded_size = size if padded_size is None else padded_size
-    if padded_size < size:
-        raise ValueError(f"padded_size {padded_size} < size {size}")
-    matrix = np.zeros((padded_size, low_res), np.float32)
-    matrix[:size] = bilinear_matrix(size, low_res)
-    return matrix
-
-
 @functools.lru_cache(maxsize=32)
 def upsample_matrices(orig_hw: Tuple[int, int], low_res: int, multiple: int = 64):
     """(up_y (Hp, low_res), up_x (Wp, low_res)) device arrays for an image of `orig_hw`, the
     output padded up to a multiple of `multiple` so that image sizes share compilations."""
     return tuple(jnp.asarray(upsample_matrix(size, low_res, padded))
                  for size, padded in zip(orig_hw, canvas_hw(orig_hw, multiple)))
-
-
-def upsample_logits(logits: jax.Array, upsample_y: jax.Array, upsample_x: jax.Array) -> jax.Array:
-    """(..., h, w) logits -> (..., Hp, Wp) float32 through the torch-bilinear (align_corners=False)
-    matrices upsample_y (Hp, h) and upsample_x (Wp, w): `F.interpolate(..., "bilinear")`."""
-    highest = jax.lax.Precision.HIGHEST  # no TF32 / bf16 passes on accelerators
-    rows = jnp.einsum("yh,...hw->...yw", upsample_y, logits.astype(jnp.float32), precision=highest)
-    return jnp.einsum("xw,...yw->...yx", upsample_x, rows, precision=highest)
 
 
 @jax.jit

@@ -9,6 +9,8 @@ per axis. We build those matrices in NumPy with torch's formulas, so that:
   when downsampling, normalised per output pixel, as torchvision's `Resize` applies to tensors.
 The matrices are small constants; applying them is two matmuls, which XLA runs well on every device
 (`resize_taps` gives their bands, for host-side resizing in `p2s_jax.inference.preprocess`).
+`upsample_matrix` / `upsample_logits` are the mask decoder's low-res logits to full resolution:
+the predictor's masks and the training loop's high-res predictions alike.
 Source coordinates are rounded as torch's CPU kernels round them (one rounding of
 `scale * (i + 0.5) - 0.5`, as a fused multiply-add gives), so the weights are bit-identical to torch's.
 """
@@ -16,7 +18,10 @@ Source coordinates are rounded as torch's CPU kernels round them (one rounding o
 from __future__ import annotations
 
 import functools
+from typing import Optional
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 
@@ -112,3 +117,23 @@ def resize_taps(out_size: int, in_size: int, method: str):
     index = np.minimum(index, in_size - 1)
     weights = np.where(inside, np.take_along_axis(matrix, index, axis=1), np.float32(0))
     return index, weights.astype(np.float32)
+
+
+def upsample_matrix(size: int, low_res: int, padded_size: Optional[int] = None) -> np.ndarray:
+    """(padded_size, low_res) float32: torch bilinear (align_corners=False) from `low_res` to
+    `size` pixels, `F.interpolate(..., "bilinear")` as a matrix; rows past `size` are zero, so
+    masks of several image sizes share one canvas (and one compilation)."""
+    padded_size = size if padded_size is None else padded_size
+    if padded_size < size:
+        raise ValueError(f"padded_size {padded_size} < size {size}")
+    matrix = np.zeros((padded_size, low_res), np.float32)
+    matrix[:size] = bilinear_matrix(size, low_res)
+    return matrix
+
+
+def upsample_logits(logits: jax.Array, upsample_y: jax.Array, upsample_x: jax.Array) -> jax.Array:
+    """(..., h, w) logits -> (..., Hp, Wp) float32 through the torch-bilinear (align_corners=False)
+    matrices upsample_y (Hp, h) and upsample_x (Wp, w): `F.interpolate(..., "bilinear")`."""
+    highest = jax.lax.Precision.HIGHEST  # no TF32 / bf16 passes on accelerators
+    rows = jnp.einsum("yh,...hw->...yw", upsample_y, logits.astype(jnp.float32), precision=highest)
+    return jnp.einsum("xw,...yw->...yx", upsample_x, rows, precision=highest)

@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 
 from p2s_jax.train import losses
-from p2s_jax.inference.preprocess import upsample_logits, upsample_matrix
+from p2s_jax.model.resample import upsample_logits, upsample_matrix
 from p2s_jax.model.sam2 import ImageFeatures, SAM2Image
 from p2s_jax.train.samplers import get_sampler
 from p2s_jax.utils.errors import InputError
