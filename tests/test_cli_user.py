@@ -15,6 +15,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from support.shared import NEEDS_REAL_COCO_AND_REFERENCE, REAL_COCO, SHARED_DATA, model_pair
@@ -219,6 +220,81 @@ def test_plain_keypoint_results_use_their_confidence_everywhere(real, converted,
     captured = capsys.readouterr()
     assert "annotate" in captured.err and "evaluate" not in captured.err  # the bar's label
     assert json.loads(out.read_text())["annotations"]
+
+
+USER_SAMPLER = """
+from p2s_jax.train.samplers import register_sampler, sample_random_point_from_errors
+
+
+@register_sampler("error_uniform_{tag}")
+def error_uniform(key, gt_mask, pred_mask, keypoints, visibility, step):
+    return sample_random_point_from_errors(key, gt_mask, pred_mask)
+"""
+
+
+def test_a_sampler_study_of_three_samplers_and_two_seeds_in_one_command(
+        real, converted, tmp_path, monkeypatch, capsys):
+    """One `p2s curve`: the built-in center and PoseMaskRefine beside a user's sampler from a
+    module outside the package, 2 seeds; every reported number follows from the per-person
+    IoUs it writes."""
+    from p2s_jax.train.study import run_metrics
+
+    tag = os.getpid()
+    (tmp_path / f"my_samplers_{tag}.py").write_text(USER_SAMPLER.format(tag=tag))
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "study.png"
+    samplers = ["center", "pose_mask_refine", f"error_uniform_{tag}"]
+    assert cli.main(["curve", "--import", f"my_samplers_{tag}", "--annotations",
+                     str(real["annotations"]), "--images", str(real["images"]), "--checkpoint",
+                     f"t={converted}", "--image-size", str(SIZE), "--points", "3",
+                     "--max-people", "3", "--seeds", "2", "--out", str(out), "--no-progress",
+                     *[a for s in samplers for a in ("--sampler", s)]]) == 0
+    printed = capsys.readouterr().out
+    data = json.loads(out.with_suffix(".json").read_text())
+    assert data["points"] == 3 and out.stat().st_size > 1000
+    assert [(r["sampler"], r["seed"]) for r in data["runs"]] == [
+        ("center", 0), ("pose_mask_refine", 0), ("pose_mask_refine", 1),
+        (samplers[2], 0), (samplers[2], 1)]
+    persons = {(a["image_id"], a["id"]) for a in real["data"]["annotations"]}
+    for run in data["runs"]:
+        iou = np.asarray(run["iou"])
+        assert iou.shape == (len(run["persons"]), 3) and len(run["persons"]) > 4
+        assert {tuple(p) for p in run["persons"]} <= persons
+        again = run_metrics(iou)
+        assert run["miou"] == pytest.approx(again["miou"]) and run["nof"] == again["nof"]
+        assert run["noc"] == pytest.approx(again["noc"])
+    table = out.with_suffix(".md").read_text()
+    assert table in printed
+    user = [r for r in data["runs"] if r["sampler"] == samplers[2]]
+    at1 = [r["miou"][0] for r in user]
+    assert f"| t | {samplers[2]} | 2 | {np.mean(at1):.3f} ± {np.std(at1):.3f} |" in table
+
+
+def test_compare_two_real_summaries_and_refuse_anything_else(real, converted, tmp_path,
+                                                             capsys):
+    """`p2s compare` on the summaries of two `p2s evaluate` runs (detected and ground-truth
+    keypoints): Table 1's columns as the summaries hold them; a file that is neither is
+    refused in one line."""
+    summaries = []
+    for name, source in (("detected", ["--keypoints", str(real["results"])]),
+                         ("gt", ["--gt-keypoints"])):
+        assert cli.main(["evaluate", "--annotations", str(real["annotations"]), "--images",
+                         str(real["images"]), *source, "--checkpoint", str(converted),
+                         "--image-size", str(SIZE), "--out", str(tmp_path / f"{name}.json"),
+                         "--no-progress"]) == 0
+        summaries.append(tmp_path / f"{name}.summary.json")
+    capsys.readouterr()
+    assert cli.main(["compare", *map(str, summaries), "--out", str(tmp_path / "t.md")]) == 0
+    printed = capsys.readouterr().out
+    for path in summaries:
+        metrics = json.loads(path.read_text())["metrics"]
+        cells = ["-" if metrics[c] < 0 else f"{100 * metrics[c]:.1f}"
+                 for c in ("AP", "AP50", "AP75", "APm", "APl")]
+        row = f"| {path.name.removesuffix('.summary.json')} | summary | {' | '.join(cells)} |"
+        assert row in printed and row in (tmp_path / "t.md").read_text()
+    assert cli.main(["compare", str(summaries[0]), str(real["annotations"])]) == 2
+    err = _error(capsys)
+    assert f"{real['annotations']} is neither a p2s evaluate summary" in err
 
 
 def test_persons_without_a_usable_keypoint_get_their_own_status(real, converted, tmp_path,

@@ -350,7 +350,7 @@ def test_correction_curve_command_and_first_point_against_the_predictor(coco, mo
     predictor = Predictor(ours)
     ious = []
     for image_id in sorted(coco.getImgIds()):
-        image, targets = image_targets(coco, image_id, REAL_COCO, SIZE, 8)
+        image, targets, _ = image_targets(coco, image_id, REAL_COCO, SIZE, 8)
         predictor.set_image(image)
         for mask in targets.masks[targets.valid]:
             depth = ndimage.distance_transform_edt(np.pad(mask, 1))[1:-1, 1:-1]

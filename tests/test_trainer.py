@@ -286,7 +286,15 @@ def test_evaluation_while_training_equals_p2s_evaluate_and_curve(tmp_path, env, 
     assert any(v > 0 for v in values)
     (best,) = [int(p.name) for p in (uninterrupted / "best").iterdir() if p.name.isdigit()]
     assert evaluations[best]["eval/AP"] == max(r["eval/AP"] for r in evaluations.values())
+    # `p2s compare`: the workdir's row is its best held-out step, beside the summary
+    from p2s_jax.cli import main
+
     capsys.readouterr()
+    assert main(["compare", str(tmp_path / "results.summary.json"), str(uninterrupted), "--out",
+                 str(tmp_path / "compare.md")]) == 0
+    printed = capsys.readouterr().out
+    assert f"| {uninterrupted.name} | workdir (step {best}) | " in printed
+    assert (tmp_path / "compare.png").stat().st_size > 1000
     from_best = _export(uninterrupted, tmp_path / "best.pt", env, "--image-only", "--best")
     said = capsys.readouterr().out
     assert f"(step {best}; held-out AP {100 * evaluations[best]['eval/AP']:.1f}; " in said, said

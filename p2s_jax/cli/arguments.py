@@ -64,13 +64,16 @@ def _add_prompt_arguments(parser: argparse.ArgumentParser) -> None:
                        help="remove foreground regions of the low-res mask up to this area")
 
 
-def _add_model_arguments(parser: argparse.ArgumentParser, checkpoint_required: bool) -> None:
+def _add_model_arguments(parser: argparse.ArgumentParser, checkpoint_required: bool,
+                         repeatable: bool = False) -> None:
     parser.add_argument("--checkpoint", required=checkpoint_required,
+                        action="append" if repeatable else "store",
                         help="official .pt (SAM 2.1 or SAM-pose2seg), a folder from p2s convert, "
                              f"or a released model by name ({', '.join(HUB_WEIGHTS)}), "
                              "downloaded once from the Hugging Face Hub"
                         + ("" if checkpoint_required else
-                           "; default: the SAM-pose2seg release"))
+                           "; default: the SAM-pose2seg release")
+                        + ("; repeatable, as PATH or LABEL=PATH" if repeatable else ""))
     parser.add_argument("--model", default=None,
                         help="model size (t, s, b+, l or full name); default: from the checkpoint")
     parser.add_argument("--image-size", type=int, default=None,
@@ -97,10 +100,13 @@ def _add_distributed(parser: argparse.ArgumentParser) -> None:
                        help="with --distributed: this process's index (default: detected)")
 
 
-def _add_overwrite(parser: argparse.ArgumentParser) -> None:
+def _add_overwrite(parser: argparse.ArgumentParser, progress: bool = False) -> None:
     parser.add_argument("--overwrite", action="store_true",
                         help="replace outputs that exist already (without it, an existing "
                              "output is refused before any work; an input is never written)")
+    if progress:
+        parser.add_argument("--no-progress", action="store_true",
+                            help="no progress bars (a log file's output)")
 
 
 def _add_schema(parser: argparse.ArgumentParser) -> None:
@@ -190,8 +196,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--out", required=True, help="COCO segm results JSON to write")
     evaluate.add_argument("--summary", default=None,
                           help="JSON summary (default: <out stem>.summary.json beside --out)")
-    _add_overwrite(evaluate)
-    evaluate.add_argument("--no-progress", action="store_true")
+    _add_overwrite(evaluate, progress=True)
     _add_distributed(evaluate)
 
     segment = commands.add_parser("segment", help="masks of the people of one photo")
@@ -209,8 +214,7 @@ def build_parser() -> argparse.ArgumentParser:
     segment.add_argument("--out", required=True, help="overlay image to write (PNG)")
     segment.add_argument("--masks-out", default=None,
                          help="also write the masks (COCO RLE) and prompts as JSON")
-    _add_overwrite(segment)
-    segment.add_argument("--no-progress", action="store_true")
+    _add_overwrite(segment, progress=True)
 
     training = commands.add_parser("train", help="fine-tune with the correction loop")
     training.add_argument("--config", default=None,
@@ -274,26 +278,30 @@ def build_parser() -> argparse.ArgumentParser:
                                  help="images per device per step (0, the default: 2 on CPU, 8 "
                                       "on accelerators; at most the images of a shard)")
     annotate_parser.add_argument("--workers", type=int, default=4)
-    _add_overwrite(annotate_parser)
-    annotate_parser.add_argument("--no-progress", action="store_true")
+    _add_overwrite(annotate_parser, progress=True)
     _add_distributed(annotate_parser)
     _add_import(annotate_parser)
 
-    curve = commands.add_parser("curve", help="mean IoU after each correction point (Fig. 2)")
+    curve = commands.add_parser("curve", help="a sampler study: the correction curve (Fig. 2), "
+                                              "NoC and NoF of samplers x checkpoints")
     curve.add_argument("--annotations", required=True, help="COCO-format ground truth")
     curve.add_argument("--images", required=True, help="image folder")
-    _add_model_arguments(curve, checkpoint_required=True)
+    _add_model_arguments(curve, checkpoint_required=True, repeatable=True)
     _add_schema(curve)
     _add_import(curve)
-    curve.add_argument("--points", type=int, default=8, help="1 + correction points (8)")
-    curve.add_argument("--sampler", default="center",
-                       help="a registered sampler (default center: the official evaluation "
-                            "mode, deterministic)")
+    curve.add_argument("--points", type=int, default=8, help="K: 1 + correction points (8)")
+    curve.add_argument("--sampler", action="append", default=None,
+                       help="a registered sampler, repeatable (default center: the official "
+                            "evaluation mode, deterministic)")
+    curve.add_argument("--seeds", type=int, default=1,
+                       help="seeds 0 .. N-1 for the samplers that draw at random (default 1)")
     curve.add_argument("--max-images", type=int, default=0, help="0: every image")
     curve.add_argument("--max-people", type=int, default=8, help="persons per image")
-    curve.add_argument("--out", required=True, help="the plot to write (PNG)")
-    _add_overwrite(curve)
-    curve.add_argument("--no-progress", action="store_true")
+    curve.add_argument("--shard-images", type=int, default=16,
+                       help="images per kept shard: a killed study resumes from them (16)")
+    curve.add_argument("--out", required=True,
+                       help="the plot (PNG); PLOT.json and PLOT.md are written beside it")
+    _add_overwrite(curve, progress=True)
 
     prepare = commands.add_parser("prepare", help="evaluation sets in the COCO format, and "
                                                   "training data")
@@ -317,6 +325,15 @@ def build_parser() -> argparse.ArgumentParser:
     _add_import(train_data)
     train_data.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                             help="config overrides, e.g. data.data_dir=/data/tfds")
+
+    compare = commands.add_parser("compare", help="mask AP of evaluation summaries and training "
+                                                  "workdirs in one table (Table 1)")
+    compare.add_argument("runs", nargs="+", metavar="RUN_OR_SUMMARY",
+                         help="a p2s evaluate summary (.summary.json) or a training workdir")
+    compare.add_argument("--out", default=None,
+                         help="also write the table (Markdown) here, and the held-out AP of "
+                              "the workdirs against step as a PNG beside it")
+    _add_overwrite(compare)
 
     export = commands.add_parser("export", help="a training workdir -> official .pt checkpoint")
     export.add_argument("--workdir", required=True)

@@ -21,12 +21,11 @@ from p2s_jax.data.coco import load_coco
 from p2s_jax.keypoints import get_schema
 from p2s_jax.model.configs import compute_dtype
 from p2s_jax.train.checkpoint import export_torch
-from p2s_jax.train.correction import CorrectionConfig
-from p2s_jax.train.curve import CurveConfig, correction_curve, write_curve_png
+from p2s_jax.train import compare, study, study_report
 from p2s_jax.train.config import load_config, parse_overrides, run_config
 from p2s_jax.train.inputs import training_records
 from p2s_jax.train.loop import train
-from p2s_jax.utils.files import (check_folder, check_outputs, summary_path)
+from p2s_jax.utils.files import check_folder, check_outputs, summary_path
 from p2s_jax.utils.images import load_image
 from p2s_jax.utils.text import plural
 from p2s_jax.cli.arguments import PROG, inference_config
@@ -38,18 +37,20 @@ def _note(message: str) -> None:
     print(f"{PROG}: {message}", file=sys.stderr, flush=True)
 
 
-def _checkpoint(args: argparse.Namespace) -> Path:
-    """--checkpoint resolved (a path, a released model by name, or the SAM-pose2seg release);
-    says once when its weights are random (`p2s init`)."""
-    checkpoint = resolve_checkpoint(args.checkpoint, not getattr(args, "no_progress", False))
+def _checkpoint(args: argparse.Namespace, value: str | None = None) -> Path:
+    """--checkpoint (or `value`) resolved (a path, a released model by name, or the
+    SAM-pose2seg release); says once when its weights are random (`p2s init`)."""
+    checkpoint = resolve_checkpoint(value or args.checkpoint,
+                                    not getattr(args, "no_progress", False))
     if random_weights_note(checkpoint):
         _note(random_weights_note(checkpoint))
     return checkpoint
 
 
-def _model(args: argparse.Namespace):
-    """(checkpoint, model) of --checkpoint, --model, --image-size, --dtype, --attention."""
-    checkpoint = _checkpoint(args)
+def _model(args: argparse.Namespace, value: str | None = None):
+    """(checkpoint, model) of --checkpoint (or `value`), --model, --image-size, --dtype,
+    --attention."""
+    checkpoint = _checkpoint(args, value)
     return checkpoint, load_model(checkpoint, args.model, args.image_size,
                                   compute_dtype(args.dtype), args.attention)
 
@@ -153,19 +154,32 @@ def cmd_annotate(args: argparse.Namespace) -> int:
 
 
 def cmd_curve(args: argparse.Namespace) -> int:
-    check_outputs({"--out": args.out}, [args.annotations, args.images, args.checkpoint],
+    files = study_report.outputs(args.out)
+    checkpoints = study.labelled(args.checkpoint)
+    check_outputs({k: v for k, v in files.items() if k != "runs"},
+                  [args.annotations, args.images, *(path for _, path in checkpoints)],
                   overwrite=args.overwrite)
-    config = CurveConfig(CorrectionConfig(num_points=args.points, sampler=args.sampler),
-                         max_people=args.max_people, max_images=args.max_images)
+    config = study.StudyConfig(tuple(args.sampler or ("center",)), args.points, args.seeds,
+                               args.max_people, args.max_images, args.shard_images)
     coco = load_coco(args.annotations, _schema(args))
     check_folder(args.images, "--images")
-    _, model = _model(args)
-    result = correction_curve(model, coco, args.images, config,
-                              progress=not args.no_progress)
-    path = write_curve_png(args.out, result, f"mean IoU after each point ({args.sampler})")
-    print(f"{plural(result.num_persons, 'person', 'persons')}, "
-          f"{plural(result.num_images, 'image')}; mean IoU after each point: "
-          f"{' '.join(f'{v:.4f}' for v in result.mean_iou)}\nplot: {path}")
+    runs = study.study(
+        [study.Checkpoint(label, path, lambda path=path: _model(args, path)[1],
+                          {k: getattr(args, k) for k in ("model", "image_size", "dtype",
+                                                         "attention")})
+         for label, path in checkpoints], coco, args.annotations, args.images, files["runs"],
+        config, overwrite=args.overwrite, progress=not args.no_progress)
+    study_report.write_study(args.out, runs, args.points, study.THRESHOLDS,
+                             f"mean IoU after each point ({Path(args.annotations).name})")
+    print("\n".join(study_report.summary_lines(runs, args.points, files)))
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    if args.out:
+        check_outputs({"--out": args.out, "plot": Path(args.out).with_suffix(".png")},
+                      args.runs, overwrite=args.overwrite)
+    print("\n".join(compare.compare(args.runs, args.out)))
     return 0
 
 
@@ -193,4 +207,5 @@ def cmd_export(args: argparse.Namespace) -> int:
 COMPUTES = ("evaluate", "segment", "train", "curve", "annotate")
 COMMANDS = {"convert": cmd_convert, "init": cmd_init, "evaluate": cmd_evaluate,
             "segment": cmd_segment, "train": cmd_train, "export": cmd_export, "aot": cmd_aot,
-            "prepare": cmd_prepare, "curve": cmd_curve, "annotate": cmd_annotate}
+            "prepare": cmd_prepare, "curve": cmd_curve, "annotate": cmd_annotate,
+            "compare": cmd_compare}

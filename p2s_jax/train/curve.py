@@ -20,7 +20,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from PIL import Image, ImageDraw
 from pycocotools.coco import COCO
 from tqdm.auto import tqdm
 
@@ -31,7 +30,7 @@ from p2s_jax.parallel import all_gather_json
 from p2s_jax.train.correction import CorrectionConfig, LoopTargets, correction_loop
 from p2s_jax.train.step import normalize_images
 from p2s_jax.utils.errors import InputError
-from p2s_jax.utils.images import load_image, save_image
+from p2s_jax.utils.images import load_image
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,11 +60,12 @@ class Curve(NamedTuple):
 
 
 def image_targets(coco: COCO, image_id: int, images_dir, size: int, max_people: int
-                  ) -> tuple[np.ndarray, LoopTargets]:
-    """One image at the model's input size: (S, S, 3) uint8 and its persons' `LoopTargets`
-    (numpy, `max_people` slots)."""
+                  ) -> tuple[np.ndarray, LoopTargets, np.ndarray]:
+    """One image at the model's input size: (S, S, 3) uint8, its persons' `LoopTargets`
+    (numpy, `max_people` slots) and their annotation ids (the first `max_people`)."""
     gt = coco_lib.ground_truth_poses(coco, image_id)
-    anns = coco.loadAnns(gt.ann_ids[:max_people].tolist())
+    ann_ids = gt.ann_ids[:max_people]
+    anns = coco.loadAnns(ann_ids.tolist())
     image = load_image(Path(images_dir) / coco.imgs[image_id]["file_name"])
     masks = np.stack([coco.annToMask(a).astype(bool) for a in anns])
     visibility = gt.scores["visibility"][:len(anns)]
@@ -75,15 +75,21 @@ def image_targets(coco: COCO, image_id: int, images_dir, size: int, max_people: 
         masks=np.pad(masks, ((0, slots), (0, 0), (0, 0))),
         keypoints=np.pad(keypoints.astype(np.float32), ((0, slots), (0, 0), (0, 0))),
         visibility=np.pad(visibility, ((0, slots), (0, 0))),
-        valid=np.arange(max_people) < len(anns))
+        valid=np.arange(max_people) < len(anns)), ann_ids
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def encode_image(graphdef, state, image):
+    """(S, S, 3) uint8 -> the image's features (run once per image, whatever the samplers)."""
+    model = nnx.merge(graphdef, state)
+    return jax.tree.map(lambda x: x[0], model.encode_image(normalize_images(image[None])))
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1))
-def _image_ious(graphdef, correction: CorrectionConfig, state, image, targets, key):
-    """(S, S, 3) uint8 -> (T, P) IoU of the kept mask with the ground truth after each point."""
+def loop_ious(graphdef, correction: CorrectionConfig, state, features, targets, key):
+    """The correction loop on an image's features -> (T, P) IoU of the kept mask with the
+    ground truth after each point."""
     model = nnx.merge(graphdef, state)
-    pixels = normalize_images(image[None])
-    features = jax.tree.map(lambda x: x[0], model.encode_image(pixels))
     out = correction_loop(model, features, targets, key, correction)
     ious = out.first.kept_iou_with_gt[None]
     if out.rest is not None:
@@ -113,11 +119,12 @@ def correction_curve(model: SAM2Image, coco: COCO, images_dir,
     mine = list(enumerate(image_ids))[jax.process_index()::jax.process_count()]
     for index, image_id in tqdm(mine, unit="img", desc="curve", dynamic_ncols=True,
                                 disable=not progress or jax.process_index() != 0):
-        image, targets = image_targets(coco, image_id, images_dir, model.config.image_size,
-                                       config.max_people)
+        image, targets, _ = image_targets(coco, image_id, images_dir, model.config.image_size,
+                                          config.max_people)
         key = jax.random.fold_in(jax.random.key(config.seed), index)
-        ious = np.asarray(_image_ious(graphdef, config.correction, state, image,
-                                      jax.tree.map(jnp.asarray, targets), key))
+        ious = np.asarray(loop_ious(graphdef, config.correction, state,
+                                    encode_image(graphdef, state, image),
+                                    jax.tree.map(jnp.asarray, targets), key))
         present = targets.valid & targets.masks.any(axis=(1, 2))
         total += ious[:, present].sum(axis=1)
         persons += int(present.sum())
@@ -125,36 +132,3 @@ def correction_curve(model: SAM2Image, coco: COCO, images_dir,
     total = np.sum([g["total"] for g in gathered], axis=0)
     persons = sum(g["persons"] for g in gathered)
     return Curve(total / max(persons, 1), persons, len(image_ids))
-
-
-def write_curve_png(path, curve: Curve, title: str = "mean IoU after each point") -> Path:
-    """The curve as a line chart (PNG, written atomically)."""
-    width, height, margin = 640, 400, 60
-    values = np.asarray(curve.mean_iou, np.float64)
-    low = max(0.0, np.floor(values.min() * 10 - 0.5) / 10)
-    high = min(1.0, np.ceil(values.max() * 10 + 0.5) / 10)
-    canvas = Image.new("RGB", (width, height), "white")
-    draw = ImageDraw.Draw(canvas)
-    left, top, right, bottom = margin, 40, width - 20, height - margin
-
-    def position(i, v):
-        x = left + (right - left) * (i / max(len(values) - 1, 1))
-        return x, bottom - (bottom - top) * (v - low) / max(high - low, 1e-9)
-
-    draw.line([(left, top), (left, bottom), (right, bottom)], fill="black", width=2)
-    for tick in np.linspace(low, high, 6):
-        _, y = position(0, tick)
-        draw.line([(left - 5, y), (left, y)], fill="black")
-        draw.text((8, y - 6), f"{tick:.2f}", fill="black")
-    for i in range(len(values)):
-        x, _ = position(i, low)
-        draw.text((x - 4, bottom + 8), str(i + 1), fill="black")
-    points = [position(i, v) for i, v in enumerate(values)]
-    if len(points) > 1:
-        draw.line(points, fill=(31, 119, 180), width=3)
-    for x, y in points:
-        draw.ellipse([x - 4, y - 4, x + 4, y + 4], fill=(31, 119, 180))
-    draw.text((left, 12), f"{title} ({curve.num_persons} persons, {curve.num_images} images)",
-              fill="black")
-    draw.text(((left + right) // 2 - 20, height - 24), "points", fill="black")
-    return save_image(path, canvas)

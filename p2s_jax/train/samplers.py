@@ -94,13 +94,17 @@ class Sampler(Protocol):
 # ------------------------------------------------------------------------------------------------
 
 _SAMPLERS: dict[str, Sampler] = {}
+_DETERMINISTIC: set[str] = set()  # samplers that ignore their key (a study runs them once)
 
 
-def register_sampler(name: str, sampler: Sampler | None = None, *, overwrite: bool = False):
+def register_sampler(name: str, sampler: Sampler | None = None, *, overwrite: bool = False,
+                     deterministic: bool = False):
     """Registers ``sampler`` under ``name``; usable as ``@register_sampler(name)`` or plain call.
 
     Hyperparameters must be keyword-only arguments with defaults, after the six common ones, so
-    that ``get_sampler(name, **config)`` can bind them.  Returns the sampler (or the decorator).
+    that ``get_sampler(name, **config)`` can bind them.  ``deterministic``: the sampler ignores
+    its key, so a sampler study (`train.study`) runs it once instead of once per seed. Returns
+    the sampler (or the decorator).
     """
     if not isinstance(name, str) or not name:
         raise ValueError(f"sampler name must be a non-empty string, got {name!r}")
@@ -111,9 +115,15 @@ def register_sampler(name: str, sampler: Sampler | None = None, *, overwrite: bo
         if name in _SAMPLERS and not overwrite:
             raise ValueError(f"sampler {name!r} is already registered (pass overwrite=True)")
         _SAMPLERS[name] = fn
+        (_DETERMINISTIC.add if deterministic else _DETERMINISTIC.discard)(name)
         return fn
 
     return _register if sampler is None else _register(sampler)
+
+
+def is_deterministic(name: str) -> bool:
+    """Whether the sampler registered as `name` ignores its key (`register_sampler`)."""
+    return name in _DETERMINISTIC
 
 
 def available_samplers() -> tuple[str, ...]:
@@ -392,7 +402,7 @@ def pose1_mask_refine(key: Array, gt_mask: Array, pred_mask: Array | None, keypo
                        prob_to_sample_from_gt=prob_to_sample_from_gt)
 
 
-@register_sampler("center")
+@register_sampler("center", deterministic=True)
 def center(key: Array, gt_mask: Array, pred_mask: Array | None, keypoints: Array,
            visibility: Array, step: Array) -> tuple[Array, Array]:
     """Official evaluation mode (``pt_sampling_for_eval="center"``): deterministic,

@@ -1,0 +1,123 @@
+"""What a sampler study (`train.study`) writes, all from `--out PLOT.png`: the plot (one curve
+per checkpoint x sampler, the mean over seeds with the range over seeds as a band), `PLOT.json`
+(the runs with their per-person IoUs) and `PLOT.md` (a Markdown table that pastes into a paper
+or an issue as it is)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+from p2s_jax.utils.files import write_atomic, write_json
+from p2s_jax.utils.images import save_image
+
+COLOURS = ((31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189),
+           (140, 86, 75), (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207))
+
+
+def outputs(plot) -> dict[str, Path]:
+    """The files of a study written from `--out PLOT.png`: plot, json, table, and the folder of
+    its kept runs."""
+    plot = Path(plot)
+    return {"--out": plot, "json": plot.with_suffix(".json"), "table": plot.with_suffix(".md"),
+            "runs": plot.with_name(plot.stem + ".runs")}
+
+
+def groups(runs: list[dict]) -> dict[tuple[str, str], list[dict]]:
+    """(checkpoint, sampler) -> its runs (one per seed), in the study's order."""
+    out: dict[tuple[str, str], list[dict]] = {}
+    for run in runs:
+        out.setdefault((run["checkpoint"], run["sampler"]), []).append(run)
+    return out
+
+
+def _over_seeds(values: list) -> str:
+    """'0.712' for one run, '0.712 ± 0.004' (mean ± standard deviation) for several."""
+    values = [v for v in values if v is not None]
+    if not values:
+        return "-"
+    if len(values) == 1:
+        return f"{values[0]:.3f}"
+    return f"{np.mean(values):.3f} ± {np.std(values):.3f}"
+
+
+def table(runs: list[dict], points: int) -> str:
+    """Rows checkpoint x sampler: mIoU@1, @3, @5, @K, NoC@85, NoC@90, NoF@90 (mean ± std over
+    seeds)."""
+    ks = [k for k in (1, 3, 5) if k < points] + [points]
+    header = (["checkpoint", "sampler", "seeds"] + [f"mIoU@{k}" for k in ks]
+              + ["NoC@85", "NoC@90", "NoF@90"])
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for (checkpoint, sampler), group in groups(runs).items():
+        cells = [checkpoint, sampler, str(len(group))]
+        cells += [_over_seeds([r["miou"][k - 1] for r in group]) for k in ks]
+        cells += [_over_seeds([r["noc"][t] for r in group]) for t in ("85", "90")]
+        cells.append(_over_seeds([float(r["nof"]["90"]) for r in group]).replace(".000", ""))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def write_plot(path, runs: list[dict], points: int, title: str) -> Path:
+    """mIoU after each point, one line per checkpoint x sampler (mean over seeds, the range over
+    seeds as a band), axes from 0 to 1, a legend; PNG written atomically."""
+    width, height = 760, 480
+    left, top, right, bottom = 70, 50, width - 230, height - 60
+    canvas = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(canvas, "RGBA")
+
+    def xy(k: int, v: float) -> tuple[float, float]:
+        x = left + (right - left) * ((k - 1) / max(points - 1, 1))
+        return x, bottom - (bottom - top) * v
+
+    for tick in np.linspace(0.0, 1.0, 6):
+        _, y = xy(1, tick)
+        draw.line([(left, y), (right, y)], fill=(230, 230, 230))
+        draw.text((left - 40, y - 6), f"{tick:.1f}", fill="black")
+    for k in range(1, points + 1):
+        x, _ = xy(k, 0.0)
+        draw.text((x - 4, bottom + 8), str(k), fill="black")
+    draw.line([(left, top), (left, bottom), (right, bottom)], fill="black", width=2)
+    for index, ((checkpoint, sampler), group) in enumerate(groups(runs).items()):
+        colour = COLOURS[index % len(COLOURS)]
+        curves = np.asarray([[np.nan if v is None else v for v in r["miou"]] for r in group])
+        mean, low, high = curves.mean(0), curves.min(0), curves.max(0)
+        if len(group) > 1:
+            band = ([xy(k + 1, v) for k, v in enumerate(high)]
+                    + [xy(k + 1, v) for k, v in reversed(list(enumerate(low)))])
+            draw.polygon(band, fill=(*colour, 60))
+        line = [xy(k + 1, v) for k, v in enumerate(mean)]
+        if len(line) > 1:
+            draw.line(line, fill=colour, width=3)
+        for x, y in line:
+            draw.ellipse([x - 3, y - 3, x + 3, y + 3], fill=colour)
+        y = top + 18 * index
+        draw.line([(right + 15, y + 6), (right + 35, y + 6)], fill=colour, width=3)
+        seeds = f" ({len(group)} seeds)" if len(group) > 1 else ""
+        draw.text((right + 40, y), f"{checkpoint} {sampler}{seeds}"[:36], fill="black")
+    draw.text((left, 15), title, fill="black")
+    draw.text(((left + right) // 2 - 20, height - 30), "point", fill="black")
+    draw.text((8, top - 25), "mean IoU", fill="black")
+    return save_image(path, canvas)
+
+
+def summary_lines(runs: list[dict], points: int, files: dict[str, Path]) -> list[str]:
+    """What `p2s curve` prints: each curve (the mean over seeds), the table, the files."""
+    lines = []
+    for (checkpoint, sampler), group in groups(runs).items():
+        curve = np.mean([[np.nan if v is None else v for v in r["miou"]] for r in group], axis=0)
+        persons = len(group[0]["persons"])
+        lines.append(f"{checkpoint} {sampler} ({persons} persons): mean IoU after each point: "
+                     + " ".join(f"{v:.4f}" for v in curve))
+    return lines + ["", table(runs, points), "",
+                    f"plot: {files['--out']}\ndata: {files['json']}\ntable: {files['table']}"]
+
+
+def write_study(plot, runs: list[dict], points: int, thresholds, title: str) -> dict[str, Path]:
+    """The plot, PLOT.json ({"points", "thresholds", "runs"}) and PLOT.md -> their paths."""
+    files = outputs(plot)
+    write_plot(files["--out"], runs, points, title)
+    write_json(files["json"], {"points": points, "thresholds": list(thresholds), "runs": runs})
+    write_atomic(files["table"], table(runs, points) + "\n")
+    return files
