@@ -216,7 +216,8 @@ def test_plain_keypoint_results_use_their_confidence_everywhere(real, converted,
     out = tmp_path / "annotated.json"
     assert cli.main(["annotate", "--keypoints", str(real["results"]), "--image-info",
                      str(real["annotations"]), "--images", str(real["images"]), "--out",
-                     str(out), "--checkpoint", str(converted), "--image-size", str(SIZE)]) == 0
+                     str(out), "--checkpoint", str(converted), "--image-size", str(SIZE),
+                     "--batch-size", "100000"]) == 0  # cut to the images of a shard
     captured = capsys.readouterr()
     assert "annotate" in captured.err and "evaluate" not in captured.err  # the bar's label
     assert json.loads(out.read_text())["annotations"]
@@ -233,12 +234,16 @@ def error_uniform(key, gt_mask, pred_mask, keypoints, visibility, step):
 
 
 def test_a_sampler_study_of_three_samplers_and_two_seeds_in_one_command(
-        real, converted, tmp_path, monkeypatch, capsys):
+        real, tmp_path, monkeypatch, capsys):
     """One `p2s curve`: the built-in center and PoseMaskRefine beside a user's sampler from a
-    module outside the package, 2 seeds; every reported number follows from the per-person
-    IoUs it writes."""
+    module outside the package, 2 seeds, on `p2s init`'s random weights (said once) with a
+    progress bar; every reported number follows from the per-person IoUs it writes."""
     from p2s_jax.train.study import run_metrics
 
+    weights = tmp_path / "random_t.pt"
+    assert cli.main(["init", "--model", "t", "--image-size", str(SIZE), "--out",
+                     str(weights)]) == 0
+    assert "random weights" in capsys.readouterr().out
     tag = os.getpid()
     (tmp_path / f"my_samplers_{tag}.py").write_text(USER_SAMPLER.format(tag=tag))
     monkeypatch.chdir(tmp_path)
@@ -246,10 +251,13 @@ def test_a_sampler_study_of_three_samplers_and_two_seeds_in_one_command(
     samplers = ["center", "pose_mask_refine", f"error_uniform_{tag}"]
     assert cli.main(["curve", "--import", f"my_samplers_{tag}", "--annotations",
                      str(real["annotations"]), "--images", str(real["images"]), "--checkpoint",
-                     f"t={converted}", "--image-size", str(SIZE), "--points", "3",
-                     "--max-people", "3", "--seeds", "2", "--out", str(out), "--no-progress",
+                     f"t={weights}", "--image-size", str(SIZE), "--points", "3",
+                     "--max-images", "2", "--max-people", "3", "--seeds", "2", "--out", str(out),
                      *[a for s in samplers for a in ("--sampler", s)]]) == 0
-    printed = capsys.readouterr().out
+    captured = capsys.readouterr()
+    printed = captured.out
+    assert captured.err.count("holds random weights (p2s init") == 1
+    assert "curve: 100%" in captured.err and "2/2" in captured.err
     data = json.loads(out.with_suffix(".json").read_text())
     assert data["points"] == 3 and out.stat().st_size > 1000
     assert [(r["sampler"], r["seed"]) for r in data["runs"]] == [
@@ -258,7 +266,7 @@ def test_a_sampler_study_of_three_samplers_and_two_seeds_in_one_command(
     persons = {(a["image_id"], a["id"]) for a in real["data"]["annotations"]}
     for run in data["runs"]:
         iou = np.asarray(run["iou"])
-        assert iou.shape == (len(run["persons"]), 3) and len(run["persons"]) > 4
+        assert iou.shape == (len(run["persons"]), 3) and len(run["persons"]) >= 4
         assert {tuple(p) for p in run["persons"]} <= persons
         again = run_metrics(iou)
         assert run["miou"] == pytest.approx(again["miou"]) and run["nof"] == again["nof"]
@@ -371,23 +379,6 @@ def test_aot_for_a_gpu_without_the_cuda_wheels_says_what_to_install(capsys):
     assert cli.main(["aot", "--target", "h100", "--gpu-target", target]) == 2
     err = _error(capsys)
     assert "pip install 'p2s_jax[cuda12]'" in err and "JAX_PLATFORMS=cpu" in err
-
-
-def test_curve_shows_progress_and_random_weights_are_named(real, tmp_path, capsys):
-    """`p2s init` writes random weights of any size; a command that loads them says so once;
-    `p2s curve` shows a progress bar."""
-    weights = tmp_path / "random_t.pt"
-    assert cli.main(["init", "--model", "t", "--image-size", str(SIZE), "--out",
-                     str(weights)]) == 0
-    assert "random weights" in capsys.readouterr().out
-    assert cli.main(["curve", "--annotations", str(real["annotations"]), "--images",
-                     str(real["images"]), "--checkpoint", str(weights), "--image-size",
-                     str(SIZE), "--points", "2", "--max-images", "2", "--max-people", "2",
-                     "--out", str(tmp_path / "c.png")]) == 0
-    captured = capsys.readouterr()
-    assert captured.err.count("holds random weights (p2s init") == 1
-    assert "curve: 100%" in captured.err and "2/2" in captured.err
-    assert (tmp_path / "c.png").stat().st_size > 1000
 
 
 # ------------------------------------------------------------------------------ signals

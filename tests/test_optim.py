@@ -37,8 +37,9 @@ def rules():
 
 # The authors' training yaml (BBoxMaskPose `sam2.1_hiera_b+_COCO+CIHP_finetune_sam-pose2seg.yaml`,
 # `trainer.optim`): lr and weight-decay options and the layer-decay modifier, as written there,
-# with fvcore's schedulers replaced by their value at step 0 (`authors.ConstantScheduler`).
-CONSTANT = "authors.ConstantScheduler"
+# with fvcore's schedulers replaced by their value at step 0
+# (`support.authors.ConstantScheduler`).
+CONSTANT = "support.authors.ConstantScheduler"
 AUTHORS_OPTIONS = {
     "lr": [{"scheduler": {"_target_": CONSTANT, "value": 5e-6}},
            {"scheduler": {"_target_": CONSTANT, "value": 3e-6},

@@ -368,9 +368,9 @@ def test_correction_curve_command_and_first_point_against_the_predictor(coco, mo
                      str(REAL_COCO), "--checkpoint", str(folder), "--points", "3", "--out",
                      str(out)]) == 0
     printed = capsys.readouterr().out
-    assert "14 persons, 4 images" in printed
-    assert " ".join(f"{v:.4f}" for v in curve.mean_iou) in printed  # deterministic
-    assert Image.open(out).size == (640, 400)
+    assert "converted center (14 persons): mean IoU after each point: " + " ".join(
+        f"{v:.4f}" for v in curve.mean_iou) in printed  # deterministic
+    assert Image.open(out).size == (760, 480)
 
 
 def test_segment_a_real_photo_with_the_preset(coco, models, tmp_path, capsys):

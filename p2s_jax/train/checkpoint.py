@@ -196,13 +196,6 @@ def export_torch(workdir, out_path, step: Optional[int] = None, base=None,
             f"{config.init_checkpoint or 'none: random weights'}); the official loader refuses "
             "a file without them: pass --base ORIGINAL.pt (the SAM 2.1 checkpoint the run was "
             "fine-tuned from), or --image-only for the image-path tensors alone")
-    config = dataclasses.replace(config, compute_dtype="float32")
-    # the frozen weights are not in a checkpoint: the run's own (init_checkpoint or its seeded
-    # random init); the trained ones are restored onto the state's abstract shapes
-    graphdef, _, frozen = nnx.split(build_training_model(config), trainable_filter(config), ...)
-    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
-                          abstract_state(config).state)
     if best:
         if not (workdir / "best").is_dir():
             raise WorkdirError(f"{workdir} has no best checkpoint: the run evaluated nothing "
@@ -213,6 +206,13 @@ def export_torch(workdir, out_path, step: Optional[int] = None, base=None,
         manager = checkpoint_manager(workdir, config)
     if manager.latest_step() is None:
         raise WorkdirError(f"{manager.directory} holds no checkpoint")
+    config = dataclasses.replace(config, compute_dtype="float32")
+    # the frozen weights are not in a checkpoint: the run's own (init_checkpoint or its seeded
+    # random init); the trained ones are restored onto the state's abstract shapes
+    graphdef, _, frozen = nnx.split(build_training_model(config), trainable_filter(config), ...)
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
+                          abstract_state(config).state)
     state, meta = restore_checkpoint(manager, target, step)
     trained = nnx.merge(graphdef, state["params"], frozen)
     save_torch_checkpoint(trained, out_path, base_state_dict=video)
