@@ -14,13 +14,11 @@ from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
-from PIL import Image, ImageDraw
 
 from p2s_jax.train.metrics_writer import read_jsonl
-from p2s_jax.train.study_report import COLOURS
 from p2s_jax.utils.errors import InputError
 from p2s_jax.utils.files import write_atomic
-from p2s_jax.utils.images import save_image
+from p2s_jax.utils.charts import Series, line_chart
 
 COLUMNS = ("AP", "AP50", "AP75", "APm", "APl")
 
@@ -92,35 +90,9 @@ def compare(paths, out=None) -> list[str]:
 
 def write_history_plot(path, runs: list[Compared]) -> Path:
     """Held-out AP against step, one line per workdir (PNG, written atomically)."""
-    width, height = 760, 480
-    left, top, right, bottom = 70, 50, width - 230, height - 60
     histories = [r for r in runs if r.history]
     last = max(step for r in histories for step, _ in r.history)
-    canvas = Image.new("RGB", (width, height), "white")
-    draw = ImageDraw.Draw(canvas)
-
-    def xy(step: float, ap: float) -> tuple[float, float]:
-        return (left + (right - left) * step / max(last, 1),
-                bottom - (bottom - top) * max(ap, 0.0))
-
-    for tick in np.linspace(0.0, 1.0, 6):
-        _, y = xy(0, tick)
-        draw.line([(left, y), (right, y)], fill=(230, 230, 230))
-        draw.text((left - 40, y - 6), f"{100 * tick:.0f}", fill="black")
-    for step in np.linspace(0, last, 5):
-        x, _ = xy(step, 0.0)
-        draw.text((x - 8, bottom + 8), f"{step:.0f}", fill="black")
-    draw.line([(left, top), (left, bottom), (right, bottom)], fill="black", width=2)
-    for index, run in enumerate(histories):
-        colour = COLOURS[index % len(COLOURS)]
-        points = [xy(step, ap) for step, ap in run.history]
-        if len(points) > 1:
-            draw.line(points, fill=colour, width=3)
-        for x, y in points:
-            draw.ellipse([x - 3, y - 3, x + 3, y + 3], fill=colour)
-        y = top + 18 * index
-        draw.line([(right + 15, y + 6), (right + 35, y + 6)], fill=colour, width=3)
-        draw.text((right + 40, y), run.label[:30], fill="black")
-    draw.text((left, 15), "held-out mask AP against training step", fill="black")
-    draw.text(((left + right) // 2 - 10, height - 30), "step", fill="black")
-    return save_image(path, canvas)
+    return line_chart(path, [Series(r.label, r.history) for r in histories],
+                      [round(v) for v in np.linspace(0, last, 5)],
+                      title="held-out mask AP against training step", x_label="step",
+                      y_label="AP", y_scale=100.0)

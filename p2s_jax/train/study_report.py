@@ -8,14 +8,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageDraw
 
 from p2s_jax.utils.files import write_atomic, write_json
-from p2s_jax.utils.images import save_image
-
-COLOURS = ((31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189),
-           (140, 86, 75), (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207))
-
+from p2s_jax.utils.charts import Series, line_chart
 
 def outputs(plot) -> dict[str, Path]:
     """The files of a study written from `--out PLOT.png`: plot, json, table, and the folder of
@@ -62,44 +57,16 @@ def table(runs: list[dict], points: int) -> str:
 def write_plot(path, runs: list[dict], points: int, title: str) -> Path:
     """mIoU after each point, one line per checkpoint x sampler (mean over seeds, the range over
     seeds as a band), axes from 0 to 1, a legend; PNG written atomically."""
-    width, height = 760, 480
-    left, top, right, bottom = 70, 50, width - 230, height - 60
-    canvas = Image.new("RGB", (width, height), "white")
-    draw = ImageDraw.Draw(canvas, "RGBA")
-
-    def xy(k: int, v: float) -> tuple[float, float]:
-        x = left + (right - left) * ((k - 1) / max(points - 1, 1))
-        return x, bottom - (bottom - top) * v
-
-    for tick in np.linspace(0.0, 1.0, 6):
-        _, y = xy(1, tick)
-        draw.line([(left, y), (right, y)], fill=(230, 230, 230))
-        draw.text((left - 40, y - 6), f"{tick:.1f}", fill="black")
-    for k in range(1, points + 1):
-        x, _ = xy(k, 0.0)
-        draw.text((x - 4, bottom + 8), str(k), fill="black")
-    draw.line([(left, top), (left, bottom), (right, bottom)], fill="black", width=2)
-    for index, ((checkpoint, sampler), group) in enumerate(groups(runs).items()):
-        colour = COLOURS[index % len(COLOURS)]
+    series = []
+    for (checkpoint, sampler), group in groups(runs).items():
         curves = np.asarray([[np.nan if v is None else v for v in r["miou"]] for r in group])
-        mean, low, high = curves.mean(0), curves.min(0), curves.max(0)
-        if len(group) > 1:
-            band = ([xy(k + 1, v) for k, v in enumerate(high)]
-                    + [xy(k + 1, v) for k, v in reversed(list(enumerate(low)))])
-            draw.polygon(band, fill=(*colour, 60))
-        line = [xy(k + 1, v) for k, v in enumerate(mean)]
-        if len(line) > 1:
-            draw.line(line, fill=colour, width=3)
-        for x, y in line:
-            draw.ellipse([x - 3, y - 3, x + 3, y + 3], fill=colour)
-        y = top + 18 * index
-        draw.line([(right + 15, y + 6), (right + 35, y + 6)], fill=colour, width=3)
+        ks = range(1, points + 1)
+        band = (list(zip(ks, curves.min(0), curves.max(0))) if len(group) > 1 else None)
         seeds = f" ({len(group)} seeds)" if len(group) > 1 else ""
-        draw.text((right + 40, y), f"{checkpoint} {sampler}{seeds}"[:36], fill="black")
-    draw.text((left, 15), title, fill="black")
-    draw.text(((left + right) // 2 - 20, height - 30), "point", fill="black")
-    draw.text((8, top - 25), "mean IoU", fill="black")
-    return save_image(path, canvas)
+        series.append(Series(f"{checkpoint} {sampler}{seeds}", list(zip(ks, curves.mean(0))),
+                             band))
+    return line_chart(path, series, list(range(1, points + 1)), title=title, x_label="point",
+                      y_label="mean IoU")
 
 
 def summary_lines(runs: list[dict], points: int, files: dict[str, Path]) -> list[str]:
