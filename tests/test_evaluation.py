@@ -2,7 +2,7 @@
 
 The dataset is generated (`p2s_jax.data.synthetic`: real scikit-image photos with drawn persons and
 ProbPose-like detections); the model is the official SAM 2.1 tiny at 256 px with seeded random
-weights (tests/reference.py) and its converted twin. Everything is compiled once per module.
+weights (tests/support/reference.py) and its converted twin. Everything is compiled once per module.
 """
 
 from __future__ import annotations

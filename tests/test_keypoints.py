@@ -1,5 +1,5 @@
 """Keypoint schemas: names as published files write them, flips, and prompting on every schema
-against the NumPy reference of tests/test_prompting.py."""
+against the NumPy reference of tests/support/prompts.py."""
 
 from __future__ import annotations
 

@@ -4,9 +4,9 @@ COCO* definitions, and the authors' inference preset against the official predic
 
 The model is the official SAM 2.1 tiny at 256 px with seeded random weights and its converted
 twin (no real checkpoint can be downloaded here); the reference runs the authors' pipeline as
-their code does: their keypoint selection (tests/authors.py), `SAM2ImagePredictor(max_hole_area=10,
-max_sprinkle_area=50)` with scipy labelling in place of the CUDA kernel, `multimask_output=False`,
-then their exclusive masks.
+their code does: their keypoint selection (tests/support/authors.py),
+`SAM2ImagePredictor(max_hole_area=10, max_sprinkle_area=50)` with scipy labelling in place of
+the CUDA kernel, `multimask_output=False`, then their exclusive masks.
 """
 
 from __future__ import annotations
@@ -131,7 +131,7 @@ def just_outside(keypoints, image_hw):
 
 def authors_pipeline(coco, models, keypoints_of):
     """The authors' inference on the real photos: their selection (MaxSpread_3 on binary
-    visibility, tests/authors.py) of `keypoints_of(image_id) -> (P, 17, 2), (P, 17)`, the
+    visibility, tests/support/authors.py) of `keypoints_of(image_id) -> (P, 17, 2), (P, 17)`, the
     official predictor with holes / sprinkles cleaned, their exclusive masks.
     -> image_id -> (masks (P, H, W) bool, picks per person or None)."""
     from sam2.sam2_image_predictor import SAM2ImagePredictor

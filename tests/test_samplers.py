@@ -342,8 +342,8 @@ def _random_case(rng, shape, with_errors_on_keypoints: bool):
 @pytest.mark.parametrize("seed", range(4))
 def test_pose_mask_refine_follows_the_papers_text(seed):
     """First and correction points against the paper's rule written as an exact distribution
-    (tests/paper_samplers.py) on random masks and poses: ties of visibility, keypoints that are
-    missing, invisible, off the image, on false negatives and false positives, none on the
+    (tests/support/paper_samplers.py) on random masks and poses: ties of visibility, keypoints
+    that are missing, invisible, off the image, on false negatives and false positives, none on the
     errors, and error-free predictions."""
     rng = np.random.default_rng(seed)
     shape = (10, 14)
@@ -535,7 +535,7 @@ def test_raw_uint32_keys():
 @pytest.mark.parametrize("name,selection", [("max_vis", "maxvis"), ("max_spread", "maxspread")])
 def test_fixed_keypoint_samplers_walk_the_selection(name, selection):
     """Point t is the t-th keypoint of the inference selection (the NumPy reference of
-    tests/test_prompting.py), then MaskRefine draws once the selection is used up."""
+    tests/support/prompts.py), then MaskRefine draws once the selection is used up."""
     from support.prompts import reference_positive_indices
 
     from p2s_jax.inference.prompting import PromptConfig
