@@ -337,9 +337,14 @@ def _train(config: TrainConfig, workdir: epath.Path, resume: bool, resume_step: 
                 save = done % config.checkpoint_every == 0 or done == end or stopping
                 if save or evaluated:
                     report.flush()
+                # one manager's asynchronous save at a time: on several hosts each save's
+                # commit meets the other hosts at barriers, which two saves in flight could
+                # reach in another order on each host
                 if save:
+                    _wait_for_saves(best)
                     save_checkpoint(manager, state, meta_of(done), force=stopping)
                 if evaluated and best is not None:
+                    _wait_for_saves(manager)
                     save_checkpoint(best, state, {**meta_of(done), "eval": evaluated},
                                     metrics={"AP": evaluated["eval/AP"]})
                 if stopping:
