@@ -53,7 +53,7 @@ from p2s_jax.model.sam2 import SAM2Image
 from p2s_jax.parallel import make_mesh
 from p2s_jax.utils.errors import InputError, Interrupted, interrupt_signal
 from p2s_jax.utils.files import read_json, summary_path, write_atomic, write_json
-from p2s_jax.utils.nested import flatten
+from p2s_jax.utils.nested import differences
 from p2s_jax.utils.text import plural
 from p2s_jax.utils.images import ImageError, load_image, save_image
 
@@ -192,9 +192,8 @@ def _check_settings(shards: Path, settings: dict, overwrite: bool = False) -> No
     the same run); with `overwrite`, the shards of a run with other settings are removed."""
     recorded = shards / "settings.json"
     if recorded.is_file():
-        old, new = flatten(read_json(recorded, "annotation settings")), flatten(settings)
-        changed = [f"{SETTING_OPTIONS.get(k, k)} {old.get(k)!r} -> {new.get(k)!r}"
-                   for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+        changed = differences(read_json(recorded, "annotation settings"), settings,
+                              SETTING_OPTIONS)
         if changed and overwrite:
             shutil.rmtree(shards)
         elif changed:

@@ -40,7 +40,7 @@ from p2s_jax.train.curve import (CurveConfig, curve_image_ids, encode_image, ima
 from p2s_jax.train.samplers import get_sampler, is_deterministic
 from p2s_jax.utils.errors import InputError, Interrupted, interrupt_signal
 from p2s_jax.utils.files import read_json, write_json
-from p2s_jax.utils.nested import flatten
+from p2s_jax.utils.nested import differences
 
 THRESHOLDS = (0.80, 0.85, 0.90)
 
@@ -144,9 +144,7 @@ def _check_settings(folder: Path, settings: dict, overwrite: bool) -> None:
     recorded = folder / "settings.json"
     if not recorded.is_file():
         return
-    old, new = flatten(read_json(recorded, "study settings")), flatten(settings)
-    changed = [f"{k} {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new))
-               if old.get(k) != new.get(k)]
+    changed = differences(read_json(recorded, "study settings"), settings)
     if changed and not overwrite:
         raise InputError(f"{folder} holds the runs of a study with other settings "
                          f"({'; '.join(changed)}): pass --overwrite to replace them, or write "

@@ -12,3 +12,11 @@ def flatten(nested: dict, prefix: str = "") -> dict:
         else:
             out[f"{prefix}{key}"] = value
     return out
+
+
+def differences(old: dict, new: dict, names: dict | None = None) -> list[str]:
+    """How two nested dicts differ, one 'name old -> new' phrase per dotted key (sorted);
+    `names` renames keys (e.g. to the option that sets them)."""
+    old, new, names = flatten(old), flatten(new), names or {}
+    return [f"{names.get(k, k)} {old.get(k)!r} -> {new.get(k)!r}"
+            for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
