@@ -19,6 +19,7 @@ from pycocotools import mask as mask_utils
 
 from support import reference
 from support.shared import model_pair
+from support.skeletons import as_crowdpose
 from p2s_jax import cli
 from p2s_jax.evaluation.annotate import AnnotateConfig, AnnotationInput, annotate
 from p2s_jax.evaluation.config import EvalConfig
@@ -32,8 +33,6 @@ pytestmark = pytest.mark.skipif(not reference.reference_available(),
                                 reason="needs torch, sam2 and hydra (the dev extra)")
 MODEL, SIZE = "sam2.1_hiera_t", 256
 REPO = Path(__file__).resolve().parents[1]
-# COCO-17 slot of each CrowdPose-14 keypoint; "neck" is the shoulders' midpoint
-FROM_COCO = [5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 0, None]
 
 
 def crowdpose_layout(root: Path, num_images: int = 6) -> tuple[Path, Path]:
@@ -43,20 +42,11 @@ def crowdpose_layout(root: Path, num_images: int = 6) -> tuple[Path, Path]:
 
     annotations, images = make_coco_dataset(root, num_images, (2, 3), seed=5,
                                             image_size=(200, 260))
-    data = json.loads(Path(annotations).read_text())
+    data = as_crowdpose(json.loads(Path(annotations).read_text()), title_case=True)
     for ann in data["annotations"]:
-        coco = np.asarray(ann["keypoints"], np.float64).reshape(17, 3)
-        neck = np.append((coco[5, :2] + coco[6, :2]) / 2, min(coco[5, 2], coco[6, 2]))
-        crowd = np.stack([coco[j] if j is not None else neck for j in FROM_COCO])
-        crowd[crowd[:, 2] == 0] = 0
-        ann["keypoints"] = [round(float(v), 2) for v in crowd.ravel()]
-        ann["num_keypoints"] = int((crowd[:, 2] > 0).sum())
         for key in ("segmentation", "area", "bbox"):
             ann.pop(key)
         ann["source_note"] = f"kept {ann['id']}"  # an input field the output must keep
-    data["categories"][0]["keypoints"] = [n.replace("_", " ").title()
-                                          for n in CROWDPOSE14.keypoint_names]
-    data["categories"][0]["skeleton"] = [[a + 1, b + 1] for a, b in CROWDPOSE14.skeleton]
     path = root / "crowdpose_like.json"
     path.write_text(json.dumps(data))
     return path, Path(images)

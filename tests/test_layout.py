@@ -30,19 +30,22 @@ ALLOWED = {
                    "inference"},
     "train": {"model", "keypoints", "parallel", "hardware", "utils", "weights_conversion",
               "data", "inference", "evaluation"},
+    "review": {"keypoints", "utils", "data", "inference"},
     "aot": {"model", "keypoints", "parallel", "hardware", "utils", "weights_conversion", "data",
             "inference", "evaluation", "train"},
     "cli": {"model", "keypoints", "parallel", "hardware", "runtime", "utils",
-            "weights_conversion", "data", "inference", "evaluation", "train", "aot"},
+            "weights_conversion", "data", "inference", "evaluation", "train", "aot", "review"},
 }
 # Finer rules inside a room's allowance: (importing room, imported module prefix) pairs that
 # are the only way in. Training uses inference's preprocessing and prompting, not the predictor
 # (evaluation while training goes through the evaluator, `evaluation.evaluate`).
 ONLY = {("train", "p2s_jax.inference"): ("p2s_jax.inference.preprocess",
-                                         "p2s_jax.inference.prompting")}
+                                         "p2s_jax.inference.prompting"),
+        ("review", "p2s_jax.inference"): ("p2s_jax.inference.overlay",)}
 # Modules outside the project that a room must not import (at module level or anywhere).
 FORBIDDEN_EXTERNAL = {"model": ("torch", "tensorflow_datasets", "pycocotools", "orbax"),
-                      "keypoints": ("jax", "torch"), "utils": ("torch", "jax")}
+                      "keypoints": ("jax", "torch"), "utils": ("torch", "jax"),
+                      "review": ("jax", "torch", "tensorflow_datasets")}
 
 
 def _modules() -> dict[str, Path]:

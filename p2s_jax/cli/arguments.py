@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import argparse
+import functools
 
 from p2s_jax import aot
-from p2s_jax.evaluation.config import RESULT_SCORES, EvalConfig
-from p2s_jax.evaluation.presets import PRESETS, settings_of_flags
+from p2s_jax.evaluation.annotate import AnnotateConfig
+from p2s_jax.evaluation.config import EvalConfig
+from p2s_jax.evaluation.presets import PRESETS, PROMPT_FLAGS, settings_of_flags
 from p2s_jax.inference.weights import HUB_WEIGHTS
-from p2s_jax.data.poses import SCORE_NAMES
 from p2s_jax.keypoints import available_schemas
 from p2s_jax.model.configs import COMPUTE_DTYPES
 from p2s_jax.model.layers import ATTENTION_IMPLEMENTATIONS
+from p2s_jax.train.study import StudyConfig
 from p2s_jax.utils import allocator
+from p2s_jax.utils.fields import field_options
 
 PROG = "p2s"
 
@@ -22,46 +25,10 @@ def _add_prompt_arguments(parser: argparse.ArgumentParser) -> None:
         "inference (SAM-pose2seg, Sec. 3.3 / 4.3); a flag given beside --preset wins")
     group.add_argument("--preset", choices=sorted(PRESETS), default=None,
                        help="the authors' settings for a model's paper rows (docs/reproduce.md)")
-    group.add_argument("--selection", choices=("maxvis", "maxspread"), default=None,
-                       help="keypoint selection (default: maxvis for detected keypoints, "
-                            "maxspread for ground-truth keypoints)")
-    group.add_argument("--num-points", type=int, default=None,
-                       help="positive keypoints per person (default 3)")
-    group.add_argument("--score-type", default=None, choices=SCORE_NAMES,
-                       help="visibility channel: ranks MaxVis, filters keypoints (default: "
-                            "visibility; confidence is the s of each [x, y, s])")
-    group.add_argument("--confidence-score", default=None, choices=SCORE_NAMES,
-                       help="confidence channel: the prompt gate and MaxSpread's ranking "
-                            "(default: the --score-type channel; 'confidence' in the presets)")
-    group.add_argument("--threshold", type=float, default=None,
-                       help="a keypoint is visible when its score is >= this (default 0.5)")
-    group.add_argument("--no-prompt", choices=("best_keypoint", "empty", "skip"), default=None,
-                       help="a person without a gated keypoint: its best keypoint (default), "
-                            "the empty prompt (the authors) or no mask")
-    group.add_argument("--outside-keypoints", choices=("use", "drop"), default=None,
-                       help="keypoints outside the photo: prompted as given (use: the authors "
-                            "and both presets) or never used (drop: the default without a "
-                            "preset, as such a point marks no pixel SAM sees)")
-    group.add_argument("--spread-percentile", default=None,
-                       type=lambda v: "none" if v.lower() == "none" else float(v),
-                       help="MaxSpread's percentile rule, or 'none' (default 80)")
-    group.add_argument("--negatives", choices=("none", "closest_other", "least_visible_own"),
-                       default=None, help="negative points (default none)")
-    group.add_argument("--num-negatives", type=int, default=None,
-                       help="negative points per person (default 1)")
-    group.add_argument("--box", choices=("none", "given", "inflated", "gt", "inflated-gt"),
-                       default=None,
-                       help="box prompt: the pose's own bbox (given), scaled about its centre "
-                            "(inflated), or the box of the ground-truth person matched by OKS "
-                            "(gt, inflated-gt; evaluate only) (default none)")
-    group.add_argument("--box-inflation", type=float, default=None,
-                       help="side-length factor of --box inflated (default 2.0)")
-    group.add_argument("--exclusive", action=argparse.BooleanOptionalAction, default=None,
-                       help="each pixel goes to the covering mask with the highest predicted IoU")
-    group.add_argument("--max-hole-area", type=float, default=None,
-                       help="fill background regions of the low-res mask up to this area")
-    group.add_argument("--max-sprinkle-area", type=float, default=None,
-                       help="remove foreground regions of the low-res mask up to this area")
+    for flag in PROMPT_FLAGS:
+        kind = ({"type": flag.type, "choices": flag.choices} if flag.type
+                else {"action": argparse.BooleanOptionalAction})
+        group.add_argument(flag.option, default=None, help=flag.help, **kind)
 
 
 def _add_model_arguments(parser: argparse.ArgumentParser, checkpoint_required: bool,
@@ -132,11 +99,21 @@ def preparse_imports(argv: list[str]) -> list[str]:
     return imports.parse_known_args(argv)[0].imports
 
 
-def _batch_size(value: str) -> int:
-    number = int(value)
-    if number < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0 (0: the backend's default), got {number}")
-    return number
+def _command(commands, name: str, about: str, *shared) -> argparse.ArgumentParser:
+    """The parser of command `name` with the option groups `shared` (functions adding them)."""
+    parser = commands.add_parser(name, help=about)
+    for add in shared:
+        add(parser)
+    return parser
+
+
+_with_progress = functools.partial(_add_overwrite, progress=True)
+_model = functools.partial(_add_model_arguments, checkpoint_required=False)
+_model_required = functools.partial(_add_model_arguments, checkpoint_required=True)
+# the options of every command that segments people: evaluate, segment, annotate
+_SEGMENTING = (_add_prompt_arguments, _add_schema, _add_import)
+# the options of every command that runs the evaluator: evaluate, annotate
+_BATCHING = {"--batch-size": "images_per_device", "--workers": "num_workers"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -148,22 +125,22 @@ def build_parser() -> argparse.ArgumentParser:
                              "default, or 'auto' (kept for evaluate and train)")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    convert = commands.add_parser("convert", help="official .pt checkpoint -> converted folder")
+    convert = _command(commands, "convert", "official .pt checkpoint -> converted folder",
+                       _add_overwrite)
     convert.add_argument("checkpoint", help="official SAM 2.1 / SAM-pose2seg .pt file")
     convert.add_argument("out_dir", help="folder to write (Orbax weights + p2s_model.json)")
     convert.add_argument("--model", default=None, help="model size; default: detected")
     convert.add_argument("--image-size", type=int, default=1024)
-    _add_overwrite(convert)
 
-    init = commands.add_parser("init", help="a checkpoint with seeded random weights (to try "
-                                            "the commands without the released weights)")
+    init = _command(commands, "init", "a checkpoint with seeded random weights (to try the "
+                    "commands without the released weights)", _add_overwrite)
     init.add_argument("--model", required=True, help="model size (t, s, b+, l or full name)")
     init.add_argument("--out", required=True, help="the .pt file to write")
     init.add_argument("--image-size", type=int, default=1024)
     init.add_argument("--seed", type=int, default=0)
-    _add_overwrite(init)
 
-    evaluate = commands.add_parser("evaluate", help="mask AP on a COCO-format dataset")
+    evaluate = _command(commands, "evaluate", "mask AP on a COCO-format dataset",
+                        _model_required, *_SEGMENTING, _with_progress, _add_distributed)
     evaluate.add_argument("--annotations", required=True,
                           help="COCO-format ground truth with person masks")
     evaluate.add_argument("--images", required=True, help="image folder")
@@ -171,35 +148,21 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--keypoints", help="keypoint detections (COCO keypoint results format)")
     source.add_argument("--gt-keypoints", action="store_true",
                         help="prompt with the ground-truth keypoints instead")
-    _add_model_arguments(evaluate, checkpoint_required=True)
-    _add_prompt_arguments(evaluate)
-    _add_schema(evaluate)
-    _add_import(evaluate)
     evaluate.add_argument("--coco-star", action="store_true",
                           help="COCO*: persons that are small or without keypoints are ignored")
-    evaluate.add_argument("--result-score", choices=RESULT_SCORES, default=None,
-                          help="score of each mask: detection score x predicted IoU (default), "
-                               "the detection score, or the predicted IoU")
-    evaluate.add_argument("--crop-to-box", type=float, default=0.0, metavar="FACTOR",
-                          help="segment each person on its own crop: its box scaled by FACTOR "
-                               "(1.5 in Tab. 7), masks pasted back (default 0: off)")
     evaluate.add_argument("--skip-missing-images", action="store_true",
                           help="score only the images whose photo can be read (default: a "
                                "missing or unreadable photo stops the run before it starts)")
-    evaluate.add_argument("--batch-size", type=_batch_size, default=0,
-                          help="images per device per step (0, the default: 2 on CPU, 8 on "
-                               "accelerators; at most the images there are)")
-    evaluate.add_argument("--people-chunk", type=_batch_size, default=0,
-                          help="people decoded together (0, the default: 4 on CPU, all on "
-                               "accelerators)")
-    evaluate.add_argument("--workers", type=int, default=4, help="image-loading threads")
+    for option, keywords in field_options(EvalConfig, {
+            "--result-score": "result_score", "--crop-to-box": "crop_to_box",
+            "--people-chunk": "people_per_chunk", **_BATCHING}, unset=True):
+        evaluate.add_argument(option, **keywords)
     evaluate.add_argument("--out", required=True, help="COCO segm results JSON to write")
     evaluate.add_argument("--summary", default=None,
                           help="JSON summary (default: <out stem>.summary.json beside --out)")
-    _add_overwrite(evaluate, progress=True)
-    _add_distributed(evaluate)
 
-    segment = commands.add_parser("segment", help="masks of the people of one photo")
+    segment = _command(commands, "segment", "masks of the people of one photo", _model,
+                       *_SEGMENTING, _with_progress)
     segment.add_argument("--image", required=True, help="the photo")
     segment.add_argument("--keypoints", required=True,
                          help="JSON: COCO keypoint results, or a list of J [x, y, score] lists "
@@ -207,16 +170,12 @@ def build_parser() -> argparse.ArgumentParser:
     segment.add_argument("--image-id", type=int, default=None,
                          help="the photo's image_id in keypoint results of several images "
                               "(default: the id its file name spells, e.g. 000000000785.jpg)")
-    _add_model_arguments(segment, checkpoint_required=False)
-    _add_prompt_arguments(segment)
-    _add_schema(segment)
-    _add_import(segment)
     segment.add_argument("--out", required=True, help="overlay image to write (PNG)")
     segment.add_argument("--masks-out", default=None,
                          help="also write the masks (COCO RLE) and prompts as JSON")
-    _add_overwrite(segment, progress=True)
 
-    training = commands.add_parser("train", help="fine-tune with the correction loop")
+    training = _command(commands, "train", "fine-tune with the correction loop",
+                        _add_distributed, _add_import)
     training.add_argument("--config", default=None,
                           help="'paper', 'tiny' or a JSON config (default on --resume: the "
                                "workdir's config.json)")
@@ -229,8 +188,6 @@ def build_parser() -> argparse.ArgumentParser:
                           help="with --resume: continue from this checkpoint (e.g. the last "
                                "good one when the latest cannot be restored); later ones are "
                                "moved aside, not deleted")
-    _add_distributed(training)
-    _add_import(training)
     training.add_argument("--no-progress", action="store_true")
     training.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                           help="config overrides, e.g. optim.base_lr=1e-5 "
@@ -254,8 +211,9 @@ def build_parser() -> argparse.ArgumentParser:
                             help="TPU: also list the N instructions XLA's cost model prices "
                                  "highest in each program")
 
-    annotate_parser = commands.add_parser(
-        "annotate", help="keypoint-only persons -> instance masks (resumable, data parallel)")
+    annotate_parser = _command(
+        commands, "annotate", "keypoint-only persons -> instance masks (resumable, data "
+        "parallel)", _model, *_SEGMENTING, _with_progress, _add_distributed)
     annotate_parser.add_argument("--keypoints", required=True,
                                  help="COCO-format persons with keypoints, or keypoint results "
                                       "(then --image-info)")
@@ -263,79 +221,80 @@ def build_parser() -> argparse.ArgumentParser:
                                  help="COCO-format file listing the images of keypoint results")
     annotate_parser.add_argument("--images", required=True, help="image folder")
     annotate_parser.add_argument("--out", required=True, help="the annotated file to write")
-    _add_model_arguments(annotate_parser, checkpoint_required=False)
-    _add_prompt_arguments(annotate_parser)
-    _add_schema(annotate_parser)
-    annotate_parser.add_argument("--min-iou", type=float, default=0.0,
-                                 help="predicted IoU below this: status low_iou (default 0)")
     annotate_parser.add_argument("--overlays", default=None,
                                  help="folder for a sample of drawn images")
-    annotate_parser.add_argument("--sample", type=int, default=50,
-                                 help="images drawn into --overlays (default 50)")
-    annotate_parser.add_argument("--shard-images", type=int, default=256,
-                                 help="images per resumable shard (default 256)")
-    annotate_parser.add_argument("--batch-size", type=_batch_size, default=0,
-                                 help="images per device per step (0, the default: 2 on CPU, 8 "
-                                      "on accelerators; at most the images of a shard)")
-    annotate_parser.add_argument("--workers", type=int, default=4)
-    _add_overwrite(annotate_parser, progress=True)
-    _add_distributed(annotate_parser)
-    _add_import(annotate_parser)
+    for option, keywords in field_options(AnnotateConfig, {
+            "--min-iou": "min_iou", "--sample": "overlay_sample",
+            "--shard-images": "shard_images"}) + field_options(EvalConfig, _BATCHING, unset=True):
+        annotate_parser.add_argument(option, **keywords)
 
-    curve = commands.add_parser("curve", help="a sampler study: the correction curve (Fig. 2), "
-                                              "NoC and NoF of samplers x checkpoints")
+    curve = _command(commands, "curve", "a sampler study: the correction curve (Fig. 2), NoC "
+                     "and NoF of samplers x checkpoints", functools.partial(
+                         _add_model_arguments, checkpoint_required=True, repeatable=True),
+                     _add_schema, _add_import, _with_progress)
     curve.add_argument("--annotations", required=True, help="COCO-format ground truth")
     curve.add_argument("--images", required=True, help="image folder")
-    _add_model_arguments(curve, checkpoint_required=True, repeatable=True)
-    _add_schema(curve)
-    _add_import(curve)
-    curve.add_argument("--points", type=int, default=8, help="K: 1 + correction points (8)")
     curve.add_argument("--sampler", action="append", default=None,
                        help="a registered sampler, repeatable (default center: the official "
                             "evaluation mode, deterministic)")
-    curve.add_argument("--seeds", type=int, default=1,
-                       help="seeds 0 .. N-1 for the samplers that draw at random (default 1)")
-    curve.add_argument("--max-images", type=int, default=0, help="0: every image")
-    curve.add_argument("--max-people", type=int, default=8, help="persons per image")
-    curve.add_argument("--shard-images", type=int, default=16,
-                       help="images per kept shard: a killed study resumes from them (16)")
+    for option, keywords in field_options(StudyConfig, {
+            "--points": "num_points", "--seeds": "seeds", "--max-images": "max_images",
+            "--max-people": "max_people", "--shard-images": "shard_images"}):
+        curve.add_argument(option, **keywords)
     curve.add_argument("--out", required=True,
                        help="the plot (PNG); PLOT.json and PLOT.md are written beside it")
-    _add_overwrite(curve, progress=True)
 
     prepare = commands.add_parser("prepare", help="evaluation sets in the COCO format, and "
                                                   "training data")
     sets = prepare.add_subparsers(dest="dataset", required=True)
-    persons = sets.add_parser("coco-persons", help="Pose2Seg's COCOPersons subset (COCO*)")
+    persons = _command(sets, "coco-persons", "Pose2Seg's COCOPersons subset (COCO*)",
+                       _add_overwrite)
     persons.add_argument("source", help="person_keypoints_val2017.json")
     persons.add_argument("out", help="the subset file to write")
     persons.add_argument("--min-area", type=float, default=0.0,
                          help="also drop persons smaller than this (1024: COCO's small ones)")
-    _add_overwrite(persons)
-    cihp = sets.add_parser("cihp", help="CIHP Human_ids maps -> COCO person masks (RLE)")
+    cihp = _command(sets, "cihp", "CIHP Human_ids maps -> COCO person masks (RLE)",
+                    _add_overwrite)
     cihp.add_argument("split_dir", help="a CIHP split folder holding Images/ and Human_ids/")
     cihp.add_argument("out", help="the COCO annotation file to write")
-    _add_overwrite(cihp)
-    train_data = sets.add_parser("train-data", help="the tfds records a training config reads, "
-                                                    "prepared once (before a multi-host run)")
+    train_data = _command(sets, "train-data", "the tfds records a training config reads, "
+                          "prepared once (before a multi-host run)", _add_import)
     train_data.add_argument("--config", required=True, help="'paper', 'tiny' or a JSON config")
     train_data.add_argument("--workdir", default=None,
                             help="the run's workdir (generated data of data.synthetic_images "
                                  "goes there)")
-    _add_import(train_data)
     train_data.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                             help="config overrides, e.g. data.data_dir=/data/tfds")
 
-    compare = commands.add_parser("compare", help="mask AP of evaluation summaries and training "
-                                                  "workdirs in one table (Table 1)")
+    compare = _command(commands, "compare", "mask AP of evaluation summaries and training "
+                       "workdirs in one table (Table 1)", _add_overwrite)
     compare.add_argument("runs", nargs="+", metavar="RUN_OR_SUMMARY",
                          help="a p2s evaluate summary (.summary.json) or a training workdir")
     compare.add_argument("--out", default=None,
                          help="also write the table (Markdown) here, and the held-out AP of "
                               "the workdirs against step as a PNG beside it")
-    _add_overwrite(compare)
 
-    export = commands.add_parser("export", help="a training workdir -> official .pt checkpoint")
+    review = _command(commands, "review", "a review page of annotate (or evaluate) output; "
+                      "--apply: its decisions -> a curated file", _add_schema, _add_import,
+                      _with_progress)
+    review.add_argument("reviewed", metavar="FILE", help="a p2s annotate output, or p2s "
+                                                        "evaluate results with --annotations")
+    review.add_argument("--images", default=None, help="image folder (for the page)")
+    review.add_argument("--annotations", default=None, help="the ground truth of evaluate "
+                        "results: the page is an error analysis, IoU with it worst first")
+    review.add_argument("--apply", default=None, metavar="DECISIONS",
+                        help="the page's decisions.json: write the curated copy to --out")
+    review.add_argument("--out", required=True, help="the page's folder (with --apply: the "
+                                                     "curated file)")
+    review.add_argument("--worst", type=int, default=0, help="only the N worst cards (0: all)")
+    review.add_argument("--status", action="append", default=[],
+                        help="only the cards of this status (repeatable)")
+    review.add_argument("--crop-size", type=int, default=256, help="crop side in pixels (256)")
+    review.add_argument("--workers", type=int, default=None,
+                        help="processes that draw the crops (default: the cores; 0: none)")
+
+    export = _command(commands, "export", "a training workdir -> official .pt checkpoint",
+                      _add_import, _add_overwrite)
     export.add_argument("--workdir", required=True)
     export.add_argument("--out", required=True, help="the .pt file to write")
     which = export.add_mutually_exclusive_group()
@@ -349,8 +308,6 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--image-only", action="store_true",
                         help="write the image-path tensors alone when no base is known (the "
                              "official strict loader refuses such a file)")
-    _add_import(export)
-    _add_overwrite(export)
     return parser
 
 

@@ -17,6 +17,7 @@ from p2s_jax.inference.predictor import Predictor
 from p2s_jax.inference.segment import read_photo_poses, segment_to_files
 from p2s_jax.inference.weights import resolve_checkpoint
 from p2s_jax.data import prepare
+from p2s_jax.review import decisions, page
 from p2s_jax.data.coco import load_coco
 from p2s_jax.keypoints import get_schema
 from p2s_jax.model.configs import compute_dtype
@@ -25,6 +26,7 @@ from p2s_jax.train import compare, study, study_report
 from p2s_jax.train.config import load_config, parse_overrides, run_config
 from p2s_jax.train.inputs import training_records
 from p2s_jax.train.loop import train
+from p2s_jax.utils.fields import field_values
 from p2s_jax.utils.files import check_folder, check_outputs, summary_path
 from p2s_jax.utils.images import load_image
 from p2s_jax.utils.text import plural
@@ -139,10 +141,9 @@ def cmd_annotate(args: argparse.Namespace) -> int:
     check_outputs({"--out": out, "summary": summary_path(out), "--overlays": args.overlays},
                   [args.keypoints, args.image_info, args.images, args.checkpoint],
                   overwrite=args.overwrite, folders=["--overlays"])
-    config = AnnotateConfig(inference_config(args, ground_truth=False),
-                            inference_config(args, ground_truth=True).prompt,
-                            min_iou=args.min_iou, shard_images=args.shard_images,
-                            overlay_sample=args.sample)
+    config = field_values(AnnotateConfig, vars(args),
+                          inference=inference_config(args, ground_truth=False),
+                          ground_truth_prompt=inference_config(args, ground_truth=True).prompt)
     source = AnnotationInput(args.keypoints, args.image_info, config, _schema(args))
     check_folder(args.images, "--images")
     checkpoint, model = _model(args)
@@ -155,23 +156,20 @@ def cmd_annotate(args: argparse.Namespace) -> int:
 
 def cmd_curve(args: argparse.Namespace) -> int:
     files = study_report.outputs(args.out)
-    checkpoints = study.labelled(args.checkpoint)
+    checkpoints = study.checkpoints(args.checkpoint, lambda path: _model(args, path)[1], {
+        k: getattr(args, k) for k in ("model", "image_size", "dtype", "attention")})
     check_outputs({k: v for k, v in files.items() if k != "runs"},
-                  [args.annotations, args.images, *(path for _, path in checkpoints)],
+                  [args.annotations, args.images, *(c.path for c in checkpoints)],
                   overwrite=args.overwrite)
-    config = study.StudyConfig(tuple(args.sampler or ("center",)), args.points, args.seeds,
-                               args.max_people, args.max_images, args.shard_images)
+    config = field_values(study.StudyConfig, vars(args),
+                          samplers=tuple(args.sampler or ("center",)))
     coco = load_coco(args.annotations, _schema(args))
-    check_folder(args.images, "--images")
-    runs = study.study(
-        [study.Checkpoint(label, path, lambda path=path: _model(args, path)[1],
-                          {k: getattr(args, k) for k in ("model", "image_size", "dtype",
-                                                         "attention")})
-         for label, path in checkpoints], coco, args.annotations, args.images, files["runs"],
-        config, overwrite=args.overwrite, progress=not args.no_progress)
-    study_report.write_study(args.out, runs, args.points, study.THRESHOLDS,
-                             f"mean IoU after each point ({Path(args.annotations).name})")
-    print("\n".join(study_report.summary_lines(runs, args.points, files)))
+    runs = study.study(checkpoints, coco, args.annotations, check_folder(args.images, "--images"),
+                       files["runs"], config, overwrite=args.overwrite,
+                       progress=not args.no_progress)
+    print("\n".join(study_report.write_study(
+        args.out, runs, config.num_points, study.THRESHOLDS,
+        f"mean IoU after each point ({Path(args.annotations).name})")))
     return 0
 
 
@@ -203,9 +201,21 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_review(args: argparse.Namespace) -> int:
+    check_outputs({"--out": args.out}, [args.reviewed, args.apply, args.annotations,
+                                        args.images], overwrite=args.overwrite,
+                  folders=[] if args.apply else ["--out"])
+    print("\n".join(decisions.write_curated(args.reviewed, args.apply, args.out) if args.apply
+                    else page.review_page(args.reviewed, args.images, args.out,
+                                          args.annotations, _schema(args), worst=args.worst,
+                                          statuses=tuple(args.status), crop_size=args.crop_size,
+                                          workers=args.workers, progress=not args.no_progress)))
+    return 0
+
+
 # Commands that say which devices they run on.
 COMPUTES = ("evaluate", "segment", "train", "curve", "annotate")
 COMMANDS = {"convert": cmd_convert, "init": cmd_init, "evaluate": cmd_evaluate,
             "segment": cmd_segment, "train": cmd_train, "export": cmd_export, "aot": cmd_aot,
             "prepare": cmd_prepare, "curve": cmd_curve, "annotate": cmd_annotate,
-            "compare": cmd_compare}
+            "compare": cmd_compare, "review": cmd_review}

@@ -34,9 +34,10 @@ from __future__ import annotations
 
 import dataclasses
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
+from p2s_jax.data.poses import SCORE_NAMES
 from p2s_jax.evaluation.config import EvalConfig
 from p2s_jax.inference.postprocess import MaskPostprocess
 from p2s_jax.inference.prompting import PromptConfig
@@ -93,18 +94,75 @@ def settings(preset: str | None = None, ground_truth: bool = False, **given) -> 
         postprocess=dataclasses.replace(base.postprocess, **pick(_POSTPROCESS_FIELDS)))
 
 
-# `p2s` option (argparse dest) -> the setting it gives; `--box` is read on its own (a box mode
-# and, for `gt` / `inflated-gt`, the box source).
-FLAGS = {"selection": "selection", "num_points": "num_points",
-         "threshold": "visibility_threshold", "no_prompt": "no_prompt",
-         "outside_keypoints": "outside_keypoints", "spread_percentile": "spread_percentile",
-         "negatives": "negatives", "num_negatives": "num_negatives",
-         "box_inflation": "box_inflation", "max_hole_area": "max_hole_area",
-         "max_sprinkle_area": "max_sprinkle_area", "score_type": "keypoint_score",
-         "confidence_score": "confidence_score", "exclusive": "exclusive",
-         "result_score": "result_score", "crop_to_box": "crop_to_box",
-         "batch_size": "images_per_device", "people_chunk": "people_per_chunk",
-         "workers": "num_workers"}
+def _percentile(value: str) -> float | str:
+    return "none" if value.lower() == "none" else float(value)
+
+
+@dataclasses.dataclass(frozen=True)
+class Flag:
+    """A `p2s` option that gives one inference setting (its default is the preset's).
+
+    Attributes:
+      option: the option, e.g. "--num-points" (its argparse dest: "num_points").
+      setting: the `settings` keyword it gives; "" for `--box`, which gives two
+        (`settings_of_flags`).
+      help: what it sets, with the "default" preset's value.
+      choices: the values it takes, or None for any value of `type`.
+      type: the value's type (str -> value), or None for a switch (`--x` / `--no-x`).
+    """
+
+    option: str
+    setting: str
+    help: str
+    choices: tuple[str, ...] | None = None
+    type: Callable[[str], Any] | None = str
+
+    @property
+    def dest(self) -> str:
+        return self.option[2:].replace("-", "_")
+
+
+# The prompt and mask flags of every command that segments (evaluate, segment, annotate).
+PROMPT_FLAGS = (
+    Flag("--selection", "selection", "keypoint selection (default: maxvis for detected "
+         "keypoints, maxspread for ground-truth keypoints)", ("maxvis", "maxspread")),
+    Flag("--num-points", "num_points", "positive keypoints per person (default 3)", type=int),
+    Flag("--score-type", "keypoint_score", "visibility channel: ranks MaxVis, filters "
+         "keypoints (default: visibility; confidence is the s of each [x, y, s])", SCORE_NAMES),
+    Flag("--confidence-score", "confidence_score", "confidence channel: the prompt gate and "
+         "MaxSpread's ranking (default: the --score-type channel; 'confidence' in the presets)",
+         SCORE_NAMES),
+    Flag("--threshold", "visibility_threshold", "a keypoint is visible when its score is >= "
+         "this (default 0.5)", type=float),
+    Flag("--no-prompt", "no_prompt", "a person without a gated keypoint: its best keypoint "
+         "(default), the empty prompt (the authors) or no mask",
+         ("best_keypoint", "empty", "skip")),
+    Flag("--outside-keypoints", "outside_keypoints", "keypoints outside the photo: prompted as "
+         "given (use: the authors and both presets) or never used (drop: the default without "
+         "a preset, as such a point marks no pixel SAM sees)", ("use", "drop")),
+    Flag("--spread-percentile", "spread_percentile", "MaxSpread's percentile rule, or 'none' "
+         "(default 80)", type=_percentile),
+    Flag("--negatives", "negatives", "negative points (default none)",
+         ("none", "closest_other", "least_visible_own")),
+    Flag("--num-negatives", "num_negatives", "negative points per person (default 1)",
+         type=int),
+    Flag("--box", "", "box prompt: the pose's own bbox (given), scaled about its centre "
+         "(inflated), or the box of the ground-truth person matched by OKS (gt, inflated-gt; "
+         "evaluate only) (default none)", ("none", "given", "inflated", "gt", "inflated-gt")),
+    Flag("--box-inflation", "box_inflation", "side-length factor of --box inflated (default "
+         "2.0)", type=float),
+    Flag("--exclusive", "exclusive", "each pixel goes to the covering mask with the highest "
+         "predicted IoU", type=None),
+    Flag("--max-hole-area", "max_hole_area", "fill background regions of the low-res mask up "
+         "to this area", type=float),
+    Flag("--max-sprinkle-area", "max_sprinkle_area", "remove foreground regions of the "
+         "low-res mask up to this area", type=float),
+)
+
+# The `EvalConfig` fields that commands take as options of the same dest (`--batch-size`:
+# images_per_device), each defined by the commands that take it.
+RUN_FIELDS = ("result_score", "crop_to_box", "images_per_device", "people_per_chunk",
+              "num_workers")
 
 
 def settings_of_flags(values: Mapping[str, Any], ground_truth: bool,
@@ -113,8 +171,10 @@ def settings_of_flags(values: Mapping[str, Any], ground_truth: bool,
     inference flag that was given (not None; `--spread-percentile none` turns the rule off)
     replaced in one step (`settings`). `with_ground_truth`: the command has the ground truth
     that `--box gt` / `inflated-gt` take their boxes from (`p2s evaluate`)."""
-    given = {setting: values[flag] for flag, setting in FLAGS.items()
-             if values.get(flag) is not None}
+    flags = {**{flag.dest: flag.setting for flag in PROMPT_FLAGS if flag.setting},
+             **{name: name for name in RUN_FIELDS}}
+    given = {setting: values[dest] for dest, setting in flags.items()
+             if values.get(dest) is not None}
     if given.get("spread_percentile") == "none":
         given["spread_percentile"] = None
     box = values.get("box")

@@ -22,6 +22,7 @@ shards, and the same command continues from them (its settings must be the same,
 from __future__ import annotations
 
 import dataclasses
+import functools
 from pathlib import Path
 from typing import Callable, NamedTuple
 
@@ -131,6 +132,14 @@ class Checkpoint(NamedTuple):
     path: str
     load: Callable[[], SAM2Image]
     loading: dict = {}  # how it is loaded (model, image size, dtype): kept shards must match
+
+
+def checkpoints(values: list[str], load: Callable[[str], SAM2Image], loading: dict
+                ) -> list[Checkpoint]:
+    """`--checkpoint` values (`labelled`) as a study's checkpoints, each loaded by
+    `load(path)` as `loading` says."""
+    return [Checkpoint(label, path, functools.partial(load, path), loading)
+            for label, path in labelled(values)]
 
 
 def _settings(config: StudyConfig, checkpoint: Checkpoint, annotations) -> dict:

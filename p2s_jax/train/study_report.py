@@ -81,10 +81,11 @@ def summary_lines(runs: list[dict], points: int, files: dict[str, Path]) -> list
                     f"plot: {files['--out']}\ndata: {files['json']}\ntable: {files['table']}"]
 
 
-def write_study(plot, runs: list[dict], points: int, thresholds, title: str) -> dict[str, Path]:
-    """The plot, PLOT.json ({"points", "thresholds", "runs"}) and PLOT.md -> their paths."""
+def write_study(plot, runs: list[dict], points: int, thresholds, title: str) -> list[str]:
+    """The plot, PLOT.json ({"points", "thresholds", "runs"}) and PLOT.md -> what `p2s curve`
+    prints (`summary_lines`)."""
     files = outputs(plot)
     write_plot(files["--out"], runs, points, title)
     write_json(files["json"], {"points": points, "thresholds": list(thresholds), "runs": runs})
     write_atomic(files["table"], table(runs, points) + "\n")
-    return files
+    return summary_lines(runs, points, files)
