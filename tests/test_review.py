@@ -301,3 +301,24 @@ def test_status_filter_and_refusals_of_apply(annotated, tmp_path, capsys):
     assert cli.main(["review", str(source), "--apply", str(tmp_path / "decisions.json"),
                      "--out", str(source), "--overwrite"]) == 2
     assert "is an input of this command" in capsys.readouterr().err
+
+
+def test_fiftyone_importer_reads_the_annotate_output(annotated):
+    """Where fiftyone is installed: its COCO importer (the parsing `Dataset.from_dir` runs) puts
+    the `p2s` record on each detection and decodes the RLE mask (docs/annotate.md)."""
+    coco_importer = pytest.importorskip("fiftyone.utils.coco")
+    _, files = annotated
+    _, classes, _, images, objects = coco_importer.load_coco_detection_annotations(
+        str(files["coco17"]), extra_attrs=True)
+    data = json.loads(files["coco17"].read_text())
+    by_id = {a["id"]: a for a in data["annotations"]}
+    seen = 0
+    for image_id, found in objects.items():
+        info = images[image_id]
+        for obj in found:
+            detection = obj.to_detection((info["width"], info["height"]), classes,
+                                         load_segmentation=True)
+            assert detection["p2s"] == by_id[obj.id]["p2s"]
+            assert detection.mask.sum() == pytest.approx(by_id[obj.id]["area"], rel=0.05)
+            seen += 1
+    assert seen == len(data["annotations"])

@@ -57,4 +57,5 @@ def wait_for(driver, script: str, timeout: float = 30.0):
     """Waits until the page's `script` returns something other than null -> that value."""
     from selenium.webdriver.support.ui import WebDriverWait
 
-    return WebDriverWait(driver, timeout).until(lambda d: d.execute_script(script))
+    return WebDriverWait(driver, timeout, poll_frequency=0.02).until(
+        lambda d: d.execute_script(script))
