@@ -59,10 +59,17 @@ def host_to_global(mesh: Mesh, local: np.ndarray | None) -> jax.Array | None:
     return jax.make_array_from_process_local_data(NamedSharding(mesh, DATA), local, global_shape)
 
 
-def local_rows(array: jax.Array) -> np.ndarray:
-    """This process's rows of an array split over the data axis (leading axis), in order."""
+def local_rows(array: jax.Array, out: np.ndarray | None = None) -> np.ndarray:
+    """This process's rows of an array split over the data axis (leading axis), in order;
+    written into `out` when given (of `local_shape(array)`)."""
     shards = sorted(array.addressable_shards, key=lambda s: s.index[0].start or 0)
-    return np.concatenate([np.asarray(s.data) for s in shards])
+    return np.concatenate([np.asarray(s.data) for s in shards], out=out)
+
+
+def local_shape(array: jax.Array) -> tuple[int, ...]:
+    """The shape of `local_rows(array)`."""
+    rows = sum(s.data.shape[0] for s in array.addressable_shards)
+    return (rows, *array.shape[1:])
 
 
 def all_gather_json(payload) -> list:

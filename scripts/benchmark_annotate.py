@@ -45,7 +45,7 @@ def keypoint_only(coco, root: Path) -> Path:
 def prompts_of(annotated: dict):
     """image_id -> ImagePrompts of the annotated persons (for the official loop)."""
     from p2s_jax.evaluation.annotate import prompt_arrays
-    from p2s_jax.evaluation.runner import ImagePrompts
+    from p2s_jax.evaluation.host import ImagePrompts
 
     people = {}
     for ann in annotated["annotations"]:

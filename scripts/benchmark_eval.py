@@ -19,11 +19,22 @@ COCOeval; their sum bounds the images/s one host thread can feed, whatever the d
     python scripts/benchmark_eval.py                      # 64 images, t at 1024
     python scripts/benchmark_eval.py --num-images 8 --batch-size 1
     python scripts/benchmark_eval.py --model b+ --batch-size 8   # on a GPU
+
+`--host-only` measures the host's path alone: the same `run_dataset` (photos decoded onto the
+canvas, batches put on the devices, masks read back and RLE-encoded, results built), with the
+device programs replaced by precomputed outputs of the right shapes (person-shaped ellipses as
+masks, packed as the decoder packs them), at 1 and 2 host workers, threads and processes. Each row: images/s and the main
+process's own CPU milliseconds per image (`time.process_time`: every thread of this process,
+none of the worker processes); a warm-up run first starts everything. The outputs of every row
+are checked equal.
+
+    python scripts/benchmark_eval.py --host-only --num-images 96 --json host.json
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import sys
@@ -126,6 +137,111 @@ def host_costs(coco, images, results) -> dict:
     return {k: 1000 * v / len(image_ids) for k, v in timings.items()}
 
 
+class PrecomputedSteps:
+    """A `run_dataset` device step that returns fixed outputs of the batch's shapes: masks with
+    one ellipse per person, made once per shape and kept on the devices."""
+
+    def __init__(self, mesh, seed: int = 0):
+        self.mesh, self.rng, self.cache = mesh, np.random.default_rng(seed), {}
+
+    def _outputs(self, rows: int, people: int, canvas: tuple[int, int]):
+        from p2s_jax.parallel import host_to_global
+
+        height, width = canvas
+        ys, xs = np.mgrid[:height, :width]
+        masks = np.zeros((rows, people, height, width), bool)
+        for r in range(rows):
+            for p in range(people):
+                cy, cx = self.rng.uniform(0.2, 0.8) * height, self.rng.uniform(0.1, 0.9) * width
+                ry, rx = self.rng.uniform(0.15, 0.35) * height, self.rng.uniform(0.04, 0.1) * width
+                masks[r, p] = ((ys - cy) / ry) ** 2 + ((xs - cx) / rx) ** 2 <= 1
+        small = (self.rng.uniform(0.5, 1, (rows, people)).astype(np.float32),
+                 self.rng.normal(2, 1, (rows, people)).astype(np.float32),
+                 self.rng.uniform(0, 200, (rows, people, 3, 2)).astype(np.float32),
+                 np.ones((rows, people, 3), np.int32))
+        return [host_to_global(self.mesh, a) for a in (np.packbits(masks, axis=-1), *small)]
+
+    def __call__(self, batch):
+        from p2s_jax.parallel import host_to_global
+
+        for array in (batch.images, batch.keypoints, batch.scores, batch.image_hw):
+            host_to_global(self.mesh, array)  # what feeding the devices costs the host
+        rows, people = batch.keypoints.shape[:2]
+        key = (rows, people, batch.images.shape[1:3])
+        if key not in self.cache:
+            self.cache[key] = self._outputs(rows, people, batch.images.shape[1:3])
+        masks, iou, score, coords, labels = self.cache[key]
+        has_prompt = host_to_global(self.mesh, np.arange(people)[None, :] < batch.num_people[:, None])
+        return masks, iou, score, coords, labels, has_prompt
+
+
+def replicated_dataset(root: Path, photos: int, copies: int, people: int, height: int,
+                       width: int):
+    """`make_dataset` of `photos` generated photos, each listed `copies` times under new image
+    ids (the same file, its persons and poses again): a long run without drawing every photo."""
+    import json
+
+    from p2s_jax.data.coco import load_coco, load_keypoint_detections
+
+    make_dataset(root, photos, people, height, width)
+    data = json.loads((root / "annotations.json").read_text())
+    detections = json.loads((root / "detections.json").read_text())
+    step = max(i["id"] for i in data["images"]) + 1
+    first = max(a["id"] for a in data["annotations"]) + 1
+    images, annotations, poses = [], [], []
+    for copy in range(copies):
+        images += [{**i, "id": i["id"] + copy * step} for i in data["images"]]
+        annotations += [{**a, "id": a["id"] + copy * first, "image_id": a["image_id"] + copy * step}
+                        for a in data["annotations"]]
+        poses += [{**d, "image_id": d["image_id"] + copy * step} for d in detections]
+    (root / "replicated.json").write_text(json.dumps({**data, "images": images,
+                                                      "annotations": annotations}))
+    (root / "replicated_detections.json").write_text(json.dumps(poses))
+    coco = load_coco(root / "replicated.json")
+    return coco, root / "images", load_keypoint_detections(root / "replicated_detections.json",
+                                                          coco)
+
+
+def host_only(args) -> list[dict]:
+    """The rows of `--host-only` (module docstring)."""
+    import types
+
+    import jax
+
+    from p2s_jax.evaluation.config import EvalConfig
+    from p2s_jax.evaluation.runner import run_dataset
+    from p2s_jax.model.configs import get_config
+    from p2s_jax.parallel import make_mesh
+
+    height, width = (int(v) for v in args.photo_size.lower().split("x"))
+    model = types.SimpleNamespace(config=get_config(args.model, args.image_size))
+    mesh = make_mesh()
+    steps = PrecomputedSteps(mesh)
+    rows, first = [], None
+    with tempfile.TemporaryDirectory() as root:
+        coco, images, poses = replicated_dataset(Path(root), args.num_images, args.copies,
+                                                 args.people, height, width)
+        for kind in ("threads", "processes"):
+            for workers in (1, 2):
+                config = EvalConfig(images_per_device=args.batch_size, num_workers=workers,
+                                    host_workers=kind)
+                run = lambda: run_dataset(model, coco, images, poses, config, mesh=mesh,  # noqa
+                                          progress=False, run_step=steps)
+                run()  # warm-up: every shape's outputs made, the workers' code loaded
+                wall, cpu = time.perf_counter(), time.process_time()
+                output = run()
+                wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+                if first is None:
+                    first = output.results
+                assert output.results == first, f"{kind} x {workers}: other results"
+                count = output.report.num_images
+                rows.append({"host_workers": kind, "workers": workers, "images": count,
+                             "images_per_step": args.batch_size * jax.device_count(),
+                             "images_per_s": count / wall,
+                             "main_process_cpu_ms_per_image": 1000 * cpu / count})
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -145,8 +261,34 @@ def main() -> None:
     parser.add_argument("--skip-official", action="store_true")
     parser.add_argument("--malloc", default="kept", choices=allocator.MODES,
                         help="glibc malloc of both sides (p2s_jax.utils.allocator; `p2s` uses kept)")
+    parser.add_argument("--host-only", action="store_true",
+                        help="the host's path alone, device outputs precomputed (see above)")
+    parser.add_argument("--json", default=None, help="with --host-only: write the rows here")
+    parser.add_argument("--copies", type=int, default=16,
+                        help="with --host-only: each generated photo listed this many times "
+                             "(a long run from --num-images photos; default 16)")
+    parser.add_argument("--host-devices", type=int, default=8,
+                        help="with --host-only: CPU devices standing in for a host's chips, "
+                             "each given --batch-size images a step (default 8, as a v5e-8 or "
+                             "8 x H100 host; --batch-size 0 is then 8, the accelerators' default)")
     args = parser.parse_args()
     allocator.set_mode(args.malloc)
+    if args.host_only:
+        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform"
+                                   f"_device_count={args.host_devices}")
+        args.batch_size = args.batch_size or 8
+        rows = host_only(args)
+        print("| host workers | workers | images/s | main process CPU ms / image |")
+        print("| --- | --- | --- | --- |")
+        for row in rows:
+            print(f"| {row['host_workers']} | {row['workers']} | {row['images_per_s']:.1f} | "
+                  f"{row['main_process_cpu_ms_per_image']:.2f} |")
+        if args.json:
+            Path(args.json).write_text(json.dumps({
+                "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} "
+                           f"cores", "photo_size": args.photo_size, "people": args.people,
+                "rows": rows}, indent=2))
+        return
 
     torch = reference.import_torch()
     import jax

@@ -7,8 +7,9 @@ augmentations, one person per sample (the paper's recipe). For each loader (thre
 processes, 1 and 2 workers) the host's stream of samples is read for `--steps` batches after a
 warm-up batch: samples/s (wall), CPU-ms per sample (this process and its workers, from
 `os.times`, which counts the worker processes once they are joined; the start-up of a run of
-the warm-up batch alone taken off) and the part of it spent in the training process itself
-(receiving and batching the samples), which bounds what one host can feed.
+the warm-up batch alone taken off) and the training process's own CPU while it receives the batches
+after the warm-up one (`time.process_time`: all its threads; with worker processes the batches
+come whole, `data.batch_ring`), which bounds what one host can feed.
 
 GIL share: one thread makes samples in a loop while a pure-Python counter thread counts; the
 counter's rate beside it, against its rate alone, is the share of the time the sample thread
@@ -57,32 +58,34 @@ def loader_for(source, workers: str, num_workers: int, batch: int):
 def _run(source, workers: str, num_workers: int, batch: int, steps: int
          ) -> tuple[float, float, float]:
     """(wall seconds of `steps` batches after a warm-up batch, CPU seconds of the whole run:
-    this process and its joined workers, start-up included, and of this process alone)."""
+    this process and its joined workers, start-up included, and of this process alone while
+    it received those `steps` batches)."""
     before = os.times()
     loader = loader_for(source, workers, num_workers, batch)
     batches = loader.iterate(0, steps + 1)
     next(batches)  # warm-up: worker start-up, first decodes
-    start = time.perf_counter()
+    start, main = time.perf_counter(), time.process_time()
     for _ in batches:
         pass
-    seconds = time.perf_counter() - start
+    seconds, main = time.perf_counter() - start, time.process_time() - main
     loader.close()
     after = os.times()
-    cpu = lambda keys: sum(getattr(after, k) - getattr(before, k) for k in keys)  # noqa: E731
-    return (seconds, cpu(("user", "system", "children_user", "children_system")),
-            cpu(("user", "system")))
+    cpu = sum(getattr(after, k) - getattr(before, k)
+              for k in ("user", "system", "children_user", "children_system"))
+    return seconds, cpu, main
 
 
 def measure(source, workers: str, num_workers: int, batch: int, steps: int) -> dict:
-    """samples/s and CPU-ms per sample of one loader; the CPU of a run of the warm-up batch
-    alone (start-up) is taken off."""
+    """samples/s and CPU-ms per sample of one loader (the CPU of a run of the warm-up batch
+    alone, start-up, taken off), and the training process's own CPU-ms per sample while it
+    receives the batches after the warm-up one."""
     seconds, cpu, main = _run(source, workers, num_workers, batch, steps)
-    _, start_up, main_start_up = _run(source, workers, num_workers, batch, 0)
+    _, start_up, _ = _run(source, workers, num_workers, batch, 0)
     samples = steps * batch
     return {"loader": workers, "workers": num_workers, "samples": samples,
             "samples_per_s": samples / seconds,
             "cpu_ms_per_sample": 1000 * (cpu - start_up) / samples,
-            "main_process_cpu_ms_per_sample": 1000 * (main - main_start_up) / samples}
+            "main_process_cpu_ms_per_sample": 1000 * main / samples}
 
 
 def gil_share(source, seconds: float = 4.0) -> dict:
@@ -137,7 +140,7 @@ def main(argv=None) -> int:
     print("| --- | --- | --- | --- | --- |")
     for row in rows:
         print(f"| {row['loader']} | {row['workers']} | {row['samples_per_s']:.1f} | "
-              f"{row['cpu_ms_per_sample']:.0f} | {row['main_process_cpu_ms_per_sample']:.0f} |")
+              f"{row['cpu_ms_per_sample']:.0f} | {row['main_process_cpu_ms_per_sample']:.2f} |")
     print(f"GIL held {100 * gil['gil_held_share']:.0f} % of a sample thread's time "
           f"(counter {gil['counter_beside_per_s']:.3g}/s beside it, "
           f"{gil['counter_alone_per_s']:.3g}/s alone)")

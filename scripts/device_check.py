@@ -145,7 +145,8 @@ def section_encoder(ctx: Context) -> list:
 
     from p2s_jax.hardware import xla_cost
     from p2s_jax.inference.predictor import encode_images, preprocess_images
-    from p2s_jax.inference.preprocess import canvas_hw, pad_to_canvas
+    from p2s_jax.inference.preprocess import canvas_hw
+    from p2s_jax.utils.images import pad_to_canvas
 
     jax, jnp = ctx.jax, ctx.jnp
     graphdef, state = nnx.split(ctx.models[ctx.profile["dtype"]])

@@ -138,6 +138,18 @@ def test_a_complete_run_on_four_devices_equals_one_device(setup, uninterrupted):
     assert out.read_bytes() == uninterrupted[0].read_bytes()
 
 
+def test_host_work_in_threads_writes_the_same_bytes(setup, uninterrupted):
+    """The host's work in threads of this process instead of worker processes (the default,
+    `EvalConfig.host_workers`): the annotated file has the same bytes."""
+    out = setup["root"] / "threads" / "annotated.json"
+    config = AnnotateConfig(EvalConfig(host_workers="threads", num_workers=2),
+                            PromptConfig(selection="maxspread"), shard_images=2)
+    annotate(setup["ours"], AnnotationInput(setup["keypoints"], config=config), setup["images"],
+             out, config, checkpoint=str(setup["checkpoint"]),
+             mesh=make_mesh(jax.devices()[:1]), progress=False)
+    assert out.read_bytes() == uninterrupted[0].read_bytes()
+
+
 def test_resume_after_sigkill_on_four_devices_is_byte_identical(setup, uninterrupted):
     """A 4-device run killed with SIGKILL between shards, then resumed on 1 device: the output
     bytes equal the uninterrupted 1-device run's."""

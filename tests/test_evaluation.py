@@ -25,7 +25,7 @@ from support import reference
 from support.shared import coco_dataset, model_pair
 from p2s_jax.data import coco as coco_lib
 from p2s_jax.data.poses import PoseInstances
-from p2s_jax.evaluation import evaluate, plan
+from p2s_jax.evaluation import evaluate, host, plan
 from p2s_jax.evaluation import runner as ev
 from p2s_jax.evaluation.config import DEFAULT_RESULT_SCORE, EvalConfig
 from p2s_jax.evaluation.metrics import METRIC_NAMES, evaluate_segm
@@ -239,9 +239,9 @@ def test_exclusive_masks_and_result_scores(dataset, models, single_device, run):
 
 def test_result_score_choices():
     det, iou = np.array([0.5, 1.0]), np.array([0.8, 0.25])
-    np.testing.assert_allclose(ev._result_scores(det, iou, "product"), [0.4, 0.25])
-    np.testing.assert_allclose(ev._result_scores(det, iou, "detection"), det)
-    np.testing.assert_allclose(ev._result_scores(det, iou, "iou"), iou)
+    np.testing.assert_allclose(host.result_scores(det, iou, "product"), [0.4, 0.25])
+    np.testing.assert_allclose(host.result_scores(det, iou, "detection"), det)
+    np.testing.assert_allclose(host.result_scores(det, iou, "iou"), iou)
     assert EvalConfig().result_score == DEFAULT_RESULT_SCORE == "product"
     with pytest.raises(ValueError, match="result_score"):
         EvalConfig(result_score="mean")
@@ -340,11 +340,34 @@ def test_two_processes_identical(device_run):
         assert run["results"] == one
 
 
+def test_host_work_in_threads_equals_worker_processes(dataset, models, single_device, run):
+    """The host's work (photos decoded onto the canvas, masks unpacked and RLE-encoded) in
+    threads of this process gives the same bytes as in worker processes (the default), with
+    one and with three workers, and with each person on its own crop (masks pasted back)."""
+    assert EvalConfig().host_workers == "processes"
+    reference_results = json.dumps(run.results)
+    for workers in (1, 3):
+        threaded = ev.run_dataset(models[1], dataset["coco"], dataset["images"],
+                                  dataset["poses"], EvalConfig(images_per_device=2,
+                                                               num_workers=workers,
+                                                               host_workers="threads"),
+                                  mesh=single_device, progress=False)
+        assert json.dumps(threaded.results) == reference_results
+        assert threaded.prompts.keys() == run.prompts.keys()
+    crops = [ev.run_dataset(models[1], dataset["coco"], dataset["images"], dataset["poses"],
+                            EvalConfig(images_per_device=2, crop_to_box=1.5,
+                                       host_workers=kind), mesh=single_device, progress=False)
+             for kind in ("threads", "processes")]
+    assert json.dumps(crops[0].results) == json.dumps(crops[1].results)
+    assert crops[0].results and crops[0].results != run.results
+
+
 # ------------------------------------------------------------------------------ bad inputs
 
 
+@pytest.mark.parametrize("host_workers", ["processes", "threads"])
 def test_missing_and_unreadable_images_are_skipped(dataset, models, single_device, tmp_path,
-                                                   capsys):
+                                                   capsys, host_workers):
     images = tmp_path / "images"
     shutil.copytree(dataset["images"], images)
     coco = dataset["coco"]
@@ -367,8 +390,9 @@ def test_missing_and_unreadable_images_are_skipped(dataset, models, single_devic
         np.concatenate([base.boxes, outside.boxes]),
         np.concatenate([base.det_score, outside.det_score]))
 
-    out = ev.run_dataset(models[1], coco, images, poses, EvalConfig(images_per_device=2),
-                       mesh=single_device, progress=False)
+    out = ev.run_dataset(models[1], coco, images, poses,
+                         EvalConfig(images_per_device=2, host_workers=host_workers),
+                         mesh=single_device, progress=False)
     report = out.report
     skipped = {s["image_id"]: s for s in report.skipped_images}
     assert sorted(skipped) == [1, 2, 3]

@@ -6,6 +6,8 @@ from __future__ import annotations
 import io
 import time
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -90,6 +92,27 @@ def test_worker_processes_make_the_same_batches(synthetic):
         with pytest.raises(DataError, match=rf"step {step}: record 2 .*cannot decode"):
             for _ in loader.iterate(0, step + 1):
                 pass
+
+
+def test_batches_kept_past_the_ring_stay_whole_and_nothing_is_left(synthetic):
+    """Batches from worker processes come in a ring of shared memory that is reused once a
+    batch is let go: a caller that keeps every batch (more than the ring holds) still has each
+    one as made, and closing the loader leaves no shared memory behind."""
+    source = synthetic["sources"]["synth_det"]
+    plain = _loader(source)
+    shared = Path("/dev/shm")
+    before = set(shared.glob("p2s-*")) if shared.is_dir() else set()
+    with _loader(source, num_workers=2, prefetch=1, workers="processes") as loader:
+        kept = list(loader.iterate(0, 24))
+        dropped = [(step, {k: v.copy() for k, v in batch.items()})
+                   for step, batch in loader.iterate(0, 24)]
+    assert [s for s, _ in kept] == list(range(24))
+    for (step, batch), (_, copy) in zip(kept, dropped):
+        _assert_batches_equal(batch, plain.batch(step))
+        _assert_batches_equal(copy, plain.batch(step))
+    del kept
+    if shared.is_dir():
+        assert set(shared.glob("p2s-*")) == before
 
 
 def test_resume_equals_uninterrupted_run(synthetic):

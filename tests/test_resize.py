@@ -55,7 +55,8 @@ def test_preprocess_matches_the_official_transforms(name):
     expected = SAM2Transforms(1024, mask_threshold=0.0)(image).permute(1, 2, 0).numpy()
     np.testing.assert_allclose(preprocess_image(image, 1024), expected, rtol=0, atol=1e-5)
     # the same on the device, from the photo padded onto a larger canvas
-    from p2s_jax.inference.preprocess import canvas_hw, pad_to_canvas, preprocess_on_device
+    from p2s_jax.inference.preprocess import canvas_hw, preprocess_on_device
+    from p2s_jax.utils.images import pad_to_canvas
 
     canvas = canvas_hw(image.shape[:2])
     pixels = jax.jit(preprocess_on_device, static_argnums=2)(

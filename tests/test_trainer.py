@@ -207,9 +207,10 @@ def test_unrestorable_checkpoint_then_resume_step_with_processes_and_a_profile(
         tmp_path, env, uninterrupted):
     """A damaged latest checkpoint: one line names it and the step before it; `--resume-step`
     continues from that one (the later checkpoint moved aside, not deleted), here with the
-    samples made in worker processes, a profile of two steps and a slow loader: the same
-    parameters as the uninterrupted run, a trace TensorBoard reads, the time split of every
-    step and a line that says the run waits on its data."""
+    samples made in worker processes, a profile of two steps and workers made slow (each record
+    read waits half a second in the worker processes): the same parameters as the uninterrupted
+    run, a trace TensorBoard reads, the time split of every step and a line that says the run
+    waits on its data."""
     workdir = tmp_path / "run_d"
     shutil.copytree(uninterrupted, workdir, symlinks=True)
     for blob in (workdir / "checkpoints" / "12" / "state").rglob("ocdbt.process_0/d/*"):
@@ -225,7 +226,7 @@ def test_unrestorable_checkpoint_then_resume_step_with_processes_and_a_profile(
                            "--resume-step 8")
     resumed = _run(_p2s("train", "--workdir", str(workdir), "--resume", "--resume-step", "8",
                         "--no-progress", "--import", "support.train_hooks", "data.loader=processes",
-                        "profile_steps=[9,10]"), {**env, "P2S_TEST_SLOW_LOADER": "0.5"})
+                        "profile_steps=[9,10]"), {**env, "P2S_TEST_SLOW_RECORDS": "0.5"})
     assert "trained 4 steps" in resumed.stdout
     assert "data-bound: " in resumed.stdout and "waiting on the loader" in resumed.stdout
     # steps 9-12 of the first run are abandoned: logged once each, the old ones set aside

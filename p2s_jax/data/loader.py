@@ -30,8 +30,9 @@ also marked invalid, with visibility 0.
 Workers (`workers`): "threads", a thread pool of `num_workers` in this process (PIL decoding
 and warping and the array_record reads release the GIL, the rest does not), keeping `prefetch`
 batches in flight; or "processes", `num_workers` grain worker processes
-(`grain.IterDataset.mp_prefetch`) that each make every num_workers-th sample of this host's
-stream and hand them back in order, batched in this process. Each sample is a pure function of
+(`grain.IterDataset.mp_prefetch`) that each make every num_workers-th batch of this host's
+stream, whole (the samples and their stacking), straight into a reused ring of shared memory
+(`batch_ring`), and hand back its slot in order: the training process only maps ready batches. Each sample is a pure function of
 (seed, step, slot), so both give the same batches, whatever the number of workers. An error in a
 sample is raised from `iterate` / `batch` as a `DataError` naming the step, the record index and
 the image id.
@@ -50,6 +51,7 @@ import numpy as np
 from pycocotools import mask as mask_utils
 
 from p2s_jax.data.augment import AugmentConfig, augment
+from p2s_jax.data.batch_ring import BatchRing, batch_layout, write_batch
 from p2s_jax.keypoints import NUM_KEYPOINTS, get_schema
 from p2s_jax.utils.errors import Error
 from p2s_jax.utils.images import ImageError, decode_image
@@ -192,28 +194,29 @@ def collate(samples: Sequence[Mapping[str, np.ndarray]]) -> dict[str, np.ndarray
 WORKERS = ("threads", "processes")
 
 
-class HostStream:
-    """This host's samples in order: sample k is slot k % B of step start + k // B (B = this
-    host's share of the global batch). Picklable (grain sends it to its worker processes); the
-    sample work is `TrainLoader.sample`'s."""
+class HostBatches:
+    """This host's batches from `start_step` on, each made whole by the grain worker that takes
+    it and written into the ring (`batch_ring.write_batch`). Picklable (grain sends it to its
+    worker processes); the sample work is `TrainLoader.sample`'s."""
 
-    def __init__(self, loader: "TrainLoader", start_step: int, num_steps: int):
+    def __init__(self, loader: "TrainLoader", start_step: int, num_steps: int, ring):
         self.source, self.seed, self.settings = loader.source, loader.seed, loader.sample_settings
         self.global_batch_size, self.batch_size = loader.global_batch_size, loader.batch_size
         self.host_index, self.host_count = loader.host_index, loader.host_count
         self.num_records = loader.num_records
-        self.start_step, self.num_steps = start_step, num_steps
+        self.start_step, self.num_steps, self.ring = start_step, num_steps, ring
 
     def __len__(self) -> int:
-        return self.num_steps * self.batch_size
+        return self.num_steps
 
-    def __getitem__(self, k: int) -> dict[str, np.ndarray]:
-        step, slot = self.start_step + k // self.batch_size, k % self.batch_size
+    def __getitem__(self, index: int) -> dict:
+        step = self.start_step + index
         positions = batch_positions(step, self.global_batch_size, self.host_index,
-                                    self.host_count)[slot:slot + 1]
+                                    self.host_count)
         epochs, records = position_records(self.seed, positions, self.num_records)
-        return make_record_sample(self.source, self.seed, step, int(epochs[0]),
-                                  int(records[0]), **self.settings)
+        samples = [make_record_sample(self.source, self.seed, step, int(e), int(r),
+                                      **self.settings) for e, r in zip(epochs, records)]
+        return write_batch(self.ring, step, samples)
 
 
 def make_record_sample(source, seed: int, step: int, epoch: int, record_index: int,
@@ -369,24 +372,33 @@ class TrainLoader:
 
     def _iterate_processes(self, start_step: int, num_steps: int | None
                            ) -> Iterator[tuple[int, dict[str, np.ndarray]]]:
-        """`iterate` with the samples made in grain worker processes, batched here."""
+        """`iterate` with whole batches made in grain worker processes, each written into a
+        ring of shared memory (`batch_ring`): this process only maps them."""
         import grain
 
         _grain_ready()
         count = (1 << 31) - start_step if num_steps is None else num_steps
-        stream = grain.MapDataset.source(HostStream(self, start_step, count))
-        samples = stream.to_iter_dataset().mp_prefetch(grain.MultiprocessingOptions(
-            num_workers=self.num_workers,
-            per_worker_buffer_size=max(1, self.prefetch * self.batch_size // self.num_workers)))
-        iterator = iter(samples)
+        buffered = max(1, -(-self.prefetch // self.num_workers))
+        layout, slot_bytes = batch_layout(sample_layout(
+            self.image_size, self.objects_per_image, self.num_keypoints), self.batch_size)
+        ring = BatchRing(layout, slot_bytes, self.num_workers * (buffered + 2) + self.prefetch
+                         + 2, start_step)
+        handed = grain.MapDataset.source(HostBatches(self, start_step, count, ring.spec))
+        # one batch at a time in each worker (grain's default would run 16 threads ahead in
+        # each, past the ring's slots): the workers are the parallelism
+        prefetched = handed.to_iter_dataset(grain.ReadOptions(
+            num_threads=1, prefetch_buffer_size=1)).mp_prefetch(grain.MultiprocessingOptions(
+                num_workers=self.num_workers, per_worker_buffer_size=buffered))
+        iterator = iter(prefetched)
         self._grain_iterators.append(iterator)
         try:
             for step in range(start_step, start_step + count):
-                yield step, collate([next(iterator) for _ in range(self.batch_size)])
+                yield step, ring.receive(next(iterator))
         finally:
             iterator.close()
             if iterator in self._grain_iterators:
                 self._grain_iterators.remove(iterator)
+            ring.close()
 
     # -- checkpointing -------------------------------------------------------------------------
 

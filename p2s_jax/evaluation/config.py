@@ -55,7 +55,10 @@ class EvalConfig:
       people_per_chunk: people of an image decoded together inside the decoder (a `lax.map`
         over chunks); 0: the backend's default (4 on CPU, where a chunk's activations stay in
         cache; all people of an image at once on accelerators).
-      num_workers: host threads that read and preprocess images.
+      num_workers: host workers that decode the photos and RLE-encode the masks.
+      host_workers: what they are: "processes" (worker processes, the main process only feeds
+        the devices and collects) or "threads" (in the main process); the same results
+        (`evaluation.host`).
       prefetch_steps: steps of images prepared ahead of the device.
     """
 
@@ -70,6 +73,7 @@ class EvalConfig:
     images_per_device: int = 0
     people_per_chunk: int = 0
     num_workers: int = 4
+    host_workers: str = "processes"
     prefetch_steps: int = 2
 
     def __post_init__(self):
@@ -82,6 +86,9 @@ class EvalConfig:
             raise InputError(f"box_source must be 'detection' or 'gt', got {self.box_source!r}")
         if self.crop_to_box < 0:
             raise InputError(f"crop_to_box must be >= 0 (0: off), got {self.crop_to_box}")
+        if self.host_workers not in ("threads", "processes"):
+            raise InputError(f"host_workers must be 'threads' or 'processes', got "
+                             f"{self.host_workers!r}")
         if self.result_score not in RESULT_SCORES:
             raise InputError(f"result_score must be one of {RESULT_SCORES}, "
                              f"got {self.result_score!r}")

@@ -6,10 +6,12 @@ For every image that has people, SAM-pose2seg turns each person's pose into a pr
 COCO segm results (compressed RLE).
 
 How the work is laid out
-    * The host only decodes: threads (`concurrent.futures`, `EvalConfig.num_workers`) read and
-      decode the photos a few steps ahead of the device (`prefetch_steps`) onto the run's canvas
-      (the largest photo, sides rounded up to `CANVAS_MULTIPLE`), and RLE-encode the masks that
-      come back.
+    * The host only decodes and encodes, in workers (`evaluation.host`: worker processes by
+      default, `EvalConfig.host_workers`, `num_workers` of them): they decode the photos a few
+      steps ahead of the device (`prefetch_steps`) onto the run's canvas (the largest photo,
+      sides rounded up to `CANVAS_MULTIPLE`) in shared memory, and RLE-encode the masks that
+      come back, read in place from shared memory. The main process copies each photo into the
+      step's batch, puts the batch on the devices and collects the results.
     * The images with people are sorted by their number of people (most first, then by id), so
       that images batched together need about the same padding, and cut into *chunks* of
       `images_per_device` images (`evaluation.plan`). A *step* hands one chunk to every device of
@@ -19,7 +21,8 @@ How the work is laid out
       `select_prompts` on all people of each image (people padded to a power of two, NaN
       keypoints for padding); `decode_prompts` vmapped over the images, all people of an image in
       one call (chunked inside the decoder by `people_per_chunk` on CPU); masks upsampled and
-      thresholded straight onto the canvas, cropped on the host. These are the predictor's own
+      thresholded straight onto the canvas, packed eight pixels to a byte, unpacked and cropped
+      by the host workers. These are the predictor's own
       jitted functions (`p2s_jax.inference.predictor`).
     * Defaults follow the backend (`config.backend_defaults`): on CPU 2 images per device and
       people in chunks of 4, on accelerators 8 images per device and every person at once.
@@ -49,7 +52,7 @@ import dataclasses
 import functools
 import itertools
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -66,21 +69,14 @@ from p2s_jax.evaluation.plan import (Item, decoder_chunk, items_canvas, plan_ste
                                      run_items, step_people,
                                      with_ground_truth_boxes)
 from p2s_jax.evaluation.report import EvalReport
-from p2s_jax.evaluation.steps import (HostBatch, decode_step, encode_step, host_batch,
-                                      load_item_image, prefetch, prompts_step)
+from p2s_jax.evaluation.host import Decoding, HostWorkers, ImagePrompts, Photo, photo_of
+from p2s_jax.evaluation.steps import (HostBatch, decode_step, encode_step, host_batch, prefetch,
+                                      prompts_step)
 from p2s_jax.inference.preprocess import CANVAS_MULTIPLE
 from p2s_jax.inference.postprocess import exclusive_masks
 from p2s_jax.model.sam2 import SAM2Image
 from p2s_jax.parallel import (REPLICATED, all_gather_json, host_to_global, local_positions,
-                              local_rows, make_mesh)
-
-
-class ImagePrompts(NamedTuple):
-    """The prompts used for the P people of one image (original-image pixels)."""
-
-    coords: np.ndarray  # (P, K, 2) float32
-    labels: np.ndarray  # (P, K) int32, -1 padding
-    has_prompt: np.ndarray  # (P,) bool
+                              local_rows, local_shape, make_mesh)
 
 
 class EvalOutput(NamedTuple):
@@ -95,7 +91,8 @@ class EvalOutput(NamedTuple):
 
 def run_dataset(model: SAM2Image, coco: COCO, images_dir, poses: Mapping[int, Any],
                 config: EvalConfig = EvalConfig(), *, mesh: Mesh | None = None,
-                progress: bool = True, label: str = "evaluate") -> EvalOutput:
+                progress: bool = True, label: str = "evaluate",
+                run_step: Callable[[HostBatch], tuple] | None = None) -> EvalOutput:
     """Masks for every person of every image of `coco` that has poses.
 
     Args:
@@ -107,6 +104,9 @@ def run_dataset(model: SAM2Image, coco: COCO, images_dir, poses: Mapping[int, An
       config: prompts, scores and batching.
       mesh: a 1-D mesh with axis 'data' (`make_mesh()`, all devices, by default).
       progress: show a tqdm bar (images/s and ETA), labelled `label`.
+      run_step: a step's device work, host batch -> the device arrays (masks packed along the
+        width, iou, object score, coords, labels, has_prompt) split over the mesh; None: the model's
+        (`_run_step`). `scripts/benchmark_eval.py --host-only` replaces it to time the host.
 
     Returns:
       `EvalOutput`: COCO segm results of all processes, the report, and the prompts used.
@@ -128,66 +128,69 @@ def run_dataset(model: SAM2Image, coco: COCO, images_dir, poses: Mapping[int, An
     positions = local_positions(mesh)
     local_plan = plan[:, positions[0]:positions[-1] + 1]
     local_plan = local_plan.reshape(len(plan), int(np.prod(local_plan.shape[1:])))  # (steps, L)
-    graphdef, state = nnx.split(model)
-    state = jax.device_put(state, NamedSharding(mesh, REPLICATED))
+    if run_step is None:
+        graphdef, state = nnx.split(model)
+        state = jax.device_put(state, NamedSharding(mesh, REPLICATED))
+        run_step = functools.partial(_run_step, graphdef, state, mesh, config=config,
+                                     image_size=model.config.image_size)
     canvas = items_canvas(items) if items else (CANVAS_MULTIPLE, CANVAS_MULTIPLE)
     with_boxes = bool(items) and items[0].poses.boxes is not None
 
-    results, skipped = [], []  # futures of _ImageResult (RLE encoding in the threads)
+    results, skipped = [], []  # futures of ImageResult.to_json() (RLE-encoded by the workers)
     start = time.perf_counter()
     local_items = [items[i] for i in local_plan.ravel() if i >= 0]
     bar = tqdm(total=len(local_items), unit="img", desc=label, dynamic_ncols=True,
                disable=not progress or jax.process_index() != 0)
-    pool = concurrent.futures.ThreadPoolExecutor(config.num_workers)
+    people = [step_people(step, items, config.people_per_chunk) for step in plan]
+    workers = HostWorkers(config.host_workers, config.num_workers, local_plan.shape[1], canvas,
+                          config.prefetch_steps, local_plan.shape[1] * max(people, default=1)
+                          * canvas[0] * (-(-canvas[1] // 8)))
+    photos = [photo_of(item) for item in items]
     try:
-        loads = prefetch(pool, functools.partial(load_item_image, canvas=canvas),
-                         ((item,) for item in local_items),
-                         config.prefetch_steps * local_plan.shape[1])
+        loads = prefetch(workers.decode, (([photos[i] if i >= 0 else None
+                                            for i in local_step],) for local_step in local_plan),
+                         config.prefetch_steps)
         in_flight = None
         for step_index, local_step in enumerate(local_plan):
-            slots, images = _read_step(
-                [items[i] if i >= 0 else None for i in local_step], loads, skipped, bar)
-            num_people = step_people(plan[step_index], items, config.people_per_chunk)
-            batch = host_batch(slots, images, num_people, model.config.low_res_mask_size,
+            slots, images = _read_step([items[i] if i >= 0 else None for i in local_step],
+                                       next(loads), workers, skipped, bar)
+            batch = host_batch(slots, images, people[step_index], model.config.low_res_mask_size,
                                canvas, with_boxes, schema.num_keypoints)
-            device_out = _run_step(graphdef, state, mesh, batch, config,
-                                   model.config.image_size)
+            device_out = run_step(batch)
             if in_flight is not None:
-                results += _collect(*in_flight, config, category_id, bar, pool)
-            in_flight = (slots, device_out)
+                results += _collect(*in_flight, config, category_id, bar, workers)
+            in_flight = ([photos[i] if item is not None else None
+                          for i, item in zip(local_step, slots)], device_out)
         if in_flight is not None:
-            results += _collect(*in_flight, config, category_id, bar, pool)
-        outputs = [future.result() for future in results]
+            results += _collect(*in_flight, config, category_id, bar, workers)
+        outputs = [output for task in results for output in task.result()]
     finally:  # an interrupt cancels the queued photos instead of waiting for them
-        pool.shutdown(wait=False, cancel_futures=True)
+        workers.close(wait=False)
         bar.close()
     seconds = time.perf_counter() - start
-    gathered = all_gather_json({"outputs": [_output_to_json(o) for o in outputs],
-                                "skipped": skipped})
+    gathered = all_gather_json({"outputs": outputs, "skipped": skipped})
     num_images = len({item.image_id for item in items})
     return _assemble(gathered, num_images, seconds, num_devices, bool(config.crop_to_box),
                      config.exclusive)
 
 
-def _read_step(slots: Sequence[Item | None], loads: Iterator[concurrent.futures.Future],
-               skipped: list, bar) -> tuple[list, list]:
-    """The decoded images of one step's slots, from the prefetch queue -> (slots, images);
-    an image that cannot be used is added to `skipped` and its slot emptied."""
-    pixels = []
-    for item in slots:
-        if item is None:
-            pixels.append(None)
-            continue
-        image, reason = next(loads).result()
-        if reason is not None:
+def _read_step(slots: Sequence[Item | None], decoding: Decoding, workers: HostWorkers,
+               skipped: list, bar) -> tuple[list, np.ndarray]:
+    """One step's photos, in the workers' ring -> (slots, images (L, Hc, Wc, 3) uint8, the
+    ring's slot, used in place until the step after next starts); an image that cannot be used
+    is added to `skipped` and its slot emptied (its row is zeros)."""
+    slot, reasons = decoding.result()
+    kept = list(slots)
+    for row, (item, reason) in enumerate(zip(slots, reasons)):
+        if item is not None and reason is not None:
             skipped.append({"image_id": item.image_id, "file_name": str(item.path),
                             "reason": reason})
             bar.write(f"skipped image {item.path}: {reason}")
-        pixels.append(image)
-    return [s if p is not None else None for s, p in zip(slots, pixels)], pixels
+            kept[row] = None
+    return kept, workers.photos(slot)
 
 
-def _run_step(graphdef, state, mesh: Mesh, batch: HostBatch, config: EvalConfig,
+def _run_step(graphdef, state, mesh: Mesh, batch: HostBatch, *, config: EvalConfig,
               image_size: int):
     """Dispatches one step (asynchronously); -> device arrays (masks, iou, coords, labels, has)."""
     features = encode_step(graphdef, mesh, image_size, state, host_to_global(mesh, batch.images),
@@ -204,72 +207,23 @@ def _run_step(graphdef, state, mesh: Mesh, batch: HostBatch, config: EvalConfig,
     return masks, iou, object_score, coords, labels, has_prompt
 
 
-def _collect(slots: Sequence[Item | None], device_out, config: EvalConfig, category_id: int,
-             bar, pool: concurrent.futures.Executor) -> list[concurrent.futures.Future]:
-    """Reads one step's local rows back; the masks of its real images are RLE-encoded in the
-    thread pool (futures of `_ImageResult`, in order)."""
-    masks, iou, object_score, coords, labels, has_prompt = (local_rows(a) for a in device_out)
-    results = [pool.submit(_image_result, item, masks[row], iou[row], object_score[row],
-                           coords[row], labels[row], has_prompt[row], config, category_id)
-               for row, item in enumerate(slots) if item is not None]
-    bar.update(sum(item is not None for item in slots))
-    return results
-
-
-def _result_scores(det_score: np.ndarray, iou: np.ndarray, kind: str) -> np.ndarray:
-    """(P,), (P,) -> (P,) float64 COCO result scores."""
-    det_score, iou = np.asarray(det_score, np.float64), np.asarray(iou, np.float64)
-    if kind == "detection":
-        return det_score
-    if kind == "iou":
-        return iou
-    if kind == "constant":
-        return np.ones_like(det_score)
-    return det_score * iou
-
-
-class _ImageResult(NamedTuple):
-    image_id: int
-    results: list
-    prompts: ImagePrompts
-    num_people: int
-    without_prompt: int
-    first_person: int  # the item's first person in the photo (crops: one item per person)
-    iou: list  # predicted IoU of each result
-    object_score: list  # object score logit of each result
-
-
-def _image_result(item: Item, masks: np.ndarray, iou: np.ndarray, object_score: np.ndarray,
-                  coords: np.ndarray, labels: np.ndarray, has_prompt: np.ndarray,
-                  config: EvalConfig, category_id: int) -> _ImageResult:
-    """One image's device rows (P slots) -> its COCO results (people with a prompt only)."""
-    people = len(item.poses.det_score)
-    height, width = item.hw
-    has_prompt = has_prompt[:people]
-    scores = _result_scores(item.poses.det_score, iou[:people], config.result_score)
-    kept = np.flatnonzero(has_prompt)
-    masks, coords = masks[kept, :height, :width], coords[:people]
-    if item.crop is not None:  # paste back into the photo, prompts in photo pixels
-        x0, y0, x1, y1 = item.crop
-        photo = np.zeros((len(kept), *item.photo_hw), bool)
-        photo[:, y0:y1, x0:x1] = masks
-        masks = photo
-        coords = np.where(labels[:people, :, None] >= 0, coords + np.float32([x0, y0]), coords)
-    results = coco_lib.encode_results(item.image_id, masks, scores[kept], category_id)
-    prompts = ImagePrompts(coords, labels[:people], has_prompt)
-    return _ImageResult(item.image_id, results, prompts, people, int(people - kept.size),
-                        item.first_person, iou[kept].tolist(), object_score[kept].tolist())
+def _collect(photos: Sequence[Photo | None], device_out, config: EvalConfig, category_id: int,
+             bar, workers: HostWorkers) -> list[concurrent.futures.Future]:
+    """Reads one step's local rows back, the masks straight into shared memory; the workers
+    RLE-encode the masks of its real images (futures of lists of JSON-ready `ImageResult`s, in
+    order)."""
+    masks_out, *small = device_out
+    masks, spec = workers.masks(local_shape(masks_out))
+    local_rows(masks_out, out=masks)
+    iou, object_score, coords, labels, has_prompt = (local_rows(a) for a in small)
+    tasks = workers.encode(photos, spec, iou, object_score,
+                           ImagePrompts(coords, labels, has_prompt), config.result_score,
+                           category_id)
+    bar.update(sum(photo is not None for photo in photos))
+    return tasks
 
 
 # ------------------------------------------------------------------------------ gathering
-
-
-def _output_to_json(output: _ImageResult) -> dict:
-    return {"image_id": output.image_id, "results": output.results,
-            "coords": output.prompts.coords.tolist(), "labels": output.prompts.labels.tolist(),
-            "has_prompt": output.prompts.has_prompt.tolist(), "num_people": output.num_people,
-            "without_prompt": output.without_prompt, "first_person": output.first_person,
-            "iou": output.iou, "object_score": output.object_score}
 
 
 def _merge_crops(outputs: Sequence[dict], exclusive: bool) -> list[dict]:

@@ -1,5 +1,5 @@
-"""One step of a dataset run: the host's batch (`host_batch`, photos decoded by
-`load_item_image` in threads, `prefetch`) and the three jitted data-parallel device programs,
+"""One step of a dataset run: the host's batch (`host_batch`, around the photos the host workers
+decoded, `evaluation.host`, started ahead by `prefetch`) and the three jitted data-parallel device programs,
 `encode_step`, `prompts_step` and `decode_step`: `jax.shard_map`s over the 'data' axis with the
 weights replicated, around the predictor's own jitted functions (`encode_images`,
 `decode_prompts`) and `select_prompts`. They are module-level and static in (graphdef, mesh,
@@ -13,7 +13,7 @@ import collections
 import concurrent.futures
 import functools
 import itertools
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import NamedTuple
 
 import jax
@@ -24,11 +24,9 @@ from jax.sharding import Mesh
 from p2s_jax.evaluation.plan import Item
 from p2s_jax.inference.postprocess import MaskPostprocess, exclusive_masks
 from p2s_jax.inference.predictor import decode_prompts, encode_images
-from p2s_jax.inference.preprocess import (pad_to_canvas, preprocess_on_device, to_model_coords,
-                                          upsample_matrix)
+from p2s_jax.inference.preprocess import preprocess_on_device, to_model_coords, upsample_matrix
 from p2s_jax.inference.prompting import PromptConfig, select_prompts
 from p2s_jax.parallel import DATA, REPLICATED
-from p2s_jax.utils.images import ImageError, load_image
 
 def _prompts_shard(keypoints, scores, confidence, boxes, image_hw, num_people, *,
                    prompt: PromptConfig, image_size: int):
@@ -47,8 +45,9 @@ def _prompts_shard(keypoints, scores, confidence, boxes, image_hw, num_people, *
 def _decode_shard(graphdef, state, features, coords, labels, has_prompt, up_y, up_x, *,
                   people_per_chunk: int | None, exclusive: bool, postprocess: MaskPostprocess):
     """features (B, ...), coords (B, P, K, 2), labels (B, P, K), has_prompt (B, P),
-    up_y (B, Hc, low), up_x (B, Wc, low) -> masks (B, P, Hc, Wc) bool, iou (B, P), object
-    score logits (B, P).
+    up_y (B, Hc, low), up_x (B, Wc, low) -> masks (B, P, Hc, Wc / 8) uint8, eight pixels of a
+    row to a byte (`jnp.packbits` along the width: an eighth of the bytes to read back and hand
+    to the host workers, which unpack them), iou (B, P), object score logits (B, P).
 
     The P people of an image are decoded `people_per_chunk` at a time inside the decoder
     (`SAM2Image.decode`; None: all at once); people without a prompt get empty masks; with
@@ -65,7 +64,7 @@ def _decode_shard(graphdef, state, features, coords, labels, has_prompt, up_y, u
     masks = masks & has_prompt[:, :, None, None]
     if exclusive:
         masks = jax.vmap(exclusive_masks)(masks, jnp.where(has_prompt, iou, 0.0))
-    return masks, iou, object_score.reshape(iou.shape)
+    return jnp.packbits(masks, axis=-1), iou, object_score.reshape(iou.shape)
 
 
 def _encode_shard(graphdef, state, images, image_hw, *, image_size: int):
@@ -102,38 +101,20 @@ def decode_step(graphdef, mesh: Mesh, people_per_chunk: int | None, exclusive: b
         state, features, coords, labels, has_prompt, up_y, up_x)
 
 
-def load_item_image(item: Item, canvas: tuple[int, int]) -> tuple[np.ndarray | None, str | None]:
-    """-> ((Hc, Wc, 3) uint8 on the canvas, None), or (None, reason) for a missing / unreadable
-    image (the reason without the file name). Decoding is all the host does to an image."""
-    try:
-        image = load_image(item.path)
-    except ImageError as err:
-        reason = str(err)
-        return None, reason.removeprefix(f"{item.path}: ")
-    expected = item.photo_hw or item.hw
-    if image.shape[:2] != expected:
-        return None, (f"image is {image.shape[1]}x{image.shape[0]} (WxH) but the annotation "
-                      f"file says {expected[1]}x{expected[0]}")
-    if item.crop is not None:
-        x0, y0, x1, y1 = item.crop
-        image = image[y0:y1, x0:x1]
-    return pad_to_canvas(image, canvas), None
-
-
-def prefetch(pool: concurrent.futures.Executor, fn, args: Iterable[tuple],
-              depth: int) -> Iterator[concurrent.futures.Future]:
-    """Futures of fn(*a) in order, at most `depth` submitted ahead."""
+def prefetch(start: Callable[..., concurrent.futures.Future], args: Iterable[tuple],
+             depth: int) -> Iterator[concurrent.futures.Future]:
+    """Futures of start(*a) in order, at most `depth` started ahead of the one yielded."""
     args = iter(args)
-    pending = collections.deque(pool.submit(fn, *a) for a in itertools.islice(args, depth))
+    pending = collections.deque(start(*a) for a in itertools.islice(args, depth))
     while pending:
         future = pending.popleft()
         for a in itertools.islice(args, 1):
-            pending.append(pool.submit(fn, *a))
+            pending.append(start(*a))
         yield future
 
 
 class HostBatch(NamedTuple):
-    images: np.ndarray  # (L, Hc, Wc, 3) uint8 on the canvas
+    images: np.ndarray  # (L, Hc, Wc, 3) uint8 on the canvas, zeros in empty rows
     keypoints: np.ndarray  # (L, P, J, 2)
     scores: np.ndarray  # (L, P, J)
     confidence: np.ndarray  # (L, P, J)
@@ -144,13 +125,13 @@ class HostBatch(NamedTuple):
     up_x: np.ndarray  # (L, Wc, low)
 
 
-def host_batch(slots: Sequence[Item | None], images: Sequence[np.ndarray | None],
-                num_people: int, low: int, canvas: tuple[int, int],
-                with_boxes: bool, joints: int) -> HostBatch:
-    """Stacks this process's slots; empty slots (padding, skipped images) have no people."""
+def host_batch(slots: Sequence[Item | None], images: np.ndarray, num_people: int, low: int,
+               canvas: tuple[int, int], with_boxes: bool, joints: int) -> HostBatch:
+    """This process's slots around their photos `images` ((L, Hc, Wc, 3), taken as they are);
+    empty slots (padding, skipped images) have no people."""
     n = len(slots)
     batch = HostBatch(
-        images=np.zeros((n, *canvas, 3), np.uint8),
+        images=images,
         keypoints=np.full((n, num_people, joints, 2), np.nan, np.float32),
         scores=np.zeros((n, num_people, joints), np.float32),
         confidence=np.zeros((n, num_people, joints), np.float32),
@@ -160,11 +141,10 @@ def host_batch(slots: Sequence[Item | None], images: Sequence[np.ndarray | None]
         up_y=np.zeros((n, canvas[0], low), np.float32),
         up_x=np.zeros((n, canvas[1], low), np.float32),
     )
-    for row, (item, image) in enumerate(zip(slots, images)):
-        if item is None or image is None:
+    for row, item in enumerate(slots):
+        if item is None:
             continue
         people = len(item.poses.det_score)
-        batch.images[row] = image
         batch.keypoints[row, :people] = item.poses.keypoints
         batch.scores[row, :people] = item.poses.scores
         batch.confidence[row, :people] = item.poses.confidence
@@ -172,6 +152,6 @@ def host_batch(slots: Sequence[Item | None], images: Sequence[np.ndarray | None]
             batch.boxes[row, :people] = item.poses.boxes
         batch.image_hw[row] = item.hw
         batch.num_people[row] = people
-        batch.up_y[row] = upsample_matrix(item.hw[0], low, canvas[0])
-        batch.up_x[row] = upsample_matrix(item.hw[1], low, canvas[1])
+        upsample_matrix(item.hw[0], low, canvas[0], out=batch.up_y[row])
+        upsample_matrix(item.hw[1], low, canvas[1], out=batch.up_x[row])
     return batch

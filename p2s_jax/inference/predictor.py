@@ -23,11 +23,11 @@ import numpy as np
 from flax import nnx
 
 from p2s_jax.inference.postprocess import MaskPostprocess, remove_small_regions
-from p2s_jax.inference.preprocess import (LOW_RES_CLAMP, bucket, canvas_hw, pad_to_canvas,
+from p2s_jax.inference.preprocess import (LOW_RES_CLAMP, bucket, canvas_hw,
                                           preprocess_on_device, to_model_coords, upsample_masks,
                                           upsample_matrices)
 from p2s_jax.model.sam2 import ImageFeatures, SAM2Image
-from p2s_jax.utils.images import to_rgb_uint8
+from p2s_jax.utils.images import pad_to_canvas, to_rgb_uint8
 from weights_conversion import load_model
 
 VALID_LABELS = (-2, -1, 0, 1, 2, 3)  # -2: the empty prompt (`prompting.LABEL_EMPTY`)

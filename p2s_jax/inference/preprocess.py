@@ -100,14 +100,6 @@ def canvas_hw(hw: Tuple[int, int], multiple: int = CANVAS_MULTIPLE) -> Tuple[int
     return tuple(-(-int(size) // multiple) * multiple for size in hw)
 
 
-def pad_to_canvas(image: np.ndarray, canvas: Tuple[int, int]) -> np.ndarray:
-    """(H, W, 3) uint8 -> (Hc, Wc, 3) uint8, the photo in the top-left corner, zeros elsewhere."""
-    h, w = image.shape[:2]
-    if h > canvas[0] or w > canvas[1]:
-        raise ValueError(f"image {h}x{w} (HxW) does not fit the canvas {canvas[0]}x{canvas[1]}")
-    return np.pad(image, ((0, canvas[0] - h), (0, canvas[1] - w), (0, 0)))
-
-
 def antialias_resize_matrix(out_size: int, in_size: jax.Array, padded: int) -> jax.Array:
     """(out_size, padded) float32: torch's bilinear resize with antialias=True from `in_size`
     (a traced int) to `out_size` pixels; columns from `in_size` on are zero.

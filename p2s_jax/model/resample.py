@@ -119,15 +119,18 @@ def resize_taps(out_size: int, in_size: int, method: str):
     return index, weights.astype(np.float32)
 
 
-def upsample_matrix(size: int, low_res: int, padded_size: Optional[int] = None) -> np.ndarray:
+def upsample_matrix(size: int, low_res: int, padded_size: Optional[int] = None,
+                    out: Optional[np.ndarray] = None) -> np.ndarray:
     """(padded_size, low_res) float32: torch bilinear (align_corners=False) from `low_res` to
     `size` pixels, `F.interpolate(..., "bilinear")` as a matrix; rows past `size` are zero, so
-    masks of several image sizes share one canvas (and one compilation)."""
+    masks of several image sizes share one canvas (and one compilation). Written into `out`
+    when given."""
     padded_size = size if padded_size is None else padded_size
     if padded_size < size:
         raise ValueError(f"padded_size {padded_size} < size {size}")
-    matrix = np.zeros((padded_size, low_res), np.float32)
+    matrix = np.zeros((padded_size, low_res), np.float32) if out is None else out
     matrix[:size] = bilinear_matrix(size, low_res)
+    matrix[size:] = 0
     return matrix
 
 

@@ -126,3 +126,19 @@ def save_image(path: str | os.PathLike, image: Image.Image) -> Path:
     buffer = io.BytesIO()
     image.save(buffer, format=fmt)
     return write_atomic(path, buffer.getvalue())
+
+
+def pad_to_canvas(image: np.ndarray, canvas: tuple[int, int],
+                  out: np.ndarray | None = None) -> np.ndarray:
+    """(H, W, 3) uint8 -> (Hc, Wc, 3) uint8, the photo in the top-left corner, zeros elsewhere;
+    written into `out` when given (an (Hc, Wc, 3) uint8 array)."""
+    h, w = image.shape[:2]
+    if h > canvas[0] or w > canvas[1]:
+        raise ValueError(f"image {h}x{w} (HxW) does not fit the canvas {canvas[0]}x{canvas[1]}")
+    if out is None:
+        out = np.zeros((*canvas, 3), np.uint8)
+    else:
+        out[h:] = 0
+        out[:h, w:] = 0
+    out[:h, :w] = image
+    return out

@@ -2,6 +2,8 @@
 
     P2S_TEST_SLOW_LOADER=SECONDS       each batch from step P2S_TEST_SLOW_FROM (0) on waits
                                        SECONDS first: a loader slower than the device
+    P2S_TEST_SLOW_RECORDS=SECONDS      each record read waits SECONDS first, where the sample
+                                       is made (the worker processes of data.loader=processes)
     P2S_TEST_MARK_STEP=K               the file P2S_TEST_MARK_FILE appears when the batch of
                                        step K is asked for (a signal can then land mid-run)
     P2S_TEST_HOLD_COMMIT_STEP=N        the asynchronous save of step N writes its files, then
@@ -28,10 +30,27 @@ def _mark() -> None:
     Path(os.environ["P2S_TEST_MARK_FILE"]).write_text("reached")
 
 
+class SlowRecords:
+    """A record source whose reads wait `delay` seconds first (picklable: grain's workers read
+    through it)."""
+
+    def __init__(self, source, delay: float):
+        self.source, self.delay = source, delay
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, index):
+        time.sleep(self.delay)
+        return self.source[index]
+
+
 class _Hooked:
     """The real loader, slowed and marked as the environment asks."""
 
     def __init__(self, loader):
+        if "P2S_TEST_SLOW_RECORDS" in os.environ:
+            loader.source = SlowRecords(loader.source, float(os.environ["P2S_TEST_SLOW_RECORDS"]))
         self.loader = loader
         self.num_records = loader.num_records
         self.delay = float(os.environ.get("P2S_TEST_SLOW_LOADER", "0"))
