@@ -58,13 +58,12 @@ def _add_distributed(parser: argparse.ArgumentParser) -> None:
                        help="call jax.distributed.initialize() first: the cluster is detected "
                             "(Cloud TPU, SLURM, Open MPI, Kubernetes) unless the flags below "
                             "name it")
-    group.add_argument("--coordinator", default=None, metavar="HOST:PORT",
-                       help="with --distributed: process 0's address (default: detected, or "
-                            "$JAX_COORDINATOR_ADDRESS)")
-    group.add_argument("--num-processes", type=int, default=None,
-                       help="with --distributed: how many processes (default: detected)")
-    group.add_argument("--process-id", type=int, default=None,
-                       help="with --distributed: this process's index (default: detected)")
+    for option, kind, what in (
+            ("--coordinator", str, "process 0's address HOST:PORT (or $JAX_COORDINATOR_ADDRESS)"),
+            ("--num-processes", int, "how many processes"),
+            ("--process-id", int, "this process's index")):
+        group.add_argument(option, type=kind, default=None,
+                           help=f"with --distributed: {what} (default: detected)")
 
 
 def _add_overwrite(parser: argparse.ArgumentParser, progress: bool = False) -> None:
@@ -83,14 +82,6 @@ def _add_schema(parser: argparse.ArgumentParser) -> None:
                              "the one schema with as many keypoints)")
 
 
-def _add_import(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--import", dest="imports", action="append", default=[],
-                        metavar="MODULE", help="import MODULE first: one that registers a "
-                                               "sampler or a keypoint schema of your own "
-                                               "(repeatable; importable from the working "
-                                               "folder or PYTHONPATH)")
-
-
 def preparse_imports(argv: list[str]) -> list[str]:
     """The ``--import MODULE`` values of a command line, read before the parser is built (the
     modules register the samplers and schemas that its choices list)."""
@@ -100,10 +91,15 @@ def preparse_imports(argv: list[str]) -> list[str]:
 
 
 def _command(commands, name: str, about: str, *shared) -> argparse.ArgumentParser:
-    """The parser of command `name` with the option groups `shared` (functions adding them)."""
+    """The parser of command `name` with the option groups `shared` (functions adding them),
+    and `--import`, which every command honours (`preparse_imports`)."""
     parser = commands.add_parser(name, help=about)
     for add in shared:
         add(parser)
+    parser.add_argument("--import", dest="imports", action="append", default=[],
+                        metavar="MODULE", help="import MODULE first: one that registers a "
+                        "sampler or a keypoint schema of your own (repeatable; importable from "
+                        "the working folder or PYTHONPATH)")
     return parser
 
 
@@ -111,7 +107,7 @@ _with_progress = functools.partial(_add_overwrite, progress=True)
 _model = functools.partial(_add_model_arguments, checkpoint_required=False)
 _model_required = functools.partial(_add_model_arguments, checkpoint_required=True)
 # the options of every command that segments people: evaluate, segment, annotate
-_SEGMENTING = (_add_prompt_arguments, _add_schema, _add_import)
+_SEGMENTING = (_add_prompt_arguments, _add_schema)
 # the options of every command that runs the evaluator: evaluate, annotate
 _BATCHING = {"--batch-size": "images_per_device", "--workers": "num_workers"}
 
@@ -150,9 +146,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="prompt with the ground-truth keypoints instead")
     evaluate.add_argument("--coco-star", action="store_true",
                           help="COCO*: persons that are small or without keypoints are ignored")
-    evaluate.add_argument("--skip-missing-images", action="store_true",
-                          help="score only the images whose photo can be read (default: a "
-                               "missing or unreadable photo stops the run before it starts)")
+    evaluate.add_argument("--skip-missing-images", action="store_true", help="score the photos "
+                          "that can be read (default: a missing one stops the run first)")
     for option, keywords in field_options(EvalConfig, {
             "--result-score": "result_score", "--crop-to-box": "crop_to_box",
             "--people-chunk": "people_per_chunk", **_BATCHING}, unset=True):
@@ -165,33 +160,27 @@ def build_parser() -> argparse.ArgumentParser:
                        *_SEGMENTING, _with_progress)
     segment.add_argument("--image", required=True, help="the photo")
     segment.add_argument("--keypoints", required=True,
-                         help="JSON: COCO keypoint results, or a list of J [x, y, score] lists "
-                              "per person")
-    segment.add_argument("--image-id", type=int, default=None,
-                         help="the photo's image_id in keypoint results of several images "
-                              "(default: the id its file name spells, e.g. 000000000785.jpg)")
+                         help="JSON: COCO keypoint results, or J [x, y, score] per person")
+    segment.add_argument("--image-id", type=int, default=None, help="its image_id among results "
+                         "of several photos (default: its file name's, e.g. 000000000785.jpg)")
     segment.add_argument("--out", required=True, help="overlay image to write (PNG)")
     segment.add_argument("--masks-out", default=None,
                          help="also write the masks (COCO RLE) and prompts as JSON")
 
     training = _command(commands, "train", "fine-tune with the correction loop",
-                        _add_distributed, _add_import)
-    training.add_argument("--config", default=None,
-                          help="'paper', 'tiny' or a JSON config (default on --resume: the "
-                               "workdir's config.json)")
-    training.add_argument("--workdir", required=True,
-                          help="checkpoints, metrics, profiles and config (a local path, or "
-                               "gs://... where the GCS libraries are installed)")
+                        _add_distributed)
+    training.add_argument("--config", default=None, help="'paper', 'tiny' or a JSON config "
+                          "(default on --resume: the workdir's config.json)")
+    training.add_argument("--workdir", required=True, help="checkpoints, metrics, profiles, "
+                          "config (a path, or gs://... where the GCS libraries are installed)")
     training.add_argument("--resume", action="store_true",
                           help="continue from the latest checkpoint in --workdir")
     training.add_argument("--resume-step", type=int, default=None, metavar="STEP",
-                          help="with --resume: continue from this checkpoint (e.g. the last "
-                               "good one when the latest cannot be restored); later ones are "
-                               "moved aside, not deleted")
+                          help="with --resume: continue from this checkpoint (the last good one "
+                               "when the latest cannot be restored); later ones moved aside")
     training.add_argument("--no-progress", action="store_true")
-    training.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
-                          help="config overrides, e.g. optim.base_lr=1e-5 "
-                               "correction.sampler=mask_refine")
+    training.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config "
+                          "overrides, e.g. optim.base_lr=1e-5 correction.sampler=mask_refine")
 
     aot_parser = commands.add_parser("aot", help="compile for a TPU slice or GPUs, here")
     aot_parser.add_argument("--target", required=True,
@@ -231,7 +220,7 @@ def build_parser() -> argparse.ArgumentParser:
     curve = _command(commands, "curve", "a sampler study: the correction curve (Fig. 2), NoC "
                      "and NoF of samplers x checkpoints", functools.partial(
                          _add_model_arguments, checkpoint_required=True, repeatable=True),
-                     _add_schema, _add_import, _with_progress)
+                     _add_schema, _with_progress)
     curve.add_argument("--annotations", required=True, help="COCO-format ground truth")
     curve.add_argument("--images", required=True, help="image folder")
     curve.add_argument("--sampler", action="append", default=None,
@@ -258,11 +247,10 @@ def build_parser() -> argparse.ArgumentParser:
     cihp.add_argument("split_dir", help="a CIHP split folder holding Images/ and Human_ids/")
     cihp.add_argument("out", help="the COCO annotation file to write")
     train_data = _command(sets, "train-data", "the tfds records a training config reads, "
-                          "prepared once (before a multi-host run)", _add_import)
+                          "prepared once (before a multi-host run)")
     train_data.add_argument("--config", required=True, help="'paper', 'tiny' or a JSON config")
-    train_data.add_argument("--workdir", default=None,
-                            help="the run's workdir (generated data of data.synthetic_images "
-                                 "goes there)")
+    train_data.add_argument("--workdir", default=None, help="the run's workdir (where "
+                            "generated data, data.synthetic_images, goes)")
     train_data.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                             help="config overrides, e.g. data.data_dir=/data/tfds")
 
@@ -275,8 +263,7 @@ def build_parser() -> argparse.ArgumentParser:
                               "the workdirs against step as a PNG beside it")
 
     review = _command(commands, "review", "a review page of annotate (or evaluate) output; "
-                      "--apply: its decisions -> a curated file", _add_schema, _add_import,
-                      _with_progress)
+                      "--apply: its decisions -> a curated file", _add_schema, _with_progress)
     review.add_argument("reviewed", metavar="FILE", help="a p2s annotate output, or p2s "
                                                         "evaluate results with --annotations")
     review.add_argument("--images", default=None, help="image folder (for the page)")
@@ -294,14 +281,13 @@ def build_parser() -> argparse.ArgumentParser:
                         help="processes that draw the crops (default: the cores; 0: none)")
 
     export = _command(commands, "export", "a training workdir -> official .pt checkpoint",
-                      _add_import, _add_overwrite)
+                      _add_overwrite)
     export.add_argument("--workdir", required=True)
     export.add_argument("--out", required=True, help="the .pt file to write")
     which = export.add_mutually_exclusive_group()
     which.add_argument("--step", type=int, default=None, help="default: the latest checkpoint")
-    which.add_argument("--best", action="store_true",
-                       help="the checkpoint with the best held-out AP (evaluation while "
-                            "training, eval.every)")
+    which.add_argument("--best", action="store_true", help="the checkpoint with the best "
+                       "held-out AP (evaluation while training, eval.every)")
     export.add_argument("--base", default=None,
                         help="the original .pt whose video-memory tensors the file carries "
                              "(default: the run's init_checkpoint)")

@@ -215,7 +215,6 @@ def cmd_review(args: argparse.Namespace) -> int:
 
 # Commands that say which devices they run on.
 COMPUTES = ("evaluate", "segment", "train", "curve", "annotate")
-COMMANDS = {"convert": cmd_convert, "init": cmd_init, "evaluate": cmd_evaluate,
-            "segment": cmd_segment, "train": cmd_train, "export": cmd_export, "aot": cmd_aot,
-            "prepare": cmd_prepare, "curve": cmd_curve, "annotate": cmd_annotate,
-            "compare": cmd_compare, "review": cmd_review}
+# name -> function, every `cmd_<name>` of this module
+COMMANDS = {name[4:]: command for name, command in dict(globals()).items()
+            if name.startswith("cmd_")}
