@@ -178,6 +178,23 @@ def test_a_hundred_thousand_cards_open_and_page(tmp_path):
         body = driver.find_element("tag name", "body")
         body.send_keys("n")
         assert _card_ids(driver) == [str(i + 1) for i in order[48:96]]
+        driver.find_element("id", "status").send_keys("all")
+        for box, value in (("iou-min", "0.25"), ("iou-max", "0.3")):
+            field = driver.find_element("id", box)
+            field.clear()
+            field.send_keys(value + "\n")
+        driver.execute_script("document.getElementById('iou-max').dispatchEvent("
+                              "new Event('change'))")
+        inside = order[(iou[order] >= 0.25) & (iou[order] <= 0.3)]
+        assert f"({len(inside)} shown)" in _text(driver, "page")
+        assert _card_ids(driver) == [str(i + 1) for i in inside[:48]]
+        wanted = int(inside[200] // 3 + 1)  # the image of a card on page 5
+        field = driver.find_element("id", "image-id")
+        field.send_keys(str(wanted) + "\n")
+        current = driver.find_element("css selector", ".card.current")
+        position = next(k for k, i in enumerate(inside) if i // 3 + 1 == wanted)
+        assert current.get_attribute("data-ann-id") == str(inside[position] + 1)
+        assert f"page {position // 48 + 1} / " in _text(driver, "page")
 
 
 def test_error_analysis_cards_are_persons_ranked_by_their_mask_iou(tmp_path):
@@ -222,6 +239,11 @@ def test_error_analysis_cards_are_persons_ranked_by_their_mask_iou(tmp_path):
     assert (picture == TRUTH_COLOUR).all(-1).sum() > 50  # the ground truth's outline
     with pytest.raises(Exception, match="results list .*--annotations"):
         cards_lib.read_review(results_path)
+    write_page(review, REAL_COCO, tmp_path / "errors", workers=0, progress=False)
+    data = json.loads((tmp_path / "errors" / "data.js").read_text()
+                      .removeprefix("window.P2S_REVIEW = ").rstrip(";\n"))
+    assert data["mode"] == "evaluate" and data["cards"]["id"][:2] == [dropped, eroded]
+    assert data["labels"]["iou"] == "IoU with ground truth"
 
 
 def test_match_takes_the_pair_of_highest_iou_first():
