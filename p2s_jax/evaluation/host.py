@@ -2,13 +2,13 @@
 device and collects: photos decoded onto the run's canvas, and each image's masks unpacked,
 cropped and RLE-encoded into COCO results.
 
-Workers (`EvalConfig.host_workers`): "processes" (the default: `num_workers` worker processes,
-started from a fork server that has imported this module and nothing of JAX), or "threads" in
-this process. Both run the same functions on the same shared arrays (`utils.shared`): a ring of
-steps' photos that the workers decode into, and per step the masks read back from the devices,
-which the workers read in place. A step's rows go to the workers in `num_workers` contiguous
-chunks, one task each way: nothing larger than a prompt goes through a pipe, a few times a
-step, and the outputs of both kinds are the same bytes.
+Workers (`EvalConfig.host_workers`, `utils.workers`): "processes" (the default: `num_workers`
+worker processes, from a fork server that has imported this module and nothing of JAX), or
+"threads" in this process. Both run the same functions on the same shared arrays
+(`utils.shared`): a ring of steps' photos that the workers decode into, and per step the masks
+read back from the devices, which the workers read in place. A step's rows go to the workers
+in `num_workers` contiguous chunks, one task each way: nothing larger than a prompt goes
+through a pipe, a few times a step, and the outputs of both kinds are the same bytes.
 
 Everything here is numpy, PIL and pycocotools: the module imports nothing of JAX, so a worker
 process starts in a fraction of a second.
@@ -17,10 +17,6 @@ process starts in a fraction of a second.
 from __future__ import annotations
 
 import concurrent.futures
-import multiprocessing
-import multiprocessing.context
-import signal
-import sys
 from collections.abc import Sequence
 from typing import NamedTuple
 
@@ -29,8 +25,7 @@ import numpy as np
 from p2s_jax.data import coco as coco_lib
 from p2s_jax.utils.images import ImageError, load_image, pad_to_canvas
 from p2s_jax.utils.shared import SharedArray, SharedSpec, open_shared
-
-HOST_WORKERS = ("threads", "processes")
+from p2s_jax.utils.workers import worker_pool
 
 
 class ImagePrompts(NamedTuple):
@@ -170,50 +165,6 @@ def encode_rows(photos: Sequence[Photo | None], masks: SharedSpec, first_row: in
             for k, photo in enumerate(photos) if photo is not None]
 
 
-def _ignore_interrupts() -> None:
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the main process stops the run
-
-
-def _popen_without_main(process_class, process_obj):
-    """Starts `process_obj` without the caller's main script run again in it (what spawn and
-    forkserver do to unpickle functions defined there): the workers run only this module's
-    functions, and a script that starts a run at its top level must not start it again in
-    every worker."""
-    main = sys.modules["__main__"]
-    path = main.__dict__.pop("__file__", None)
-    try:
-        return process_class._Popen(process_obj)
-    finally:
-        if path is not None:
-            main.__file__ = path
-
-
-if hasattr(multiprocessing.context, "ForkServerProcess"):  # not on Windows
-    class _ForkServerWorker(multiprocessing.context.ForkServerProcess):
-        @staticmethod
-        def _Popen(process_obj):
-            return _popen_without_main(multiprocessing.context.ForkServerProcess, process_obj)
-
-
-class _SpawnWorker(multiprocessing.context.SpawnProcess):
-    @staticmethod
-    def _Popen(process_obj):
-        return _popen_without_main(multiprocessing.context.SpawnProcess, process_obj)
-
-
-def _process_context():
-    """Worker processes from a fork server that has imported this module (or spawned, where
-    there is none), which never run the caller's main script."""
-    if "forkserver" in multiprocessing.get_all_start_methods():
-        context = multiprocessing.context.ForkServerContext()
-        context.set_forkserver_preload([__name__])
-        context.Process = _ForkServerWorker
-    else:
-        context = multiprocessing.context.SpawnContext()
-        context.Process = _SpawnWorker
-    return context
-
-
 def _chunks(count: int, parts: int) -> list[range]:
     """range(count) cut into at most `parts` contiguous, near-equal, non-empty ranges."""
     bounds = np.linspace(0, count, min(parts, count) + 1).round().astype(int)
@@ -252,12 +203,7 @@ class HostWorkers:
 
     def __init__(self, kind: str, num_workers: int, rows: int, canvas: tuple[int, int],
                  depth: int, mask_bytes: int = 0, max_buffers: int = 4):
-        if kind not in HOST_WORKERS:
-            raise ValueError(f"host workers must be one of {HOST_WORKERS}, got {kind!r}")
-        self.executor = (concurrent.futures.ThreadPoolExecutor(num_workers)
-                         if kind == "threads" else concurrent.futures.ProcessPoolExecutor(
-                             num_workers, mp_context=_process_context(),
-                             initializer=_ignore_interrupts))
+        self.executor = worker_pool(kind, num_workers, preload=[__name__])
         self.chunks = _chunks(rows, num_workers)
         self.ring = SharedArray((depth + 2, rows, *canvas, 3), np.uint8)
         # [shared buffer, the tasks encoding the step it holds], least recently filled first

@@ -10,9 +10,7 @@ allows; it is scaled so that its longer side is `size` pixels, then drawn (lines
 from __future__ import annotations
 
 import concurrent.futures
-import multiprocessing
 import os
-import signal
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -25,6 +23,7 @@ from p2s_jax.inference.overlay import draw_overlay
 from p2s_jax.keypoints import labelled_points
 from p2s_jax.review.cards import Card
 from p2s_jax.utils.images import ImageError, load_image
+from p2s_jax.utils.workers import worker_pool
 
 MARGIN = 0.15
 TRUTH_COLOUR = (60, 220, 60)
@@ -125,10 +124,6 @@ def _draw_image(path: str, cards: Sequence[tuple[int, Card]], skeleton, num_keyp
     return len(cards), None
 
 
-def _ignore_interrupts() -> None:
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the main process stops the pool
-
-
 def write_crops(tasks: Iterable[tuple[str, list[tuple[int, Card]]]], skeleton,
                 num_keypoints: int, size: int, folder: Path, workers: int, total: int,
                 progress: bool = True) -> list[str]:
@@ -143,9 +138,7 @@ def write_crops(tasks: Iterable[tuple[str, list[tuple[int, Card]]]], skeleton,
                 bar.update(done or len(cards))
                 unreadable += [reason] if reason else []
             return unreadable
-        pool = concurrent.futures.ProcessPoolExecutor(
-            workers, mp_context=multiprocessing.get_context("spawn"),
-            initializer=_ignore_interrupts)
+        pool = worker_pool("processes", workers, preload=[__name__])
         try:
             futures = {pool.submit(_draw_image, path, cards, skeleton, num_keypoints, size,
                                    str(folder)): len(cards) for path, cards in tasks}
