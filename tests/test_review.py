@@ -2,12 +2,16 @@
 the file, worst first, decisions with the keys, kept over a reload, exported), the decisions
 applied as a curated file that training's default filter honours, for two skeletons; an error
 analysis of evaluate results against pycocotools' mask IoU; crops made in worker processes equal
-those made in one; a stopped page resumed; the refusals of --apply."""
+those made in one; the page served over HTTP; a stopped page resumed; the refusals of --apply."""
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import http.server
 import json
 import shutil
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -244,6 +248,30 @@ def test_error_analysis_cards_are_persons_ranked_by_their_mask_iou(tmp_path):
                       .removeprefix("window.P2S_REVIEW = ").rstrip(";\n"))
     assert data["mode"] == "evaluate" and data["cards"]["id"][:2] == [dropped, eroded]
     assert data["labels"]["iou"] == "IoU with ground truth"
+    with _served(tmp_path / "errors") as address, chromium(tmp_path) as driver:
+        driver.get(address + "index.html")  # as `python -m http.server` serves the folder
+        wait_for(driver, "return window.P2S_READY_MS")
+        shown = _card_ids(driver)
+        assert shown == [str(c.ann_id) for c in review.cards][:48]
+        wait_for(driver, "const all = [...document.images];"
+                 "return all.length && all.every(i => i.complete) || null")
+        sizes = driver.execute_script("return [...document.images].map(i => i.naturalWidth)")
+        assert len(sizes) == len(shown) and min(sizes) > 0  # every crop came over HTTP
+
+
+@contextlib.contextmanager
+def _served(folder: Path):
+    """`folder` served over HTTP on a free local port -> its address."""
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(folder))
+    handler.log_message = lambda *args: None
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/"
+    finally:
+        server.shutdown()
+        server.server_close()
 
 
 def test_match_takes_the_pair_of_highest_iou_first():
