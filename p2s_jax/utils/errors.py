@@ -7,8 +7,12 @@ status 2; an interruption (Ctrl-C, SIGTERM) as one line saying what was kept, ex
 
 from __future__ import annotations
 
+import _thread
 import contextlib
+import functools
 import signal
+import sys
+import threading
 
 
 class Error(Exception):
@@ -69,7 +73,8 @@ def raise_interrupt(signum: int, frame=None):
 def raise_on_signals(sigterm: bool = True):
     """Inside, Ctrl-C (and SIGTERM, unless `sigterm` is False: JAX's preemption notifier keeps
     it on a multi-process run) raise in the main thread through `raise_interrupt`; the previous
-    handlers come back on exit. Outside the main thread nothing is installed."""
+    handlers come back on exit. One raised where Python can only print it is delivered again
+    (`_deliver_again`). Outside the main thread nothing is installed."""
     numbers = [signal.SIGINT] + ([signal.SIGTERM] if sigterm else [])
     previous = {}
     try:
@@ -78,12 +83,54 @@ def raise_on_signals(sigterm: bool = True):
     except ValueError:  # not the main thread (e.g. a test calling main from a thread)
         pass
     _RECEIVED.clear()
+    hook = sys.unraisablehook
+    if previous:
+        sys.unraisablehook = functools.partial(_deliver_again, hook)
     try:
         yield
     finally:
+        sys.unraisablehook = hook
         for number, handler in previous.items():
             signal.signal(number, handler)
         _RECEIVED.clear()
+
+
+def _deliver_again(hook, unraisable) -> None:
+    """`sys.unraisablehook` inside `raise_on_signals`: an interruption raised where Python can
+    only print it (a garbage collector's callback, such as JAX's, or a `__del__`) would be
+    lost; it is delivered again to the main thread 20 ms later, from another thread, so that it
+    lands once that code has returned (should it land in such code again, it comes back here).
+    Anything else goes to `hook`."""
+    if isinstance(unraisable.exc_value, KeyboardInterrupt) and _RECEIVED:
+        number = int(getattr(unraisable.exc_value, "signal_number", signal.SIGINT))
+        again = threading.Timer(0.02, _thread.interrupt_main, args=(number,))
+        again.daemon = True
+        again.start()
+        return
+    hook(unraisable)
+
+
+@contextlib.contextmanager
+def signals_held(numbers=(signal.SIGINT, signal.SIGTERM)):
+    """Inside, the signals `numbers` wait: one that arrives is acted on when the block ends, by
+    the handler it would have met (a bookkeeping step, such as a pool starting a worker, then
+    never stops halfway). Only the main thread can hold them; elsewhere, and for a signal
+    whose handler was not installed from Python, the block runs as it is."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    arrived = []
+    held = {number: signal.getsignal(number) for number in numbers}
+    held = {number: handler for number, handler in held.items() if handler is not None}
+    for number in held:
+        signal.signal(number, lambda signum, frame: arrived.append(signum))
+    try:
+        yield
+    finally:
+        for number, handler in held.items():
+            signal.signal(number, handler)
+        if arrived:
+            signal.raise_signal(arrived[0])
 
 
 def interrupt_signal(err: BaseException) -> int | None:

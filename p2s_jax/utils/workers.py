@@ -2,7 +2,9 @@
 start clean (from a fork server, or spawned where there is none: nothing of JAX's threads is
 forked) and never run the caller's main script again (what spawn and forkserver do to unpickle
 functions defined there), so that a script which starts a run at its top level works as it
-is. A worker process ignores Ctrl-C: the main process stops the run."""
+is. A worker process ignores Ctrl-C: the main process stops the run. Ctrl-C and SIGTERM wait
+while a task is handed to a pool (which may start a worker): a pool interrupted halfway there
+would keep a worker it no longer counts, and the process could not exit."""
 
 from __future__ import annotations
 
@@ -12,6 +14,8 @@ import multiprocessing.context
 import signal
 import sys
 from collections.abc import Sequence
+
+from p2s_jax.utils.errors import signals_held
 
 WORKER_KINDS = ("threads", "processes")
 
@@ -43,6 +47,22 @@ class _SpawnWorker(multiprocessing.context.SpawnProcess):
         return _popen_without_main(multiprocessing.context.SpawnProcess, process_obj)
 
 
+class _HeldSignalsWhileSubmitting:
+    """A pool whose `submit` (`map` too) holds Ctrl-C and SIGTERM (module docstring)."""
+
+    def submit(self, fn, /, *args, **kwargs):
+        with signals_held():
+            return super().submit(fn, *args, **kwargs)
+
+
+class _Threads(_HeldSignalsWhileSubmitting, concurrent.futures.ThreadPoolExecutor):
+    pass
+
+
+class _Processes(_HeldSignalsWhileSubmitting, concurrent.futures.ProcessPoolExecutor):
+    pass
+
+
 def _process_context(preload: Sequence[str]):
     if "forkserver" in multiprocessing.get_all_start_methods():
         context = multiprocessing.context.ForkServerContext()
@@ -65,6 +85,6 @@ def worker_pool(kind: str, num_workers: int, preload: Sequence[str] = ()
     if kind not in WORKER_KINDS:
         raise ValueError(f"workers must be one of {WORKER_KINDS}, got {kind!r}")
     if kind == "threads":
-        return concurrent.futures.ThreadPoolExecutor(num_workers)
-    return concurrent.futures.ProcessPoolExecutor(num_workers, mp_context=_process_context(
+        return _Threads(num_workers)
+    return _Processes(num_workers, mp_context=_process_context(
         preload), initializer=_ignore_interrupts)
