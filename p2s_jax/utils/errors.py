@@ -70,29 +70,36 @@ def raise_interrupt(signum: int, frame=None):
 
 
 @contextlib.contextmanager
+def _answered_by(handler, numbers):
+    """Inside, `handler` answers the signals `numbers` -> those it answers (none outside the
+    main thread, where no handler can be installed); the previous handlers come back on exit."""
+    previous = {}
+    if threading.current_thread() is threading.main_thread():
+        previous = {number: signal.signal(number, handler) for number in numbers}
+    try:
+        yield list(previous)
+    finally:
+        for number, handler_before in previous.items():
+            signal.signal(number, handler_before)
+
+
+@contextlib.contextmanager
 def raise_on_signals(sigterm: bool = True):
     """Inside, Ctrl-C (and SIGTERM, unless `sigterm` is False: JAX's preemption notifier keeps
     it on a multi-process run) raise in the main thread through `raise_interrupt`; the previous
     handlers come back on exit. One raised where Python can only print it is delivered again
     (`_deliver_again`). Outside the main thread nothing is installed."""
     numbers = [signal.SIGINT] + ([signal.SIGTERM] if sigterm else [])
-    previous = {}
-    try:
-        for number in numbers:
-            previous[number] = signal.signal(number, raise_interrupt)
-    except ValueError:  # not the main thread (e.g. a test calling main from a thread)
-        pass
-    _RECEIVED.clear()
-    hook = sys.unraisablehook
-    if previous:
-        sys.unraisablehook = functools.partial(_deliver_again, hook)
-    try:
-        yield
-    finally:
-        sys.unraisablehook = hook
-        for number, handler in previous.items():
-            signal.signal(number, handler)
+    with _answered_by(raise_interrupt, numbers) as answered:
         _RECEIVED.clear()
+        hook = sys.unraisablehook
+        if answered:
+            sys.unraisablehook = functools.partial(_deliver_again, hook)
+        try:
+            yield
+        finally:
+            sys.unraisablehook = hook
+            _RECEIVED.clear()
 
 
 def _deliver_again(hook, unraisable) -> None:
@@ -116,19 +123,12 @@ def signals_held(numbers=(signal.SIGINT, signal.SIGTERM)):
     the handler it would have met (a bookkeeping step, such as a pool starting a worker, then
     never stops halfway). Only the main thread can hold them; elsewhere, and for a signal
     whose handler was not installed from Python, the block runs as it is."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
     arrived = []
-    held = {number: signal.getsignal(number) for number in numbers}
-    held = {number: handler for number, handler in held.items() if handler is not None}
-    for number in held:
-        signal.signal(number, lambda signum, frame: arrived.append(signum))
+    numbers = [number for number in numbers if signal.getsignal(number) is not None]
     try:
-        yield
+        with _answered_by(lambda signum, frame: arrived.append(signum), numbers):
+            yield
     finally:
-        for number, handler in held.items():
-            signal.signal(number, handler)
         if arrived:
             signal.raise_signal(arrived[0])
 
