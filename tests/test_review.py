@@ -262,8 +262,11 @@ def test_error_analysis_cards_are_persons_ranked_by_their_mask_iou(tmp_path):
 @contextlib.contextmanager
 def _served(folder: Path):
     """`folder` served over HTTP on a free local port -> its address."""
-    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(folder))
-    handler.log_message = lambda *args: None
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+    handler = functools.partial(Quiet, directory=str(folder))
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
